@@ -1,0 +1,1 @@
+"""fastlm's benchmark suite, installed as fastlm.bench (`python -m fastlm.bench`)."""

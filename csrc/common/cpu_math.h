@@ -1,0 +1,52 @@
+// Vectorisable building blocks of the C++ CPU kernels: row conversion to float32 and reductions.
+// gcc vectorises a float sum only if it may reorder it; with kLanes independent accumulators the
+// order is fixed by the code (so -O3 vectorises it without -ffast-math) and the result is the
+// same on every run and machine. Torch-free: also used by the native unit tests.
+#pragma once
+
+#include <cstdint>
+#include <type_traits>
+
+namespace fastlm {
+namespace cpu {
+
+constexpr int kLanes = 16;
+
+// Pointer to row `src` as float32: the row itself when T is float, else converted into `buf`.
+template <typename T>
+inline const float* as_float(const T* src, float* buf, int64_t n) {
+  if constexpr (std::is_same_v<T, float>) {
+    return src;
+  } else {
+    for (int64_t i = 0; i < n; ++i) buf[i] = static_cast<float>(src[i]);
+    return buf;
+  }
+}
+
+template <typename T>
+inline void store_row(const float* src, T* dst, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<T>(src[i]);
+}
+
+// sum_i f(i) over [0, n) with kLanes accumulators; f must be cheap and inlinable.
+template <typename F>
+inline float lane_sum(int64_t n, F f) {
+  float acc[kLanes] = {};
+  int64_t i = 0;
+  for (; i + kLanes <= n; i += kLanes) {
+    for (int l = 0; l < kLanes; ++l) acc[l] += f(i + l);
+  }
+  for (int l = 0; i < n; ++i, ++l) acc[l] += f(i);
+  float total = 0.f;
+  for (int l = 0; l < kLanes; ++l) total += acc[l];
+  return total;
+}
+
+// Rows [begin, end) of the k-th of `parts` equal slices of n rows (the last ones one shorter).
+inline void slice_rows(int64_t n, int64_t parts, int64_t k, int64_t* begin, int64_t* end) {
+  *begin = n * k / parts;
+  *end = n * (k + 1) / parts;
+}
+
+}  // namespace cpu
+}  // namespace fastlm

@@ -1,0 +1,164 @@
+// C++ CPU kernels of layer_norm (forward and backward) and their registration for CPU tensors.
+// x is viewed as (N, C) rows; statistics and weight math are float32 whatever x's dtype.
+// Parallel over rows with at::parallel_for (torch's OpenMP pool, honours torch.set_num_threads).
+#include <cmath>
+#include <tuple>
+#include <vector>
+
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <torch/library.h>
+
+#include "common/checks.h"
+#include "common/cpu_math.h"
+#include "common/dispatch.h"
+
+namespace fastlm {
+namespace {
+
+constexpr const char* kOp = "layer_norm";
+
+// Rows per task: enough work (~32K elements) to amortise the scheduling of a task.
+int64_t row_grain(int64_t C) { return std::max<int64_t>(1, 32768 / C); }
+
+template <typename T>
+void forward_rows(const T* x, const float* w, const float* b, T* y, float* mean, float* rstd,
+                  int64_t N, int64_t C, float eps) {
+  at::parallel_for(0, N, row_grain(C), [&](int64_t begin, int64_t end) {
+    std::vector<float> xbuf(C), ybuf(C);
+    for (int64_t r = begin; r < end; ++r) {
+      const float* xr = cpu::as_float(x + r * C, xbuf.data(), C);
+      const float mu = cpu::lane_sum(C, [&](int64_t i) { return xr[i]; }) / C;
+      const float var = cpu::lane_sum(C, [&](int64_t i) {
+                          const float d = xr[i] - mu;
+                          return d * d;
+                        }) / C;
+      const float rs = 1.0f / std::sqrt(var + eps);
+      float* yr = ybuf.data();
+      if (b != nullptr) {
+        for (int64_t i = 0; i < C; ++i) yr[i] = (xr[i] - mu) * rs * w[i] + b[i];
+      } else {
+        for (int64_t i = 0; i < C; ++i) yr[i] = (xr[i] - mu) * rs * w[i];
+      }
+      cpu::store_row(yr, y + r * C, C);
+      mean[r] = mu;
+      rstd[r] = rs;
+    }
+  });
+}
+
+// dx = rstd * (g - mean(g) - xhat * mean(g * xhat)), g = dy * w; dw = sum dy * xhat; db = sum dy.
+// Weight gradients: each of `parts` row slices sums into its own float32 row of `partial`
+// (parts x 2C), then the slices are added in order, so the result does not depend on timing.
+template <typename T>
+void backward_rows(const T* dy, const T* x, const float* w, const float* mean, const float* rstd,
+                   T* dx, float* dw, float* db, int64_t N, int64_t C) {
+  const int64_t parts = std::max<int64_t>(1, std::min<int64_t>(N, at::get_num_threads()));
+  std::vector<float> partial(parts * 2 * C, 0.0f);
+  at::parallel_for(0, parts, 1, [&](int64_t kbegin, int64_t kend) {
+    std::vector<float> xbuf(C), dybuf(C), dxbuf(C);
+    for (int64_t k = kbegin; k < kend; ++k) {
+      float* pw = partial.data() + k * 2 * C;
+      float* pb = pw + C;
+      int64_t begin, end;
+      cpu::slice_rows(N, parts, k, &begin, &end);
+      for (int64_t r = begin; r < end; ++r) {
+        const float* xr = cpu::as_float(x + r * C, xbuf.data(), C);
+        const float* dyr = cpu::as_float(dy + r * C, dybuf.data(), C);
+        const float mu = mean[r], rs = rstd[r];
+        const float sum_g = cpu::lane_sum(C, [&](int64_t i) { return dyr[i] * w[i]; });
+        const float sum_gx = cpu::lane_sum(C, [&](int64_t i) {
+          return dyr[i] * w[i] * ((xr[i] - mu) * rs);
+        });
+        const float c_g = sum_g / C, c_gx = sum_gx / C;
+        float* dxr = dxbuf.data();
+        for (int64_t i = 0; i < C; ++i) {
+          const float xhat = (xr[i] - mu) * rs;
+          dxr[i] = rs * (dyr[i] * w[i] - c_g - xhat * c_gx);
+          pw[i] += dyr[i] * xhat;
+          pb[i] += dyr[i];
+        }
+        cpu::store_row(dxr, dx + r * C, C);
+      }
+    }
+  });
+  for (int64_t i = 0; i < C; ++i) {
+    float sw = 0.f, sb = 0.f;
+    for (int64_t k = 0; k < parts; ++k) {
+      sw += partial[k * 2 * C + i];
+      sb += partial[k * 2 * C + C + i];
+    }
+    dw[i] = sw;
+    db[i] = sb;
+  }
+}
+
+void check_inputs(const at::Tensor& x, const at::Tensor& weight) {
+  FASTLM_CHECK_DEVICE(kOp, x, at::kCPU);
+  FASTLM_CHECK_DEVICE(kOp, weight, at::kCPU);
+  FASTLM_CHECK_FLOAT_DTYPE(kOp, x);
+  FASTLM_CHECK_DIM(kOp, weight, 1);
+  TORCH_CHECK(x.dim() >= 1 && x.size(-1) == weight.size(0), "fastlm::layer_norm: x's last "
+              "dimension must equal weight's size ", weight.size(0), ", got x of shape ", x.sizes());
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_fwd_cpu(
+    const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+    double eps) {
+  check_inputs(x, weight);
+  const at::Tensor xc = x.contiguous();
+  const at::Tensor w = weight.to(at::kFloat).contiguous();
+  at::Tensor b;
+  if (bias.has_value()) {
+    FASTLM_CHECK_DEVICE(kOp, *bias, at::kCPU);
+    TORCH_CHECK(bias->sizes() == weight.sizes(), "fastlm::layer_norm: bias must have shape ",
+                weight.sizes(), ", got ", bias->sizes());
+    b = bias->to(at::kFloat).contiguous();
+  }
+  const int64_t C = x.size(-1), N = rows_of(x);
+  at::IntArrayRef row_shape = x.sizes().slice(0, x.dim() - 1);
+  at::Tensor y = empty_output_like(xc);
+  at::Tensor mean = empty_output(row_shape, x.options().dtype(at::kFloat));
+  at::Tensor rstd = empty_output(row_shape, x.options().dtype(at::kFloat));
+  FASTLM_DISPATCH_FLOAT_TYPES(x.scalar_type(), kOp, [&] {
+    forward_rows<scalar_t>(xc.data_ptr<scalar_t>(), w.data_ptr<float>(),
+                           b.defined() ? b.data_ptr<float>() : nullptr, y.data_ptr<scalar_t>(),
+                           mean.data_ptr<float>(), rstd.data_ptr<float>(), N, C,
+                           static_cast<float>(eps));
+  });
+  return {y, mean, rstd};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_bwd_cpu(
+    const at::Tensor& dy, const at::Tensor& x, const at::Tensor& weight, const at::Tensor& mean,
+    const at::Tensor& rstd, bool has_bias) {
+  check_inputs(x, weight);
+  TORCH_CHECK(dy.sizes() == x.sizes(), "fastlm::layer_norm_bwd: dy must have x's shape ",
+              x.sizes(), ", got ", dy.sizes());
+  const at::Tensor xc = x.contiguous();
+  const at::Tensor dyc = dy.to(x.scalar_type()).contiguous();
+  const at::Tensor w = weight.to(at::kFloat).contiguous();
+  const at::Tensor mc = mean.contiguous(), rc = rstd.contiguous();
+  const int64_t C = x.size(-1), N = rows_of(x);
+  at::Tensor dx = empty_output_like(xc);
+  at::Tensor dw = empty_output({C}, x.options().dtype(at::kFloat));
+  at::Tensor db = empty_output({C}, x.options().dtype(at::kFloat));
+  FASTLM_DISPATCH_FLOAT_TYPES(x.scalar_type(), kOp, [&] {
+    backward_rows<scalar_t>(dyc.data_ptr<scalar_t>(), xc.data_ptr<scalar_t>(),
+                            w.data_ptr<float>(), mc.data_ptr<float>(), rc.data_ptr<float>(),
+                            dx.data_ptr<scalar_t>(), dw.data_ptr<float>(), db.data_ptr<float>(),
+                            N, C);
+  });
+  return {dx, dw.to(weight.scalar_type()),
+          has_bias ? db.to(weight.scalar_type()) : at::empty({0}, weight.options())};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(fastlm, CPU, m) {
+  m.impl("layer_norm_fwd", &layer_norm_fwd_cpu);
+  m.impl("layer_norm_bwd", &layer_norm_bwd_cpu);
+}
+
+}  // namespace fastlm

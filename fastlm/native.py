@@ -1,0 +1,97 @@
+"""Loading of the native backends and the reason each one is missing.
+
+fastlm imports without any native code: if fastlm._C was not built (or fails to load), the cpu and
+cuda backends are reported unavailable with the reason, once, and everything falls back to the
+torch and reference backends. Triton kernels (fastlm.kernels) are imported on first use, since
+importing triton costs a second and is only useful on a GPU or under TRITON_INTERPRET=1.
+"""
+from __future__ import annotations
+
+import functools
+import importlib
+import os
+import warnings
+
+import torch
+
+from fastlm import opdefs
+
+try:
+    from fastlm import _C  # noqa: F401  (loading it registers torch.ops.fastlm.*)
+except ImportError as exc:  # not built, or built against another torch
+    NATIVE_ERROR: str | None = (
+        f"fastlm._C could not be loaded ({exc}); build it with "
+        "`pip install --no-build-isolation -e .`"
+    )
+else:
+    NATIVE_ERROR = None
+    opdefs.register_layer_norm("fastlm::layer_norm_fwd", "fastlm::layer_norm_bwd")
+    opdefs.register_rms_norm("fastlm::rms_norm_fwd", "fastlm::rms_norm_bwd")
+
+
+@functools.cache
+def built_devices() -> tuple[str, ...]:
+    """Device types fastlm._C has kernels for: ("cpu",) or ("cpu", "cuda"); () if not built."""
+    if NATIVE_ERROR is not None:
+        return ()
+    return tuple(torch.ops.fastlm.build_info().split(","))
+
+
+def cpu_unavailable_reason(device: torch.device) -> str | None:
+    if NATIVE_ERROR is not None:
+        return NATIVE_ERROR
+    if device.type != "cpu":
+        return f"the C++ CPU kernels take CPU tensors, got a tensor on {device}"
+    return None
+
+
+def cuda_unavailable_reason(device: torch.device) -> str | None:
+    if NATIVE_ERROR is not None:
+        return NATIVE_ERROR
+    if device.type != "cuda":
+        return f"the CUDA kernels take CUDA tensors, got a tensor on {device}"
+    if "cuda" not in built_devices():
+        return ("fastlm._C was built without CUDA (CPU torch or no nvcc at build time); "
+                "rebuild on the GPU machine with `pip install --no-build-isolation -e .`")
+    return None
+
+
+@functools.cache
+def _triton_import_error() -> str | None:
+    try:
+        import triton  # noqa: F401
+    except ImportError as exc:
+        return f"triton is not installed ({exc}); `pip install triton`"
+    return None
+
+
+def triton_unavailable_reason(device: torch.device) -> str | None:
+    error = _triton_import_error()
+    if error is not None:
+        return error
+    if device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+        return ("Triton kernels run on CPU tensors only under the interpreter: set "
+                "TRITON_INTERPRET=1 before triton is imported (tests do)")
+    if device.type not in ("cpu", "cuda"):
+        return f"Triton kernels need a CUDA device, got {device}"
+    return None
+
+
+def triton_kernels(op: str):
+    """The module kernels/<op>.py, imported (and so registered) on first use."""
+    return importlib.import_module(f"fastlm.kernels.{op}")
+
+
+def warn_once_if_missing() -> None:
+    if NATIVE_ERROR is not None and os.environ.get("FASTLM_QUIET") != "1":
+        warnings.warn(f"fastlm: cpu/cuda backends unavailable: {NATIVE_ERROR}", stacklevel=3)
+
+
+def set_poison_outputs(enabled: bool) -> None:
+    """Test switch: fill every native output with NaN before its kernel writes it."""
+    if _triton_import_error() is None:
+        from fastlm.kernels import utils as triton_utils  # the Triton launchers' allocator
+
+        triton_utils.POISON_OUTPUTS = enabled
+    if NATIVE_ERROR is None:
+        torch.ops.fastlm.set_poison_outputs(enabled)

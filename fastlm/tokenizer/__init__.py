@@ -1,0 +1,1 @@
+"""Tokenizer (filled by the tokenizer issue)."""
