@@ -1,0 +1,300 @@
+"""The shared benchmark harness: timing, environment facts, rows, tables and JSON.
+
+Every bench_<op>.py builds on this so numbers are comparable across ops and machines:
+- time_call(): warm-up, then the median (and spread) of many runs; CUDA events on a GPU,
+  perf_counter on CPU; callers rotate input sets larger than the caches (input_sets()).
+- bench_kernel(): one op, several providers (reference, each fastlm backend, the peers users
+  would pick instead), modes fwd / bwd / full (fwd+bwd), one row per measurement, with GB/s
+  against a copy bandwidth measured in the same run (the memory roofline of a norm-like op).
+- environment(): device name, versions, commit, date and threads: carried by every JSON row.
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import functools
+import json
+import math
+import os
+import platform
+import statistics
+import subprocess
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+SIZES = ("small", "medium", "large")
+MODES = ("fwd", "bwd", "full")
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+# ---------------------------------------------------------------------------------------------
+# Environment
+def cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return cpu_name()
+
+
+@functools.cache
+def _commit() -> str | None:
+    try:
+        root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        out = subprocess.run(["git", "-C", root, "rev-parse", "--short", "HEAD"],
+                             capture_output=True, text=True, timeout=5)
+        return out.stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def environment(device: torch.device) -> dict:
+    """Facts every JSON row carries, so a number is never separated from where it came from."""
+    try:
+        import triton
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = None
+    env = {
+        "device": device_name(device),
+        "device_type": device.type,
+        "torch": torch.__version__,
+        "triton": triton_version,
+        "cuda": torch.version.cuda,
+        "python": platform.python_version(),
+        "threads": torch.get_num_threads(),
+        "commit": _commit(),
+        "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+    }
+    if device.type == "cuda":
+        env["driver"] = _nvidia_driver()
+    return env
+
+
+def _nvidia_driver() -> str | None:
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                             capture_output=True, text=True, timeout=10)
+        return out.stdout.strip().splitlines()[0] if out.returncode == 0 else None
+    except (OSError, subprocess.SubprocessError, IndexError):
+        return None
+
+
+def device_slug(device: torch.device) -> str:
+    """A folder name for bench/results/: 'cpu-intel-xeon-...' or 'nvidia-h100-80gb-hbm3'."""
+    name = device_name(device).lower()
+    slug = "".join(c if c.isalnum() else "-" for c in name)
+    slug = "-".join(filter(None, slug.split("-")))
+    return slug if device.type == "cuda" else f"cpu-{slug}"
+
+
+# ---------------------------------------------------------------------------------------------
+# Timing
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+@dataclass
+class Timing:
+    median_ms: float
+    min_ms: float
+    max_ms: float
+    runs: int
+
+
+def time_call(fn: Callable[[int], object], device: torch.device, warmup_s: float = 0.1,
+              budget_s: float = 1.0, min_runs: int = 5, max_runs: int = 200) -> Timing:
+    """Time fn(i) for i = 0, 1, ... (i selects the rotating input set): warm up for warmup_s,
+    then run until budget_s or max_runs, at least min_runs. GPU runs are timed with CUDA events
+    around each call; CPU runs with perf_counter."""
+    i = 0
+    start = time.perf_counter()
+    while True:  # warm-up: compilation, caches, allocator
+        fn(i)
+        i += 1
+        synchronize(device)
+        if time.perf_counter() - start >= warmup_s and i >= 2:
+            break
+    samples: list[float] = []
+    start = time.perf_counter()
+    while len(samples) < max_runs and (len(samples) < min_runs
+                                       or time.perf_counter() - start < budget_s):
+        if device.type == "cuda":
+            begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            begin.record()
+            fn(i)
+            end.record()
+            end.synchronize()
+            samples.append(begin.elapsed_time(end))
+        else:
+            t0 = time.perf_counter()
+            fn(i)
+            samples.append((time.perf_counter() - t0) * 1e3)
+        i += 1
+    return Timing(statistics.median(samples), min(samples), max(samples), len(samples))
+
+
+def cache_bytes(device: torch.device) -> int:
+    """Bytes of input that overflow the last-level cache (so runs measure memory, not cache)."""
+    if device.type == "cuda":
+        return 2 * getattr(torch.cuda.get_device_properties(device), "L2_cache_size", 50 << 20)
+    return 2 * (64 << 20)  # generous for server CPUs' LLC
+
+
+def input_sets(make: Callable[[], list], bytes_per_set: int, device: torch.device,
+               max_sets: int = 16) -> list[list]:
+    """Enough independent input sets that cycling through them defeats the cache."""
+    n = max(1, min(max_sets, math.ceil(cache_bytes(device) / max(1, bytes_per_set))))
+    return [make() for _ in range(n)]
+
+
+@functools.cache
+def copy_bandwidth_gbps(device: torch.device) -> float:
+    """Measured memory roofline: a large device copy (bytes read + bytes written) per second."""
+    n = (256 << 20) // 4 if device.type == "cuda" else (64 << 20) // 4
+    src = torch.randn(n, device=device)
+    dst = torch.empty_like(src)
+    t = time_call(lambda _: dst.copy_(src), device, warmup_s=0.05, budget_s=0.5, max_runs=50)
+    return 2 * src.numel() * 4 / (t.median_ms * 1e-3) / 1e9
+
+
+# ---------------------------------------------------------------------------------------------
+# Kernel benchmarks
+@dataclass
+class Provider:
+    """One implementation to time: fn(*inputs) -> output (differentiable for bwd/full)."""
+    name: str
+    fn: Callable
+    skip_reason: str | None = None
+
+
+@dataclass
+class Case:
+    shape: tuple
+    dtype: torch.dtype
+    make_inputs: Callable[[], list]  # fresh random inputs (requires_grad where bwd applies)
+    bytes_moved: dict  # mode -> fewest bytes an ideal kernel moves through memory
+    extra: dict = field(default_factory=dict)
+
+
+def bench_kernel(op: str, case: Case, providers: list[Provider], modes, device: torch.device,
+                 budget_s: float = 1.0) -> list[dict]:
+    """Time every provider on one case in every mode; one row per (provider, mode)."""
+    env = environment(device)
+    sets = input_sets(case.make_inputs, case.bytes_moved["fwd"], device)
+    roofline = copy_bandwidth_gbps(device)
+    rows = []
+    for mode in modes:
+        for p in providers:
+            row = {"op": op, "provider": p.name, "shape": list(case.shape),
+                   "dtype": str(case.dtype).removeprefix("torch."), "mode": mode, **case.extra}
+            if p.skip_reason:
+                rows.append({**row, "skipped": p.skip_reason, **env})
+                continue
+            try:
+                timing = time_call(_runner(p.fn, sets, mode), device, budget_s=budget_s)
+            except Exception as exc:  # a peer that fails on this shape is reported, not fatal
+                rows.append({**row, "skipped": f"{type(exc).__name__}: {exc}"[:200], **env})
+                continue
+            gbps = case.bytes_moved[mode] / (timing.median_ms * 1e-3) / 1e9
+            rows.append({**row, "median_ms": timing.median_ms, "min_ms": timing.min_ms,
+                         "max_ms": timing.max_ms, "runs": timing.runs, "gb_per_s": gbps,
+                         "pct_of_copy_bw": 100 * gbps / roofline, **env})
+    _add_speedups(rows)
+    return rows
+
+
+def _runner(fn, sets, mode):
+    if mode == "fwd":
+        def run(i):
+            with torch.no_grad():
+                fn(*sets[i % len(sets)])
+        return run
+    prepared = []
+    for inputs in sets:
+        out = fn(*inputs)
+        wants = [t for t in inputs if isinstance(t, torch.Tensor) and t.requires_grad]
+        prepared.append((inputs, out, wants, torch.randn_like(out)))
+    if mode == "bwd":
+        def run(i):
+            _, out, wants, dy = prepared[i % len(prepared)]
+            torch.autograd.grad(out, wants, dy, retain_graph=True)
+        return run
+
+    def run(i):  # full: forward and backward
+        inputs, _, wants, dy = prepared[i % len(prepared)]
+        torch.autograd.grad(fn(*inputs), wants, dy)
+    return run
+
+
+def _add_speedups(rows: list[dict]) -> None:
+    """speedup_vs_torch: torch's median over this row's (same case and mode)."""
+    base = {r["mode"]: r["median_ms"] for r in rows if r["provider"] == "torch" and "median_ms" in r}
+    for r in rows:
+        if "median_ms" in r and r["mode"] in base:
+            r["speedup_vs_torch"] = base[r["mode"]] / r["median_ms"]
+
+
+# ---------------------------------------------------------------------------------------------
+# Output
+def format_table(rows: list[dict]) -> str:
+    cols = [("op", "op", "{}"), ("provider", "provider", "{}"), ("shape", "shape", "{}"),
+            ("dtype", "dtype", "{}"), ("mode", "mode", "{}"), ("median_ms", "median ms", "{:.4f}"),
+            ("min_ms", "min", "{:.4f}"), ("max_ms", "max", "{:.4f}"), ("gb_per_s", "GB/s", "{:.1f}"),
+            ("pct_of_copy_bw", "% copy bw", "{:.0f}"), ("speedup_vs_torch", "vs torch", "{:.2f}x")]
+    table = [[head for _, head, _ in cols]]
+    for r in rows:
+        if "skipped" in r:
+            table.append([str(r.get(k, "")) for k, _, _ in cols[:5]]
+                         + [f"skipped: {r['skipped'][:60]}"] + [""] * (len(cols) - 6))
+            continue
+        table.append([fmt.format(r[k]) if k in r else "" for k, _, fmt in cols])
+    widths = [max(len(row[i]) for row in table) for i in range(len(cols))]
+    lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in table]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def write_json(rows: list[dict], path: str) -> None:
+    """Write rows atomically (temp file + rename): a crash never leaves half a result file."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as f:
+        json.dump(rows, f, indent=1)
+        f.write("\n")
+    os.replace(tmp, path)
+
+
+def fastlm_providers(op: str, device: torch.device, call: Callable[[str], Callable]) -> list[Provider]:
+    """One Provider per fastlm backend of `op` (reference and the native ones); call(backend)
+    returns the function to time. Unavailable backends stay in the table with their reason."""
+    import fastlm.ops as ops
+
+    providers = []
+    for backend in ("reference", "cpu", "cuda", "triton"):
+        if backend not in ops.IMPLEMENTED[op]:
+            continue
+        reason = ops.unavailable_reason(op, backend, device)
+        if backend == "triton" and device.type == "cpu" and reason is None:
+            reason = "the Triton interpreter is a correctness tool, not timed"
+        if backend in ("cuda", "triton") and device.type == "cpu" and reason:
+            continue  # GPU backends on a CPU run: nothing to say
+        providers.append(Provider(f"fastlm-{backend}", call(backend), reason))
+    return providers
+
+
+def compiled(fn: Callable) -> Callable:
+    """torch.compile of a peer's eager function (compile time falls in the warm-up)."""
+    return torch.compile(fn, dynamic=False)
