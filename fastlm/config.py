@@ -1,0 +1,491 @@
+"""Typed configuration for training: one dataclass per section, defaults < TOML file < CLI.
+
+    python -m fastlm.train --config run.toml --model.preset=tiny-llama --optim.lr=1e-3
+
+Precedence, lowest first: the dataclass defaults below, the model preset (fastlm/configs/NAME.toml,
+chosen by model.preset from wherever it is set), the TOML file given with --config, then
+`--section.key=value` on the command line. Every value is checked once, after merging: unknown
+sections or keys, wrong types, values out of range and unknown choices raise ConfigError with a
+message naming the key (`section.key`), where the value came from and what is allowed, so a run
+fails before it loads data or builds a model.
+
+Field metadata carries the checks: `min`/`max` (inclusive), `gt` (exclusive lower bound),
+`choices`, and `help` (shown by `python -m fastlm.train --help`).
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import importlib.resources
+import math
+import re
+import tomllib
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+
+class ConfigError(ValueError):
+    """A bad config key or value; the message names the key and what is allowed."""
+
+
+def _f(default: Any, help: str, **checks: Any) -> Any:
+    return field(default=default, metadata={"help": help, **checks})
+
+
+# ---------------------------------------------------------------------------------------------
+# Sections
+@dataclass
+class ModelConfig:
+    """Shape and flavour of the decoder-only transformer (fastlm.models.gpt.GPT)."""
+    preset: str = _f("tiny", "named preset from fastlm/configs/NAME.toml ('' = none); "
+                             "other model.* keys apply on top of it")
+    arch: str = _f("gpt2", "gpt2: learned positions, LayerNorm, GELU; llama: RoPE, RMSNorm, "
+                           "SwiGLU, grouped-query attention", choices=("gpt2", "llama"))
+    vocab_size: int = _f(50257, "number of token ids", min=1)
+    block_size: int = _f(1024, "longest context (positions) the model supports", min=1)
+    n_layer: int = _f(12, "transformer blocks", min=1)
+    n_head: int = _f(12, "query heads", min=1)
+    n_kv_head: int = _f(0, "key/value heads for grouped-query attention (0 = n_head)", min=0)
+    n_embd: int = _f(768, "model width", min=1)
+    mlp_hidden: int = _f(0, "MLP hidden width (0 = 4*n_embd for gpt2, ~8/3*n_embd rounded up "
+                            "to a multiple of 256 for llama)", min=0)
+    bias: bool = _f(True, "biases in linear layers and LayerNorm (gpt2 flavour)")
+    tie_embeddings: bool = _f(True, "share the token embedding with the output head")
+    dropout: float = _f(0.0, "dropout on embeddings and residual branches", min=0.0, max=0.99)
+    norm_eps: float = _f(1e-5, "epsilon of LayerNorm/RMSNorm", gt=0.0)
+    rope_theta: float = _f(10000.0, "RoPE base frequency (llama flavour)", gt=0.0)
+
+    @property
+    def kv_heads(self) -> int:
+        return self.n_kv_head or self.n_head
+
+    @property
+    def head_dim(self) -> int:
+        return self.n_embd // self.n_head
+
+    @property
+    def hidden(self) -> int:
+        """The MLP hidden width after applying the flavour's default."""
+        if self.mlp_hidden:
+            return self.mlp_hidden
+        if self.arch == "gpt2":
+            return 4 * self.n_embd
+        return 256 * math.ceil(8 * self.n_embd / 3 / 256)  # Llama's SwiGLU width, multiple_of=256
+
+    def validate(self) -> None:
+        _check_fields("model", self)
+        if self.n_embd % self.n_head:
+            raise ConfigError(f"model.n_embd ({self.n_embd}) must be divisible by model.n_head "
+                              f"({self.n_head})")
+        if self.n_head % self.kv_heads:
+            raise ConfigError(f"model.n_head ({self.n_head}) must be divisible by "
+                              f"model.n_kv_head ({self.n_kv_head})")
+        if self.arch == "llama" and self.head_dim % 2:
+            raise ConfigError(f"model: RoPE needs an even head size, but n_embd/n_head = "
+                              f"{self.n_embd}/{self.n_head} = {self.head_dim}")
+
+
+@dataclass
+class DataConfig:
+    """What text to train on (fastlm.data.text)."""
+    path: str = _f("", "text file, folder or glob; '' = the Python standard library's .py files")
+    max_bytes: int = _f(8_000_000, "read at most this many training bytes (0 = all)", min=0)
+    val_fraction: float = _f(0.1, "share of files (by hash of their path) held out for "
+                                  "validation", gt=0.0, max=0.5)
+
+
+@dataclass
+class TrainConfig:
+    """The training loop (fastlm.train)."""
+    out_dir: str = _f("", "run directory ('' = runs/<timestamp>)")
+    device: str = _f("auto", "auto (cuda if present, else cpu), cpu, cuda or cuda:N")
+    seed: int = _f(1337, "seed for weights, batches and sampling", min=0)
+    max_steps: int = _f(600, "optimizer steps", min=1)
+    batch_size: int = _f(16, "sequences per micro-batch", min=1)
+    seq_len: int = _f(0, "tokens per sequence (0 = model.block_size)", min=0)
+    grad_accum: int = _f(1, "micro-batches per optimizer step", min=1)
+    grad_clip: float = _f(1.0, "clip the global gradient norm to this (0 = off)", min=0.0)
+    log_interval: int = _f(10, "steps between training-loss lines in metrics.jsonl", min=1)
+    progress: bool = _f(True, "show a tqdm progress bar")
+
+
+@dataclass
+class OptimConfig:
+    """AdamW (fastlm.optim) and the learning-rate schedule."""
+    lr: float = _f(1e-3, "peak learning rate", gt=0.0)
+    min_lr: float = _f(1e-4, "learning rate at the end of the cosine decay", min=0.0)
+    warmup_steps: int = _f(50, "linear warmup steps from 0 to lr", min=0)
+    schedule: str = _f("cosine", "decay after warmup", choices=("cosine", "constant"))
+    betas: tuple[float, float] = _f((0.9, 0.95), "AdamW betas, e.g. --optim.betas=0.9,0.95",
+                                    min=0.0, max=0.999999)
+    eps: float = _f(1e-8, "AdamW epsilon", gt=0.0)
+    weight_decay: float = _f(0.1, "decoupled weight decay (not on norms, biases, embeddings)",
+                             min=0.0)
+
+
+@dataclass
+class EvalConfig:
+    """Periodic validation (loss and bits per byte)."""
+    interval: int = _f(100, "steps between validation runs (and at the end)", min=1)
+    batches: int = _f(8, "fixed validation batches per run", min=1)
+
+
+@dataclass
+class CheckpointConfig:
+    """Checkpoints under RUN_DIR/checkpoints (fastlm.checkpoint)."""
+    interval: int = _f(0, "steps between checkpoints (0 = only at the end and on Ctrl-C)", min=0)
+    keep_last: int = _f(3, "keep this many most recent checkpoints (plus the best)", min=1)
+    resume: str = _f("", "checkpoint directory (or run directory: its latest) to resume from")
+
+
+@dataclass
+class KernelsConfig:
+    """Which op backends to use (fastlm.ops.set_backend)."""
+    backend: str = _f("", "'' = automatic, one backend ('cpu'), or per op "
+                          "('layer_norm=cpu,rms_norm=reference'); FASTLM_BACKEND overrides it")
+
+
+@dataclass
+class SampleConfig:
+    """The text sample printed at the end of training."""
+    tokens: int = _f(200, "tokens to generate (0 = no sample)", min=0)
+    prompt: str = _f("def ", "text to continue")
+    temperature: float = _f(0.8, "softmax temperature", gt=0.0)
+    top_k: int = _f(0, "sample among the k most likely tokens (0 = all)", min=0)
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    kernels: KernelsConfig = field(default_factory=KernelsConfig)
+    sample: SampleConfig = field(default_factory=SampleConfig)
+
+    def validate(self) -> None:
+        """Every field's own checks, then the checks that relate fields."""
+        for name in SECTIONS:
+            section = getattr(self, name)
+            section.validate() if hasattr(section, "validate") else _check_fields(name, section)
+        if self.model.preset:  # a bad preset name fails here with the list of presets
+            _preset_values(self.model.preset)
+        if self.train.seq_len > self.model.block_size:
+            raise ConfigError(f"train.seq_len ({self.train.seq_len}) must be <= "
+                              f"model.block_size ({self.model.block_size})")
+        if self.optim.min_lr > self.optim.lr:
+            raise ConfigError(f"optim.min_lr ({self.optim.min_lr}) must be <= optim.lr "
+                              f"({self.optim.lr})")
+        dev = self.train.device
+        if not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", dev):
+            raise ConfigError(f"train.device: must be auto, cpu, cuda, cuda:N or mps; got '{dev}'")
+
+    @property
+    def seq_len(self) -> int:
+        return self.train.seq_len or self.model.block_size
+
+
+SECTIONS: dict[str, type] = {f.name: f.default_factory for f in dataclasses.fields(Config)}
+
+
+# ---------------------------------------------------------------------------------------------
+# Checking and converting values
+@typing.no_type_check
+def _hints(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _describe(tp: Any) -> str:
+    if typing.get_origin(tp) is tuple:
+        args = typing.get_args(tp)
+        return f"a list of {len(args)} numbers" if args[0] is float else f"a {len(args)}-list"
+    return {int: "an integer", float: "a number", bool: "a boolean (true/false)",
+            str: "a string"}[tp]
+
+
+def _convert(key: str, value: Any, tp: Any, source: str) -> Any:
+    """A value of type `tp` from a TOML value or a CLI string; ConfigError if it is not one."""
+    def bad(extra: str = "") -> ConfigError:
+        return ConfigError(f"{key}: expected {_describe(tp)}, got {value!r}{extra} "
+                           f"(from {source})")
+
+    if isinstance(value, str) and tp is not str:  # command-line text
+        text = value.strip()
+        try:
+            if tp is bool:
+                lowered = text.lower()
+                if lowered in ("true", "1", "yes", "on"):
+                    return True
+                if lowered in ("false", "0", "no", "off"):
+                    return False
+                raise bad()
+            if tp is int:
+                return int(text)
+            if tp is float:
+                return float(text)
+            if typing.get_origin(tp) is tuple:
+                parts = [p for p in text.strip("[]()").split(",") if p.strip()]
+                return _convert(key, [float(p) for p in parts], tp, source)
+        except ValueError:
+            raise bad() from None
+        raise bad()
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise bad()
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise bad()
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise bad()
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        raise bad()
+    if typing.get_origin(tp) is tuple:
+        args = typing.get_args(tp)
+        if not isinstance(value, (list, tuple)) or len(value) != len(args):
+            raise bad(f" with {len(value)} items" if isinstance(value, (list, tuple)) else "")
+        return tuple(_convert(key, v, a, source) for v, a in zip(value, args))
+    raise TypeError(f"config type {tp} of {key} is not supported")  # a bug in this file
+
+
+def _check_value(key: str, value: Any, meta: dict[str, Any], source: str = "") -> None:
+    where = f" (from {source})" if source else ""
+    items = value if isinstance(value, tuple) else (value,)
+    for v in items:
+        if "choices" in meta and v not in meta["choices"]:
+            raise ConfigError(f"{key}: must be one of {', '.join(meta['choices'])}; "
+                              f"got {v!r}{where}")
+        if isinstance(v, float) and not math.isfinite(v):
+            raise ConfigError(f"{key}: must be a finite number, got {v}{where}")
+        if "min" in meta and v < meta["min"]:
+            raise ConfigError(f"{key}: must be >= {meta['min']}, got {v}{where}")
+        if "max" in meta and v > meta["max"]:
+            raise ConfigError(f"{key}: must be <= {meta['max']}, got {v}{where}")
+        if "gt" in meta and v <= meta["gt"]:
+            raise ConfigError(f"{key}: must be > {meta['gt']}, got {v}{where}")
+
+
+def _check_fields(section: str, obj: Any) -> None:
+    hints = _hints(type(obj))
+    for f in dataclasses.fields(obj):
+        key = f"{section}.{f.name}"
+        value = getattr(obj, f.name)
+        _convert(key, value, hints[f.name], "the config object")  # type check
+        _check_value(key, value, dict(f.metadata))
+
+
+def _unknown(what: str, name: str, known: list[str], source: str,
+             section: str = "") -> ConfigError:
+    prefix = f"{section}." if section else ""
+    close = difflib.get_close_matches(name, known, n=1)
+    hint = f" Did you mean '{prefix}{close[0]}'?" if close else ""
+    return ConfigError(f"unknown {what} (from {source}).{hint} "
+                       f"Known {'keys of [' + section + ']' if section else 'sections'}: "
+                       f"{', '.join(known)}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Presets
+def list_presets() -> list[str]:
+    """Names of the model presets shipped in fastlm/configs/."""
+    root = importlib.resources.files("fastlm") / "configs"
+    return sorted(p.name[:-5] for p in root.iterdir() if p.name.endswith(".toml"))
+
+
+def _preset_values(name: str) -> dict[str, Any]:
+    presets = list_presets()
+    if name not in presets:
+        raise ConfigError(f"model.preset: unknown preset '{name}'; presets are "
+                          f"{', '.join(presets)}")
+    source = f"fastlm/configs/{name}.toml"
+    text = (importlib.resources.files("fastlm") / "configs" / f"{name}.toml").read_text()
+    data = _parse_toml(text, source)
+    if set(data) != {"model"}:
+        raise ConfigError(f"{source}: a preset holds exactly one [model] table, "
+                          f"found {sorted(data)}")
+    if "preset" in data["model"]:
+        raise ConfigError(f"{source}: a preset cannot name another preset")
+    return data["model"]
+
+
+def model_preset(name: str) -> ModelConfig:
+    """The ModelConfig of a named preset ("tiny", "tiny-llama", "gpt2-124m", ...)."""
+    cfg = ModelConfig(preset=name)
+    _apply(cfg, "model", {k: (v, f"fastlm/configs/{name}.toml")
+                          for k, v in _preset_values(name).items()})
+    cfg.validate()
+    return cfg
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading
+Raw = dict[str, dict[str, tuple[Any, str]]]  # section -> key -> (value, where it came from)
+
+
+def _parse_toml(text: str, source: str) -> dict[str, Any]:
+    try:
+        return tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{source}: not valid TOML: {exc}") from None
+
+
+def _add_raw(raw: Raw, section: str, key: str, value: Any, source: str) -> None:
+    if section not in SECTIONS:
+        raise _unknown(f"config section '{section}'", section, list(SECTIONS), source)
+    keys = [f.name for f in dataclasses.fields(SECTIONS[section])]
+    if key not in keys:
+        raise _unknown(f"key '{section}.{key}'", key, keys, source, section)
+    raw.setdefault(section, {})[key] = (value, source)
+
+
+def _raw_from_toml(path: str | Path, raw: Raw) -> None:
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise ConfigError(f"--config: cannot read {path}: {exc.strerror}") from None
+    for section, table in _parse_toml(text, str(path)).items():
+        if not isinstance(table, dict):
+            raise ConfigError(f"{path}: '{section}' must be a [section] table of keys, "
+                              f"got {table!r}")
+        for key, value in table.items():
+            _add_raw(raw, section, key, value, str(path))
+
+
+def _apply(obj: Any, section: str, values: dict[str, tuple[Any, str]]) -> None:
+    hints = _hints(type(obj))
+    meta = {f.name: dict(f.metadata) for f in dataclasses.fields(obj)}
+    for key, (value, source) in values.items():
+        name = f"{section}.{key}"
+        converted = _convert(name, value, hints[key], source)
+        _check_value(name, converted, meta[key], source)
+        setattr(obj, key, converted)
+
+
+def load_config(config_file: str | Path | None = None,
+                overrides: dict[str, Any] | None = None) -> Config:
+    """The resolved Config: defaults < model preset < TOML file < overrides.
+
+    overrides maps "section.key" to a value: a Python value of the field's type, or a string as
+    typed on the command line ("3e-4", "true", "0.9,0.95").
+    """
+    raw: Raw = {}
+    if config_file is not None:
+        _raw_from_toml(config_file, raw)
+    for dotted, value in (overrides or {}).items():
+        section, _, key = dotted.partition(".")
+        if not key:
+            raise ConfigError(f"'{dotted}': options are written section.key=value, "
+                              f"e.g. model.n_layer=4")
+        _add_raw(raw, section, key, value, "the command line")
+    cfg = Config()
+    model_raw = raw.get("model", {})
+    if "preset" in model_raw:
+        value, source = model_raw["preset"]
+        cfg.model.preset = _convert("model.preset", value, str, source)
+    if cfg.model.preset:
+        cfg.model = model_preset(cfg.model.preset)
+    for section, values in raw.items():
+        _apply(getattr(cfg, section), section, values)
+    cfg.validate()
+    return cfg
+
+
+# ---------------------------------------------------------------------------------------------
+# Command line
+USAGE = """usage: python -m fastlm.train [--config FILE.toml] [--data PATH] [--out RUN_DIR]
+                             [--section.key=value ...]
+
+  --config FILE.toml  settings file ([section] tables of key = value)
+  --data PATH         text file, folder or glob (same as --data.path)
+  --out RUN_DIR       run directory (same as --train.out_dir)
+  --section.key=V     any key below; precedence: defaults < preset < --config < command line
+"""
+
+
+def help_text() -> str:
+    lines = [USAGE, f"model presets: {', '.join(list_presets())}", ""]
+    default = Config()
+    for section, cls in SECTIONS.items():
+        lines.append(f"[{section}]  {cls.__doc__}")
+        for f in dataclasses.fields(cls):
+            value = getattr(getattr(default, section), f.name)
+            lines.append(f"  --{section}.{f.name}={_toml_value(value)}  {f.metadata['help']}")
+    return "\n".join(lines)
+
+
+ALIASES = {"--data": "data.path", "--out": "train.out_dir"}
+
+
+def parse_args(argv: list[str]) -> Config:
+    """Config from command-line arguments; ConfigError names the bad argument.
+
+    Accepts `--key=value` and `--key value`. `--help` raises SystemExit(0) after printing."""
+    config_file = None
+    overrides: dict[str, Any] = {}
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        if arg in ("-h", "--help"):
+            print(help_text())
+            raise SystemExit(0)
+        if not arg.startswith("--"):
+            raise ConfigError(f"unexpected argument '{arg}'; options look like "
+                              "--section.key=value (see --help)")
+        name, eq, value = arg[2:].partition("=")
+        if not eq:
+            if i + 1 >= len(argv):
+                raise ConfigError(f"--{name} needs a value")
+            value = argv[i + 1]
+            i += 1
+        i += 1
+        if name == "config":
+            config_file = value
+        elif f"--{name}" in ALIASES:
+            overrides[ALIASES[f"--{name}"]] = value
+        elif "." in name:
+            overrides[name] = value
+        else:
+            raise ConfigError(f"unknown option '--{name}'; options are --config, --data, --out "
+                              "and --section.key=value (see --help)")
+    return load_config(config_file, overrides)
+
+
+# ---------------------------------------------------------------------------------------------
+# Writing (tomllib only reads)
+def to_dict(cfg: Config) -> dict[str, dict[str, Any]]:
+    return {s: {k: (list(v) if isinstance(v, tuple) else v)
+                for k, v in dataclasses.asdict(getattr(cfg, s)).items()} for s in SECTIONS}
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, str):
+        escaped = "".join(c if c.isprintable() and c not in '"\\' else
+                          f"\\u{ord(c):04x}" for c in value)
+        return f'"{escaped}"'
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    raise TypeError(f"cannot write {value!r} as TOML")
+
+
+def to_toml(cfg: Config) -> str:
+    """The config as a TOML file that --config reads back to the same Config."""
+    out = []
+    for section, values in to_dict(cfg).items():
+        out.append(f"[{section}]")
+        out += [f"{k} = {_toml_value(v)}" for k, v in values.items()]
+        out.append("")
+    return "\n".join(out)

@@ -1,0 +1,246 @@
+"""Decoder-only transformer in two flavours, chosen by ModelConfig.arch:
+
+  gpt2   learned positions, LayerNorm (optional bias), GELU MLP, tied embeddings (GPT-2)
+  llama  RoPE, RMSNorm, SwiGLU MLP, grouped-query attention with n_kv_head heads (Llama 2/3)
+
+Every norm goes through fastlm.ops.layer_norm / rms_norm, attention through fastlm.ops.attention
+and the loss through fastlm.ops.cross_entropy, so a backend switch (ops.set_backend, the
+FASTLM_BACKEND variable or the kernels.backend config) changes every hot path of the model.
+
+Shapes: B batch, T sequence, C = n_embd, H query heads, Hkv key/value heads, D = C // H head
+size, V vocabulary.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from fastlm import ops
+from fastlm.config import ModelConfig
+
+
+class LayerNorm(nn.Module):
+    """LayerNorm over the last dimension with an optional bias, computed by fastlm.ops."""
+
+    def __init__(self, dim: int, bias: bool = True, eps: float = 1e-5):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.bias = nn.Parameter(torch.zeros(dim)) if bias else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return ops.layer_norm(x, self.weight, self.bias, self.eps)
+
+
+class RMSNorm(nn.Module):
+    """RMSNorm over the last dimension (no bias, no mean subtraction), computed by fastlm.ops."""
+
+    def __init__(self, dim: int, eps: float = 1e-6):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return ops.rms_norm(x, self.weight, self.eps)
+
+
+def make_norm(cfg: ModelConfig) -> nn.Module:
+    if cfg.arch == "llama":
+        return RMSNorm(cfg.n_embd, cfg.norm_eps)
+    return LayerNorm(cfg.n_embd, cfg.bias, cfg.norm_eps)
+
+
+class Rotary(nn.Module):
+    """Rotary position embedding (RoPE), rotating pairs (i, i + D/2) of each head's features.
+
+    The cos/sin tables are buffers built for block_size positions; they are not saved in the
+    state dict (they follow from the config) and are always kept in float32.
+    """
+
+    def __init__(self, head_dim: int, block_size: int, theta: float):
+        super().__init__()
+        inv_freq = theta ** (-torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)
+        angles = torch.outer(torch.arange(block_size, dtype=torch.float64), inv_freq)  # (T, D/2)
+        self.register_buffer("cos", angles.cos().float(), persistent=False)
+        self.register_buffer("sin", angles.sin().float(), persistent=False)
+
+    def forward(self, x: torch.Tensor, offset: int = 0) -> torch.Tensor:
+        # x: (B, H, T, D) -> (B, H, T, D), positions offset .. offset + T - 1
+        T, half = x.shape[-2], x.shape[-1] // 2
+        cos = self.cos[offset:offset + T]  # (T, D/2)
+        sin = self.sin[offset:offset + T]
+        x1, x2 = x.float()[..., :half], x.float()[..., half:]
+        out = torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1)
+        return out.to(x.dtype)
+
+
+class Attention(nn.Module):
+    """Causal self-attention with Hkv <= H key/value heads (Hkv == H: plain multi-head)."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.n_head, self.n_kv_head, self.head_dim = cfg.n_head, cfg.kv_heads, cfg.head_dim
+        bias = cfg.bias and cfg.arch == "gpt2"
+        # One matmul for q, k and v: C -> (H + 2 Hkv) D.
+        self.qkv = nn.Linear(cfg.n_embd, (self.n_head + 2 * self.n_kv_head) * self.head_dim, bias)
+        self.proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias)
+        self.proj.residual = True  # scaled init, see GPT._init_weights
+        self.rotary = (Rotary(self.head_dim, cfg.block_size, cfg.rope_theta)
+                       if cfg.arch == "llama" else None)
+        self.dropout = nn.Dropout(cfg.dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, T, C = x.shape
+        H, Hkv, D = self.n_head, self.n_kv_head, self.head_dim
+        q, k, v = self.qkv(x).split([H * D, Hkv * D, Hkv * D], dim=-1)
+        q = q.view(B, T, H, D).transpose(1, 2)  # (B, H, T, D)
+        k = k.view(B, T, Hkv, D).transpose(1, 2)  # (B, Hkv, T, D)
+        v = v.view(B, T, Hkv, D).transpose(1, 2)  # (B, Hkv, T, D)
+        if self.rotary is not None:
+            q, k = self.rotary(q), self.rotary(k)
+        y = ops.attention(q, k, v, causal=True)  # (B, H, T, D)
+        y = y.transpose(1, 2).reshape(B, T, C)  # (B, T, C)
+        return self.dropout(self.proj(y))
+
+
+class MLP(nn.Module):
+    """GELU MLP (gpt2) or SwiGLU (llama): C -> hidden -> C."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.swiglu = cfg.arch == "llama"
+        bias = cfg.bias and not self.swiglu
+        hidden = cfg.hidden
+        # SwiGLU's gate and up projections share one matmul: C -> 2 * hidden.
+        self.up = nn.Linear(cfg.n_embd, 2 * hidden if self.swiglu else hidden, bias)
+        self.down = nn.Linear(hidden, cfg.n_embd, bias)
+        self.down.residual = True
+        self.dropout = nn.Dropout(cfg.dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.up(x)  # (B, T, hidden) or (B, T, 2 * hidden)
+        if self.swiglu:
+            gate, up = h.chunk(2, dim=-1)
+            h = F.silu(gate) * up
+        else:
+            h = F.gelu(h, approximate="tanh")  # GPT-2's GELU
+        return self.dropout(self.down(h))  # (B, T, C)
+
+
+class Block(nn.Module):
+    """Pre-norm residual block: x + attn(norm(x)), then x + mlp(norm(x))."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.norm1 = make_norm(cfg)
+        self.attn = Attention(cfg)
+        self.norm2 = make_norm(cfg)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(self.norm1(x))
+        return x + self.mlp(self.norm2(x))
+
+
+class GPT(nn.Module):
+    """The language model: token ids (B, T) -> next-token logits (B, T, V) and the loss."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        config.validate()
+        self.config = config
+        self.wte = nn.Embedding(config.vocab_size, config.n_embd)
+        self.wpe = (nn.Embedding(config.block_size, config.n_embd)
+                    if config.arch == "gpt2" else None)
+        self.drop = nn.Dropout(config.dropout)
+        self.blocks = nn.ModuleList(Block(config) for _ in range(config.n_layer))
+        self.norm_f = make_norm(config)
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        if config.tie_embeddings:
+            self.lm_head.weight = self.wte.weight
+        self.apply(self._init_weights)
+
+    def _init_weights(self, module: nn.Module) -> None:
+        # GPT-2 init: N(0, 0.02) everywhere, and the projections that write into the residual
+        # stream scaled by 1/sqrt(2 * n_layer) so the stream's variance does not grow with depth.
+        if isinstance(module, nn.Linear):
+            std = 0.02
+            if getattr(module, "residual", False):
+                std /= math.sqrt(2 * self.config.n_layer)
+            nn.init.normal_(module.weight, 0.0, std)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, 0.0, 0.02)
+
+    def num_params(self, non_embedding: bool = False) -> int:
+        """Parameter count (tied weights once); non_embedding leaves out the token and position
+        tables, the count that scaling laws and flops_per_token use."""
+        n = sum(p.numel() for p in self.parameters())
+        if non_embedding:
+            n -= self.wte.weight.numel()
+            if self.wpe is not None:
+                n -= self.wpe.weight.numel()
+        return n
+
+    def flops_per_token(self, seq_len: int | None = None) -> int:
+        """Training FLOPs per token (forward + backward): 6 per non-embedding parameter (the
+        output head included), plus attention scores and weighted sums, 12 * L * T * C."""
+        T = seq_len or self.config.block_size
+        n = self.num_params(non_embedding=True)
+        if self.config.tie_embeddings:  # the head's matmul still runs on the shared table
+            n += self.lm_head.weight.numel()
+        return 6 * n + 12 * self.config.n_layer * T * self.config.n_embd
+
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None,
+                last_only: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """idx (B, T) int64 -> (logits, loss).
+
+        logits: (B, T, V) in float32-or-model dtype; (B, 1, V) with last_only (generation needs
+        only the last position). loss: mean cross-entropy against targets (B, T) (entries equal
+        to -100 are ignored), or None without targets.
+        """
+        B, T = idx.shape
+        if T > self.config.block_size:
+            raise ValueError(f"GPT: sequence length {T} exceeds model.block_size "
+                             f"{self.config.block_size}")
+        x = self.wte(idx)  # (B, T, C)
+        if self.wpe is not None:
+            x = x + self.wpe(torch.arange(T, device=idx.device))  # + (T, C)
+        x = self.drop(x)
+        for block in self.blocks:
+            x = block(x)  # (B, T, C)
+        x = self.norm_f(x)
+        if last_only:
+            x = x[:, -1:]  # (B, 1, C)
+        logits = self.lm_head(x)  # (B, T, V)
+        loss = None
+        if targets is not None:
+            V = logits.shape[-1]
+            loss = ops.cross_entropy(logits.reshape(-1, V), targets.reshape(-1))
+        return logits, loss
+
+    @torch.no_grad()
+    def generate(self, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
+                 top_k: int = 0, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Sample max_new_tokens continuing idx (B, T0) -> (B, T0 + max_new_tokens).
+
+        No KV cache: each step runs the last block_size tokens again (fine for the short
+        samples training prints; fastlm.generate is the place for fast decoding).
+        """
+        if temperature <= 0:
+            raise ValueError(f"GPT.generate: temperature must be > 0, got {temperature}")
+        for _ in range(max_new_tokens):
+            context = idx[:, -self.config.block_size:]  # (B, <=block_size)
+            logits, _ = self(context, last_only=True)
+            logits = logits[:, -1].float() / temperature  # (B, V)
+            if top_k:
+                kth = torch.topk(logits, min(top_k, logits.shape[-1])).values[:, -1:]  # (B, 1)
+                logits = logits.masked_fill(logits < kth, float("-inf"))
+            probs = torch.softmax(logits, dim=-1)
+            nxt = torch.multinomial(probs, 1, generator=generator)  # (B, 1)
+            idx = torch.cat((idx, nxt), dim=1)
+        return idx
