@@ -207,13 +207,14 @@ def _describe(tp: Any) -> str:
             str: "a string"}[tp]
 
 
-def _convert(key: str, value: Any, tp: Any, source: str) -> Any:
-    """A value of type `tp` from a TOML value or a CLI string; ConfigError if it is not one."""
+def _convert(key: str, value: Any, tp: Any, source: str, text: bool = False) -> Any:
+    """A value of type `tp` from a TOML/Python value, or (text=True) from command-line text;
+    ConfigError if it is not one."""
     def bad(extra: str = "") -> ConfigError:
         return ConfigError(f"{key}: expected {_describe(tp)}, got {value!r}{extra} "
                            f"(from {source})")
 
-    if isinstance(value, str) and tp is not str:  # command-line text
+    if text and isinstance(value, str) and tp is not str:
         text = value.strip()
         try:
             if tp is bool:
@@ -320,7 +321,7 @@ def _preset_values(name: str) -> dict[str, Any]:
 def model_preset(name: str) -> ModelConfig:
     """The ModelConfig of a named preset ("tiny", "tiny-llama", "gpt2-124m", ...)."""
     cfg = ModelConfig(preset=name)
-    _apply(cfg, "model", {k: (v, f"fastlm/configs/{name}.toml")
+    _apply(cfg, "model", {k: (v, f"fastlm/configs/{name}.toml", False)
                           for k, v in _preset_values(name).items()})
     cfg.validate()
     return cfg
@@ -328,7 +329,8 @@ def model_preset(name: str) -> ModelConfig:
 
 # ---------------------------------------------------------------------------------------------
 # Loading
-Raw = dict[str, dict[str, tuple[Any, str]]]  # section -> key -> (value, where it came from)
+# section -> key -> (value, where it came from, whether it is command-line text to parse)
+Raw = dict[str, dict[str, tuple[Any, str, bool]]]
 
 
 def _parse_toml(text: str, source: str) -> dict[str, Any]:
@@ -338,13 +340,14 @@ def _parse_toml(text: str, source: str) -> dict[str, Any]:
         raise ConfigError(f"{source}: not valid TOML: {exc}") from None
 
 
-def _add_raw(raw: Raw, section: str, key: str, value: Any, source: str) -> None:
+def _add_raw(raw: Raw, section: str, key: str, value: Any, source: str,
+             text: bool = False) -> None:
     if section not in SECTIONS:
         raise _unknown(f"config section '{section}'", section, list(SECTIONS), source)
     keys = [f.name for f in dataclasses.fields(SECTIONS[section])]
     if key not in keys:
         raise _unknown(f"key '{section}.{key}'", key, keys, source, section)
-    raw.setdefault(section, {})[key] = (value, source)
+    raw.setdefault(section, {})[key] = (value, source, text)
 
 
 def _raw_from_toml(path: str | Path, raw: Raw) -> None:
@@ -361,12 +364,12 @@ def _raw_from_toml(path: str | Path, raw: Raw) -> None:
             _add_raw(raw, section, key, value, str(path))
 
 
-def _apply(obj: Any, section: str, values: dict[str, tuple[Any, str]]) -> None:
+def _apply(obj: Any, section: str, values: dict[str, tuple[Any, str, bool]]) -> None:
     hints = _hints(type(obj))
     meta = {f.name: dict(f.metadata) for f in dataclasses.fields(obj)}
-    for key, (value, source) in values.items():
+    for key, (value, source, text) in values.items():
         name = f"{section}.{key}"
-        converted = _convert(name, value, hints[key], source)
+        converted = _convert(name, value, hints[key], source, text)
         _check_value(name, converted, meta[key], source)
         setattr(obj, key, converted)
 
@@ -386,11 +389,11 @@ def load_config(config_file: str | Path | None = None,
         if not key:
             raise ConfigError(f"'{dotted}': options are written section.key=value, "
                               f"e.g. model.n_layer=4")
-        _add_raw(raw, section, key, value, "the command line")
+        _add_raw(raw, section, key, value, "the command line", isinstance(value, str))
     cfg = Config()
     model_raw = raw.get("model", {})
     if "preset" in model_raw:
-        value, source = model_raw["preset"]
+        value, source, _ = model_raw["preset"]
         cfg.model.preset = _convert("model.preset", value, str, source)
     if cfg.model.preset:
         cfg.model = model_preset(cfg.model.preset)
