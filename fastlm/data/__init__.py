@@ -8,14 +8,14 @@
 
 CLI: `python -m fastlm.data prepare INPUT... --out DIR` and `python -m fastlm.data inspect DIR`.
 Modules: sources (collect), clean, dedup, encoders (tokenizers), shards (file format), manifest,
-prepare (the pipeline), loader (ShardDataset, BatchLoader). text.py is the trainer's plain-text
+pipeline (prepare), loader (ShardDataset, BatchLoader). text.py is the trainer's plain-text
 quick path (raw bytes, no shards).
 """
 from fastlm.data.clean import CleanConfig
 from fastlm.data.dedup import DedupConfig
 from fastlm.data.loader import BatchLoader, ShardDataset
 from fastlm.data.manifest import ManifestError
-from fastlm.data.prepare import PrepareError, prepare
+from fastlm.data.pipeline import PrepareError, prepare
 from fastlm.data.shards import ShardError
 from fastlm.data.sources import SourceError, SourceOptions
 

@@ -17,7 +17,7 @@ from fastlm.data.dedup import DedupConfig
 from fastlm.data.encoders import ByteEncoder, load_encoder
 from fastlm.data.loader import ShardDataset
 from fastlm.data.manifest import MANIFEST_NAME, load_manifest, verify_shards
-from fastlm.data.prepare import format_report, prepare
+from fastlm.data.pipeline import format_report, prepare
 from fastlm.data.sources import SourceOptions
 
 

@@ -15,7 +15,7 @@ The split is by document: the k-th kept document goes to val when floor((k+1)f +
 floor(kf + 1/2), i.e. evenly spaced val documents, exactly a fraction f of them (the first at
 k = ceil(1/(2f)) - 1).
 
-Resuming: shards are written atomically; after each document that completed a shard, a checkpoint
+Resuming: shards are written atomically; after each batch that completed a shard, a checkpoint
 (the number of input documents consumed, the partial shard buffers, the dedup-key log length and
 the report) is written to OUT/.prepare/. A rerun with the same inputs and settings reloads it, skips
 the consumed documents without cleaning or tokenizing them and continues; finished shards are not
@@ -167,19 +167,17 @@ def _ordered_map(workers: int, initargs: tuple, batches: Iterator[list]) -> Iter
     if workers <= 1:
         _init_worker(*initargs)
         for batch in batches:
-            yield len(batch), _process_batch(batch)
+            yield _process_batch(batch)
         return
     method = "fork" if "fork" in mp.get_all_start_methods() else None
     with mp.get_context(method).Pool(workers, _init_worker, initargs) as pool:
         pending: collections.deque = collections.deque()
         for batch in batches:
-            pending.append((len(batch), pool.apply_async(_process_batch, (batch,))))
+            pending.append(pool.apply_async(_process_batch, (batch,)))
             if len(pending) >= 2 * workers:
-                n, res = pending.popleft()
-                yield n, res.get()
+                yield pending.popleft().get()
         while pending:
-            n, res = pending.popleft()
-            yield n, res.get()
+            yield pending.popleft().get()
 
 
 def _fingerprint(files: list[str], settings: dict[str, Any]) -> str:
@@ -292,12 +290,13 @@ def prepare(inputs: list[str] | str, out_dir: str | os.PathLike, tokenizer: str 
                    desc="prepare", dynamic_ncols=True, file=sys.stderr)
     try:
         batches = _batches(iter_documents(files, sources), done_docs)
-        for n_docs, (batch_report, results) in _ordered_map(
+        for batch_report, results in _ordered_map(
                 workers, (clean, dedup, tokenizer), batches):
             for key, value in batch_report.items():
                 report[key] = report.get(key, 0) + value
             if bar is not None:
                 bar.update(batch_report.get("bytes_in", 0))
+            wrote = False
             for result in results:
                 done_docs += 1
                 if result is None:
@@ -310,11 +309,12 @@ def prepare(inputs: list[str] | str, out_dir: str | os.PathLike, tokenizer: str 
                         continue
                 split = "val" if val_fraction and is_val(kept, val_fraction) else "train"
                 kept += 1
-                if writers[split].add(ids):
-                    state = {"fingerprint": fingerprint, "done_docs": done_docs, "kept": kept,
-                             "report": report, "log_bytes": deduper.flush_log(),
-                             "writers": {s: w.state() for s, w in writers.items()}}
-                    _save_checkpoint(state_dir, state, writers)
+                wrote = writers[split].add(ids) or wrote
+            if wrote:  # at a batch end, so the report counts exactly the consumed documents
+                state = {"fingerprint": fingerprint, "done_docs": done_docs, "kept": kept,
+                         "report": report, "log_bytes": deduper.flush_log(),
+                         "writers": {s: w.state() for s, w in writers.items()}}
+                _save_checkpoint(state_dir, state, writers)
     finally:
         deduper.close()
         if bar is not None:
@@ -343,7 +343,7 @@ def prepare(inputs: list[str] | str, out_dir: str | os.PathLike, tokenizer: str 
     }
     mf.save_manifest(man_path, manifest)
     shutil.rmtree(state_dir, ignore_errors=True)
-    return manifest
+    return mf.load_manifest(out)  # as JSON gives it back (lists, not tuples), like a rerun does
 
 
 def format_report(manifest: dict[str, Any]) -> str:
