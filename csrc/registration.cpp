@@ -41,6 +41,35 @@ TORCH_LIBRARY(fastlm, m) {
   m.def("rms_norm_fwd(Tensor x, Tensor weight, float eps) -> (Tensor y, Tensor rstd)");
   m.def("rms_norm_bwd(Tensor dy, Tensor x, Tensor weight, Tensor rstd)"
         " -> (Tensor dx, Tensor dweight)");
+
+  // attention: q (B, H, Tq, D), k and v (B, H_kv, Tk, D) -> out (B, H, Tq, D) and the float32
+  // log-sum-exp of the scaled scores lse (B, H, Tq), all the backward keeps besides q, k, v, out.
+  // Causal queries are aligned bottom-right (query i at key position i + Tk - Tq); window <= 0
+  // means no sliding window. dk and dv are summed over the query heads sharing a k/v head.
+  m.def("attention_fwd(Tensor q, Tensor k, Tensor v, bool causal, float scale, int window)"
+        " -> (Tensor out, Tensor lse)");
+  m.def("attention_bwd(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse,"
+        " bool causal, float scale, int window) -> (Tensor dq, Tensor dk, Tensor dv)");
+
+  // cross_entropy: logits (N, V), target (N,) int64 -> per-row loss (N,) float32 (0 where target
+  // is ignore_index) and lse (N,) float32 saved for the backward; dlogits in logits' dtype.
+  m.def("cross_entropy_fwd(Tensor logits, Tensor target, int ignore_index, float label_smoothing,"
+        " float z_loss) -> (Tensor loss, Tensor lse)");
+  m.def("cross_entropy_bwd(Tensor dloss, Tensor logits, Tensor target, Tensor lse,"
+        " int ignore_index, float label_smoothing, float z_loss) -> Tensor dlogits");
+
+  // linear_cross_entropy: loss = scale * sum_r cross_entropy(hidden @ weight^T, target)_r as a
+  // 0-dim float32 tensor (scale: 0-dim float32, 1/valid rows for "mean"), with the gradients of
+  // that loss (computed chunk by chunk in the forward, never forming the (N, V) logits); with
+  // with_grad false (inference) only the loss, and dhidden, dweight are empty (0,) tensors.
+  m.def("linear_cross_entropy_fwd(Tensor hidden, Tensor weight, Tensor target, Tensor scale,"
+        " int ignore_index, int chunk_rows, bool with_grad)"
+        " -> (Tensor loss, Tensor dhidden, Tensor dweight)");
+
+  // adamw_step: one AdamW update in place of every params[i], exp_avgs[i], exp_avg_sqs[i].
+  m.def("adamw_step(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs,"
+        " Tensor(c!)[] exp_avg_sqs, float step, float lr, float beta1, float beta2, float eps,"
+        " float weight_decay) -> ()");
 }
 
 // `import fastlm._C` loads this library (and so runs the registrations above); the module itself

@@ -27,6 +27,9 @@ else:
     NATIVE_ERROR = None
     opdefs.register_layer_norm("fastlm::layer_norm_fwd", "fastlm::layer_norm_bwd")
     opdefs.register_rms_norm("fastlm::rms_norm_fwd", "fastlm::rms_norm_bwd")
+    opdefs.register_cross_entropy("fastlm::cross_entropy_fwd", "fastlm::cross_entropy_bwd")
+    opdefs.register_linear_cross_entropy("fastlm::linear_cross_entropy_fwd")
+    opdefs.register_adamw_step("fastlm::adamw_step")
 
 
 @functools.cache

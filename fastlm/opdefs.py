@@ -70,6 +70,70 @@ def register_rms_norm(fwd: str, bwd: str) -> None:
     torch.library.register_autograd(fwd, backward, setup_context=setup_context)
 
 
+# ---------------------------------------------------------------------------------------------
+# cross_entropy: fwd(logits, target, ignore_index, label_smoothing, z_loss) -> (loss (N,), lse (N,))
+# both float32; bwd(dloss, logits, target, lse, ignore_index, label_smoothing, z_loss) -> dlogits.
+# The op returns per-row losses and the public function reduces them with plain torch ops, so the
+# gradient of every reduction ("mean", "sum", "none") is autograd's, and the kernel only ever sees
+# a per-row upstream gradient.
+def register_cross_entropy(fwd: str, bwd: str) -> None:
+    @torch.library.register_fake(fwd)
+    def _fwd_fake(logits, target, ignore_index, label_smoothing, z_loss):
+        return _row_stats(logits), _row_stats(logits)
+
+    @torch.library.register_fake(bwd)
+    def _bwd_fake(dloss, logits, target, lse, ignore_index, label_smoothing, z_loss):
+        return torch.empty_like(logits)
+
+    bwd_op = _op(bwd)
+
+    def setup_context(ctx, inputs, output):
+        logits, target, ignore_index, label_smoothing, z_loss = inputs
+        ctx.save_for_backward(logits, target, output[1])
+        ctx.args = (ignore_index, label_smoothing, z_loss)
+
+    def backward(ctx, dloss, _dlse):
+        logits, target, lse = ctx.saved_tensors
+        return bwd_op(dloss, logits, target, lse, *ctx.args), None, None, None, None
+
+    torch.library.register_autograd(fwd, backward, setup_context=setup_context)
+
+
+# ---------------------------------------------------------------------------------------------
+# linear_cross_entropy: fwd(hidden, weight, target, scale, ignore_index, chunk_rows, with_grad)
+# -> (loss 0-dim float32, dhidden, dweight): the gradients of `loss` itself, computed in the
+# forward. loss is a scalar, so the upstream gradient is one number and the backward is a product.
+def register_linear_cross_entropy(fwd: str) -> None:
+    @torch.library.register_fake(fwd)
+    def _fwd_fake(hidden, weight, target, scale, ignore_index, chunk_rows, with_grad):
+        loss = hidden.new_empty((), dtype=torch.float32)
+        if not with_grad:
+            return loss, hidden.new_empty(0), weight.new_empty(0)
+        return loss, torch.empty_like(hidden), torch.empty_like(weight)
+
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_backward(output[1], output[2])
+
+    def backward(ctx, dloss, _ddhidden, _ddweight):
+        dhidden, dweight = ctx.saved_tensors
+        if dhidden.numel() == 0 and dweight.numel() == 0:
+            raise RuntimeError("fastlm::linear_cross_entropy: the forward ran with with_grad=False "
+                               "(under no_grad or on inputs that need no gradient)")
+        return (dhidden * dloss.to(dhidden.dtype), dweight * dloss.to(dweight.dtype),
+                None, None, None, None, None)
+
+    torch.library.register_autograd(fwd, backward, setup_context=setup_context)
+
+
+# ---------------------------------------------------------------------------------------------
+# adamw_step(params!, grads, exp_avgs!, exp_avg_sqs!, step, lr, beta1, beta2, eps, wd) -> ():
+# in place, no outputs, no autograd (optimizer steps run under no_grad).
+def register_adamw_step(name: str) -> None:
+    @torch.library.register_fake(name)
+    def _fake(params, grads, exp_avgs, exp_avg_sqs, step, lr, beta1, beta2, eps, weight_decay):
+        return None
+
+
 def _op(qualname: str):
     namespace, name = qualname.split("::")
     return getattr(getattr(torch.ops, namespace), name).default

@@ -71,17 +71,68 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = 
 
 
 def cross_entropy(logits: torch.Tensor, target: torch.Tensor, ignore_index: int = -100,
-                  reduction: str = "mean") -> torch.Tensor:
-    """Cross-entropy of logits (N, V) against integer targets (N,).
+                  reduction: str = "mean", label_smoothing: float = 0.0,
+                  z_loss: float = 0.0) -> torch.Tensor:
+    """Cross-entropy of logits (N, V) against integer targets (N,), in float32.
 
-    Rows whose target is ignore_index contribute nothing; "mean" divides by the number of the
-    other rows (NaN when there are none, as torch does), "sum" adds them, "none" returns (N,).
+    Per row, with lse = logsumexp(logits) and eps = label_smoothing:
+        loss = (1 - eps) * (lse - x[target]) + eps * (lse - mean(x)) + z_loss * lse^2
+    (the smoothed term is torch's: the cross-entropy against the uniform distribution; the z-loss
+    term is PaLM's, pulling lse towards 0). Rows whose target is ignore_index contribute nothing;
+    "mean" divides by the number of the other rows (NaN when there are none, as torch does),
+    "sum" adds them, "none" returns (N,). A native backward saves lse per row, (N,) float32.
     """
-    logp = logits.to(_compute_dtype(logits)).log_softmax(dim=-1)  # (N, V)
+    x = logits.to(_compute_dtype(logits))  # (N, V)
+    lse = x.logsumexp(dim=-1)  # (N,)
     valid = target != ignore_index  # (N,)
-    nll = -logp.gather(-1, target.clamp(min=0).unsqueeze(-1)).squeeze(-1) * valid  # (N,)
+    nll = lse - x.gather(-1, target.clamp(min=0).unsqueeze(-1)).squeeze(-1)  # (N,)
+    loss = nll
+    if label_smoothing:
+        loss = (1 - label_smoothing) * nll + label_smoothing * (lse - x.mean(dim=-1))
+    if z_loss:
+        loss = loss + z_loss * lse.square()
+    loss = torch.where(valid, loss, torch.zeros_like(loss))
     if reduction == "none":
-        return nll
+        return loss
     if reduction == "sum":
-        return nll.sum()
-    return nll.sum() / valid.sum()
+        return loss.sum()
+    return loss.sum() / valid.sum()
+
+
+def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, target: torch.Tensor,
+                         ignore_index: int = -100, reduction: str = "mean") -> torch.Tensor:
+    """cross_entropy(hidden @ weight^T, target): the output head and its loss in one op.
+
+    hidden (N, D), weight (V, D), target (N,) -> scalar or (N,), in float32. The reference
+    materialises the (N, V) logits in float32; the native backends never do (they work on chunks
+    of rows and accumulate the gradients of hidden and weight in float32).
+    """
+    dt = _compute_dtype(hidden)
+    logits = hidden.to(dt) @ weight.to(dt).t()  # (N, V)
+    return cross_entropy(logits, target, ignore_index, reduction)
+
+
+def adamw_step(params: list[torch.Tensor], grads: list[torch.Tensor],
+               exp_avgs: list[torch.Tensor], exp_avg_sqs: list[torch.Tensor], step: int,
+               lr: float, beta1: float, beta2: float, eps: float, weight_decay: float) -> None:
+    """One AdamW update in place (torch.optim.AdamW's formula, amsgrad and maximize off):
+
+        p   <- p * (1 - lr * weight_decay)                  (decoupled weight decay)
+        m   <- beta1 * m + (1 - beta1) * g
+        v   <- beta2 * v + (1 - beta2) * g^2
+        p   <- p - lr / (1 - beta1^step) * m / (sqrt(v) / sqrt(1 - beta2^step) + eps)
+
+    Computed in float32 (float64 for float64 tensors) and stored back in each tensor's dtype.
+    step counts from 1.
+    """
+    bias1, bias2 = 1 - beta1 ** step, 1 - beta2 ** step
+    for p, g, m, v in zip(params, grads, exp_avgs, exp_avg_sqs):
+        dt = _compute_dtype(p)
+        pf, gf, mf, vf = p.to(dt), g.to(dt), m.to(dt), v.to(dt)
+        pf = pf * (1 - lr * weight_decay)
+        mf = beta1 * mf + (1 - beta1) * gf
+        vf = beta2 * vf + (1 - beta2) * gf * gf
+        pf = pf - (lr / bias1) * mf / (vf.sqrt() / math.sqrt(bias2) + eps)
+        p.copy_(pf)
+        m.copy_(mf)
+        v.copy_(vf)

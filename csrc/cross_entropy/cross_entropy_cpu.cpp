@@ -1,0 +1,110 @@
+// C++ CPU kernels of cross_entropy (forward and backward) and their registration for CPU tensors.
+// logits (N, V) in float32/bf16/fp16, target (N,) int64. Row math in float32 (cross_entropy_rows.h)
+// whatever the logits' dtype; parallel over rows with at::parallel_for.
+#include <tuple>
+#include <vector>
+
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <torch/library.h>
+
+#include "common/checks.h"
+#include "common/dispatch.h"
+#include "cross_entropy/cross_entropy_rows.h"
+
+namespace fastlm {
+namespace {
+
+constexpr const char* kOp = "cross_entropy";
+
+int64_t row_grain(int64_t V) { return std::max<int64_t>(1, 65536 / V); }
+
+void check_inputs(const at::Tensor& logits, const at::Tensor& target, int64_t ignore_index) {
+  FASTLM_CHECK_DEVICE(kOp, logits, at::kCPU);
+  FASTLM_CHECK_DEVICE(kOp, target, at::kCPU);
+  FASTLM_CHECK_FLOAT_DTYPE(kOp, logits);
+  FASTLM_CHECK_DTYPE(kOp, target, at::kLong);
+  FASTLM_CHECK_DIM(kOp, logits, 2);
+  FASTLM_CHECK_DIM(kOp, target, 1);
+  TORCH_CHECK(target.size(0) == logits.size(0), "fastlm::cross_entropy: target must have ",
+              logits.size(0), " entries (one per row of logits), got ", target.size(0));
+  TORCH_CHECK(logits.size(1) > 0, "fastlm::cross_entropy: logits must have at least one class");
+  const int64_t V = logits.size(1);
+  const at::Tensor t = target.contiguous();
+  const int64_t* tp = t.data_ptr<int64_t>();
+  for (int64_t r = 0; r < t.numel(); ++r) {
+    TORCH_CHECK(tp[r] == ignore_index || (tp[r] >= 0 && tp[r] < V), "fastlm::cross_entropy: "
+                "target[", r, "] = ", tp[r], " is neither ignore_index (", ignore_index,
+                ") nor a class in [0, ", V, ")");
+  }
+}
+
+std::tuple<at::Tensor, at::Tensor> cross_entropy_fwd_cpu(const at::Tensor& logits,
+                                                         const at::Tensor& target,
+                                                         int64_t ignore_index,
+                                                         double label_smoothing, double z_loss) {
+  check_inputs(logits, target, ignore_index);
+  const at::Tensor x = logits.contiguous();
+  const at::Tensor t = target.contiguous();
+  const int64_t N = x.size(0), V = x.size(1);
+  at::Tensor loss = empty_output({N}, x.options().dtype(at::kFloat));  // (N,)
+  at::Tensor lse = empty_output({N}, x.options().dtype(at::kFloat));   // (N,)
+  const cpu::CeParams prm{ignore_index, static_cast<float>(label_smoothing),
+                          static_cast<float>(z_loss)};
+  FASTLM_DISPATCH_FLOAT_TYPES(x.scalar_type(), kOp, [&] {
+    const scalar_t* xp = x.data_ptr<scalar_t>();
+    const int64_t* tp = t.data_ptr<int64_t>();
+    float* lp = loss.data_ptr<float>();
+    float* sp = lse.data_ptr<float>();
+    at::parallel_for(0, N, row_grain(V), [&](int64_t begin, int64_t end) {
+      std::vector<float> buf(V);
+      for (int64_t r = begin; r < end; ++r) {
+        const float* xr = cpu::as_float(xp + r * V, buf.data(), V);
+        cpu::ce_row_forward(xr, V, tp[r], prm, lp + r, sp + r);
+      }
+    });
+  });
+  return {loss, lse};
+}
+
+at::Tensor cross_entropy_bwd_cpu(const at::Tensor& dloss, const at::Tensor& logits,
+                                 const at::Tensor& target, const at::Tensor& lse,
+                                 int64_t ignore_index, double label_smoothing, double z_loss) {
+  check_inputs(logits, target, ignore_index);
+  const int64_t N = logits.size(0), V = logits.size(1);
+  TORCH_CHECK(dloss.dim() == 1 && dloss.size(0) == N && lse.dim() == 1 && lse.size(0) == N,
+              "fastlm::cross_entropy_bwd: dloss and lse must have shape (", N, ",), got ",
+              dloss.sizes(), " and ", lse.sizes());
+  const at::Tensor x = logits.contiguous();
+  const at::Tensor t = target.contiguous();
+  const at::Tensor dl = dloss.to(at::kFloat).contiguous();
+  const at::Tensor ls = lse.to(at::kFloat).contiguous();
+  at::Tensor dx = empty_output_like(x);  // (N, V) logits' dtype
+  const cpu::CeParams prm{ignore_index, static_cast<float>(label_smoothing),
+                          static_cast<float>(z_loss)};
+  FASTLM_DISPATCH_FLOAT_TYPES(x.scalar_type(), kOp, [&] {
+    const scalar_t* xp = x.data_ptr<scalar_t>();
+    scalar_t* gp = dx.data_ptr<scalar_t>();
+    const int64_t* tp = t.data_ptr<int64_t>();
+    const float* dlp = dl.data_ptr<float>();
+    const float* sp = ls.data_ptr<float>();
+    at::parallel_for(0, N, row_grain(V), [&](int64_t begin, int64_t end) {
+      std::vector<float> buf(V), gbuf(V);
+      for (int64_t r = begin; r < end; ++r) {
+        const float* xr = cpu::as_float(xp + r * V, buf.data(), V);
+        cpu::ce_row_backward(xr, V, tp[r], sp[r], dlp[r], prm, gbuf.data());
+        cpu::store_row(gbuf.data(), gp + r * V, V);
+      }
+    });
+  });
+  return dx;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(fastlm, CPU, m) {
+  m.impl("cross_entropy_fwd", &cross_entropy_fwd_cpu);
+  m.impl("cross_entropy_bwd", &cross_entropy_bwd_cpu);
+}
+
+}  // namespace fastlm

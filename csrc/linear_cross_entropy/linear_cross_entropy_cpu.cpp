@@ -1,0 +1,108 @@
+// C++ CPU linear_cross_entropy: loss and gradients of cross_entropy(hidden @ weight^T, target)
+// without the (N, V) logits. Rows go through in chunks of `chunk_rows`: per chunk the (n, V)
+// float32 logits are formed by one GEMM, turned in place into their gradient by the row kernels of
+// cross_entropy, and consumed by two more GEMMs (dhidden rows, and dweight accumulated in float32).
+// The gradients are those of the returned loss = scale * sum_r loss_r (scale = 1 for "sum",
+// 1 / valid rows for "mean"), computed in the forward: autograd multiplies them by the upstream
+// scalar, so no (N, V) tensor is ever kept and no logits are recomputed.
+#include <tuple>
+
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/mm.h>
+#include <ATen/ops/zeros.h>
+#include <torch/library.h>
+
+#include "common/checks.h"
+#include "cross_entropy/cross_entropy_rows.h"
+
+namespace fastlm {
+namespace {
+
+constexpr const char* kOp = "linear_cross_entropy";
+
+void check_inputs(const at::Tensor& hidden, const at::Tensor& weight, const at::Tensor& target,
+                  const at::Tensor& scale, int64_t ignore_index) {
+  for (const at::Tensor* t : {&hidden, &weight, &target, &scale}) {
+    TORCH_CHECK(t->device().is_cpu(), "fastlm::linear_cross_entropy: every tensor must be on the "
+                "CPU, got one on ", t->device());
+  }
+  FASTLM_CHECK_FLOAT_DTYPE(kOp, hidden);
+  FASTLM_CHECK_FLOAT_DTYPE(kOp, weight);
+  FASTLM_CHECK_DTYPE(kOp, target, at::kLong);
+  FASTLM_CHECK_DIM(kOp, hidden, 2);
+  FASTLM_CHECK_DIM(kOp, weight, 2);
+  FASTLM_CHECK_DIM(kOp, target, 1);
+  TORCH_CHECK(scale.numel() == 1, "fastlm::linear_cross_entropy: scale must hold one number");
+  TORCH_CHECK(weight.size(1) == hidden.size(1), "fastlm::linear_cross_entropy: weight must be "
+              "(V, ", hidden.size(1), ") to match hidden's last dimension, got ", weight.sizes());
+  TORCH_CHECK(target.size(0) == hidden.size(0), "fastlm::linear_cross_entropy: target must have ",
+              hidden.size(0), " entries (one per row of hidden), got ", target.size(0));
+  TORCH_CHECK(weight.size(0) > 0, "fastlm::linear_cross_entropy: weight has no classes");
+  const int64_t V = weight.size(0);
+  const at::Tensor t = target.contiguous();
+  const int64_t* tp = t.data_ptr<int64_t>();
+  for (int64_t r = 0; r < t.numel(); ++r) {
+    TORCH_CHECK(tp[r] == ignore_index || (tp[r] >= 0 && tp[r] < V), "fastlm::"
+                "linear_cross_entropy: target[", r, "] = ", tp[r], " is neither ignore_index (",
+                ignore_index, ") nor a class in [0, ", V, ")");
+  }
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_cross_entropy_fwd_cpu(
+    const at::Tensor& hidden, const at::Tensor& weight, const at::Tensor& target,
+    const at::Tensor& scale, int64_t ignore_index, int64_t chunk_rows, bool with_grad) {
+  check_inputs(hidden, weight, target, scale, ignore_index);
+  TORCH_CHECK(chunk_rows > 0, "fastlm::linear_cross_entropy: chunk_rows must be > 0, got ",
+              chunk_rows);
+  const int64_t N = hidden.size(0), D = hidden.size(1), V = weight.size(0);
+  const at::Tensor h = hidden.contiguous();
+  const at::Tensor w = weight.to(at::kFloat).contiguous();  // (V, D); no copy when float32
+  const at::Tensor t = target.contiguous();
+  const float s = scale.to(at::kFloat).item<float>();
+  // (N, D) and (V, D) float32 gradients, or empty (0,) placeholders without with_grad.
+  at::Tensor dh, dw;
+  if (with_grad) {
+    dh = empty_output({N, D}, hidden.options());
+    dw = at::zeros({V, D}, weight.options().dtype(at::kFloat));
+  }
+  at::Tensor losses = empty_output({N}, hidden.options().dtype(at::kFloat));       // (N,)
+  const cpu::CeParams prm{ignore_index, 0.0f, 0.0f};
+  const int64_t* tp = t.data_ptr<int64_t>();
+  float* lp = losses.data_ptr<float>();
+
+  for (int64_t start = 0; start < N; start += chunk_rows) {
+    const int64_t n = std::min(chunk_rows, N - start);
+    const at::Tensor hc = h.narrow(0, start, n).to(at::kFloat);  // (n, D)
+    at::Tensor logits = at::mm(hc, w.t());                        // (n, V) fp32, contiguous
+    float* xp = logits.data_ptr<float>();
+    at::parallel_for(0, n, std::max<int64_t>(1, 65536 / V), [&](int64_t begin, int64_t end) {
+      for (int64_t r = begin; r < end; ++r) {
+        float* xr = xp + r * V;
+        float lse;
+        cpu::ce_row_forward(xr, V, tp[start + r], prm, lp + start + r, &lse);
+        if (with_grad) cpu::ce_row_backward(xr, V, tp[start + r], lse, s, prm, xr);  // in place
+      }
+    });
+    if (!with_grad) continue;
+    dh.narrow(0, start, n).copy_(at::mm(logits, w));  // (n, D)
+    dw.addmm_(logits.t(), hc);                        // (V, D) += (V, n) @ (n, D)
+  }
+  // Fixed-order double sum of the per-row losses: deterministic and exact enough for any N.
+  double total = 0.0;
+  for (int64_t r = 0; r < N; ++r) total += lp[r];
+  at::Tensor loss = at::zeros({}, hidden.options().dtype(at::kFloat));
+  loss.fill_(static_cast<float>(total * static_cast<double>(s)));
+  if (!with_grad) {
+    return {loss, at::zeros({0}, hidden.options()), at::zeros({0}, weight.options())};
+  }
+  return {loss, dh, dw.to(weight.scalar_type())};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(fastlm, CPU, m) {
+  m.impl("linear_cross_entropy_fwd", &linear_cross_entropy_fwd_cpu);
+}
+
+}  // namespace fastlm
