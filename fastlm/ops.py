@@ -34,8 +34,9 @@ IMPLEMENTED: dict[str, tuple[str, ...]] = {
     "layer_norm": ("reference", "torch", "cpu", "cuda", "triton"),
     "rms_norm": ("reference", "torch", "cpu", "cuda", "triton"),
     "attention": ("reference", "torch"),
-    "cross_entropy": ("reference", "torch"),
-    "adamw_step": ("reference", "torch"),
+    "cross_entropy": ("reference", "torch", "cpu", "cuda", "triton"),
+    "linear_cross_entropy": ("reference", "torch", "cpu", "triton"),
+    "adamw_step": ("reference", "torch", "cpu", "cuda", "triton"),
 }
 
 # Preference per op and device type: the first available backend wins. Each row is justified by
@@ -45,8 +46,9 @@ DISPATCH: dict[str, dict[str, tuple[str, ...]]] = {
     "layer_norm": {"cpu": ("cpu", "torch"), "cuda": ("cuda", "triton", "torch")},
     "rms_norm": {"cpu": ("cpu", "torch"), "cuda": ("cuda", "triton", "torch")},
     "attention": {"cpu": ("torch",), "cuda": ("torch",)},
-    "cross_entropy": {"cpu": ("torch",), "cuda": ("torch",)},
-    "adamw_step": {"cpu": ("torch",), "cuda": ("torch",)},
+    "cross_entropy": {"cpu": ("cpu", "torch"), "cuda": ("triton", "cuda", "torch")},
+    "linear_cross_entropy": {"cpu": ("cpu", "torch"), "cuda": ("triton", "torch")},
+    "adamw_step": {"cpu": ("cpu", "torch"), "cuda": ("cuda", "torch")},
 }
 _OTHER_DEVICES = ("torch", "reference")  # mps, xpu, ...: PyTorch's own ops
 
@@ -140,11 +142,13 @@ def _check_op(op: str) -> None:
 
 
 def _native(op: str, backend: str, direction: str = "fwd"):
-    """torch.ops handle of a native backend: fastlm::<op>_<dir> (C++) or ..._triton."""
+    """torch.ops handle of a native backend: fastlm::<op>_<dir> (C++) or ..._triton; direction
+    "" for single ops without a backward (fastlm::adamw_step, fastlm::adamw_step_triton)."""
+    name = f"{op}_{direction}" if direction else op
     if backend == "triton":
         native.triton_kernels(op)  # registers fastlm::<op>_*_triton on first use
-        return getattr(torch.ops.fastlm, f"{op}_{direction}_triton")
-    return getattr(torch.ops.fastlm, f"{op}_{direction}")
+        return getattr(torch.ops.fastlm, f"{name}_triton")
+    return getattr(torch.ops.fastlm, name)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -249,31 +253,157 @@ def _sdpa(q, k, v, causal, scale, window):
 
 
 # ---------------------------------------------------------------------------------------------
-# Cross-entropy (native kernels come with the kernels issue; the torch row is F.cross_entropy)
-def cross_entropy(logits: torch.Tensor, target: torch.Tensor, ignore_index: int = -100,
-                  reduction: str = "mean", backend: str | None = None) -> torch.Tensor:
-    """logits (N, V), target (N,) int64 -> scalar ("mean", "sum") or (N,) ("none")."""
-    if logits.dim() != 2 or target.shape != logits.shape[:1]:
-        raise ValueError("fastlm.ops.cross_entropy: logits must be (N, V) and target (N,), got "
-                         f"{tuple(logits.shape)} and {tuple(target.shape)}")
+# Cross-entropy
+def _check_targets(op: str, target: torch.Tensor, rows: int, device: torch.device) -> torch.Tensor:
+    if target.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8):
+        raise TypeError(f"fastlm.ops.{op}: target must hold integer class indices, got {target.dtype}")
+    if target.device != device:
+        raise ValueError(f"fastlm.ops.{op}: target is on {target.device} but the inputs are on "
+                         f"{device}")
+    if target.numel() != rows:
+        raise ValueError(f"fastlm.ops.{op}: target must have {rows} entries (one per row), got "
+                         f"shape {tuple(target.shape)}")
+    return target.reshape(rows).long()
+
+
+def _check_reduction(op: str, reduction: str) -> None:
     if reduction not in ("mean", "sum", "none"):
-        raise ValueError(f"fastlm.ops.cross_entropy: reduction must be mean, sum or none, "
-                         f"got '{reduction}'")
+        raise ValueError(f"fastlm.ops.{op}: reduction must be mean, sum or none, got '{reduction}'")
+
+
+def _reduce_rows(losses: torch.Tensor, target: torch.Tensor, ignore_index: int,
+                 reduction: str) -> torch.Tensor:
+    """Per-row losses (N,) float32, 0 on ignored rows -> the reduction. Plain torch ops, so each
+    reduction's gradient is autograd's ("mean" divides by the non-ignored rows, as torch does)."""
+    if reduction == "none":
+        return losses
+    if reduction == "sum":
+        return losses.sum()
+    return losses.sum() / (target != ignore_index).sum()
+
+
+def cross_entropy(logits: torch.Tensor, target: torch.Tensor, ignore_index: int = -100,
+                  reduction: str = "mean", label_smoothing: float = 0.0, z_loss: float = 0.0,
+                  backend: str | None = None) -> torch.Tensor:
+    """logits (N, V), target (N,) integers -> float32 scalar ("mean", "sum") or (N,) ("none").
+
+    Per row: (1 - label_smoothing) * nll + label_smoothing * (cross-entropy against the uniform
+    distribution, torch's definition) + z_loss * logsumexp^2 (PaLM's z-loss). Rows whose target
+    is ignore_index contribute 0 and get a zero gradient. Computed in float32 for every dtype.
+    """
+    if logits.dim() != 2 or logits.shape[1] == 0:
+        raise ValueError("fastlm.ops.cross_entropy: logits must be (N, V) with V >= 1, got "
+                         f"{tuple(logits.shape)}")
+    if not logits.is_floating_point():
+        raise TypeError(f"fastlm.ops.cross_entropy: logits must be floating-point, got {logits.dtype}")
+    target = _check_targets("cross_entropy", target, logits.shape[0], logits.device)
+    _check_reduction("cross_entropy", reduction)
+    if not 0.0 <= label_smoothing <= 1.0:
+        raise ValueError(f"fastlm.ops.cross_entropy: label_smoothing must be in [0, 1], got "
+                         f"{label_smoothing}")
+    if z_loss < 0.0:
+        raise ValueError(f"fastlm.ops.cross_entropy: z_loss must be >= 0, got {z_loss}")
     impl = select_backend("cross_entropy", logits.device, backend)
     if impl == "reference":
-        return reference.cross_entropy(logits, target, ignore_index, reduction)
-    return F.cross_entropy(logits.float(), target, ignore_index=ignore_index, reduction=reduction)
+        return reference.cross_entropy(logits, target, ignore_index, reduction, label_smoothing,
+                                       z_loss)
+    if impl == "torch":
+        x = logits.float()
+        if not z_loss:
+            return F.cross_entropy(x, target, ignore_index=ignore_index, reduction=reduction,
+                                   label_smoothing=label_smoothing)
+        losses = F.cross_entropy(x, target, ignore_index=ignore_index, reduction="none",
+                                 label_smoothing=label_smoothing)
+        losses = losses + z_loss * x.logsumexp(-1).square() * (target != ignore_index)
+        return _reduce_rows(losses, target, ignore_index, reduction)
+    _native_dtype_ok("cross_entropy", impl, logits)
+    losses, _lse = _native("cross_entropy", impl)(logits, target, ignore_index,
+                                                  float(label_smoothing), float(z_loss))
+    return _reduce_rows(losses, target, ignore_index, reduction)
 
 
 # ---------------------------------------------------------------------------------------------
-# AdamW step (native kernels come with the kernels issue; the torch row is torch's fused AdamW)
+# Linear cross-entropy: the output head and its loss without the (N, V) logits
+def linear_cross_entropy_chunk_rows(N: int, V: int, D: int) -> int:
+    """Rows per chunk: the (rows, V) float32 logits of a chunk about as big as hidden (N, D) in
+    float32, so the loss adds little beyond what the model already holds (Liger-Kernel's rule),
+    as a power of two for GEMM-friendly shapes, at least 16 rows and at most N."""
+    rows = math.ceil(N / max(1, math.ceil(V / D)))
+    return max(1, min(N, max(16, 1 << (rows - 1).bit_length())))
+
+
+def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, target: torch.Tensor,
+                         ignore_index: int = -100, reduction: str = "mean",
+                         backend: str | None = None,
+                         chunk_rows: int | None = None) -> torch.Tensor:
+    """cross_entropy(hidden @ weight^T, target): hidden (..., D), weight (V, D), target (...) ->
+    float32 scalar ("mean", "sum") or (N,) ("none", N rows of hidden).
+
+    The cpu and triton backends never form the (N, V) logits: chunks of chunk_rows rows (default
+    linear_cross_entropy_chunk_rows) are projected, turned into their gradient in place and
+    multiplied back, accumulating the gradients of hidden and weight in float32 during the
+    forward. "none" instead recomputes each chunk in the backward (activation checkpointing).
+    """
+    if hidden.dim() < 1 or weight.dim() != 2 or hidden.shape[-1] != weight.shape[1]:
+        raise ValueError("fastlm.ops.linear_cross_entropy: hidden must be (..., D) and weight "
+                         f"(V, D), got {tuple(hidden.shape)} and {tuple(weight.shape)}")
+    if weight.shape[0] == 0:
+        raise ValueError("fastlm.ops.linear_cross_entropy: weight has no rows (classes)")
+    for name, t in (("hidden", hidden), ("weight", weight)):
+        if not t.is_floating_point():
+            raise TypeError(f"fastlm.ops.linear_cross_entropy: {name} must be floating-point, "
+                            f"got {t.dtype}")
+    if weight.device != hidden.device:
+        raise ValueError(f"fastlm.ops.linear_cross_entropy: weight is on {weight.device} but "
+                         f"hidden is on {hidden.device}")
+    _check_reduction("linear_cross_entropy", reduction)
+    h = hidden.reshape(-1, hidden.shape[-1])  # (N, D)
+    N, D, V = h.shape[0], h.shape[1], weight.shape[0]
+    target = _check_targets("linear_cross_entropy", target, N, h.device)
+    if chunk_rows is not None and chunk_rows < 1:
+        raise ValueError(f"fastlm.ops.linear_cross_entropy: chunk_rows must be >= 1, got {chunk_rows}")
+    impl = select_backend("linear_cross_entropy", h.device, backend)
+    if impl == "reference":
+        return reference.linear_cross_entropy(h, weight, target, ignore_index, reduction)
+    if impl == "torch":
+        logits = F.linear(h, weight.to(h.dtype)).float()  # (N, V): the materialised path
+        return F.cross_entropy(logits, target, ignore_index=ignore_index, reduction=reduction)
+    _native_dtype_ok("linear_cross_entropy", impl, h)
+    _native_dtype_ok("linear_cross_entropy", impl, weight)
+    rows = chunk_rows or linear_cross_entropy_chunk_rows(N, V, D)
+    if reduction == "none":
+        return _linear_cross_entropy_rows(h, weight, target, ignore_index, rows, impl)
+    valid = (target != ignore_index).sum()
+    scale = (1.0 / valid.float()) if reduction == "mean" else torch.ones((), device=h.device)
+    with_grad = torch.is_grad_enabled() and (h.requires_grad or weight.requires_grad)
+    loss, _dh, _dw = _native("linear_cross_entropy", impl)(h, weight, target, scale, ignore_index,
+                                                           rows, with_grad)
+    return loss
+
+
+def _linear_cross_entropy_rows(h, weight, target, ignore_index, rows, impl):
+    """Per-row losses (N,) chunk by chunk; each chunk's logits are recomputed in the backward
+    (torch.utils.checkpoint), so only one chunk's (rows, V) logits is alive at a time."""
+    ce = "cpu" if impl == "cpu" else "triton"
+
+    def chunk(hc, w, tc):  # (n, D), (V, D), (n,) -> (n,)
+        return cross_entropy(hc @ w.to(hc.dtype).t(), tc, ignore_index, "none", backend=ce)
+
+    return torch.cat([torch.utils.checkpoint.checkpoint(
+        chunk, h[s:s + rows], weight, target[s:s + rows], use_reentrant=False)
+        for s in range(0, h.shape[0], rows)])
+
+
+# ---------------------------------------------------------------------------------------------
+# AdamW step
 @torch.no_grad()
 def adamw_step(params: list[torch.Tensor], grads: list[torch.Tensor],
                exp_avgs: list[torch.Tensor], exp_avg_sqs: list[torch.Tensor], step: int,
                lr: float, beta1: float, beta2: float, eps: float, weight_decay: float,
                backend: str | None = None) -> None:
     """One AdamW update, in place, of every tensor in `params` (decoupled weight decay, bias
-    correction for `step`, which counts from 1). Lists are parallel and on one device."""
+    correction for `step`, which counts from 1). Lists are parallel and on one device; states
+    are float32 or the parameter's dtype (the native kernels compute in float32 either way)."""
     if not (len(params) == len(grads) == len(exp_avgs) == len(exp_avg_sqs)):
         raise ValueError("fastlm.ops.adamw_step: params, grads, exp_avgs and exp_avg_sqs must have "
                          "equal lengths")
@@ -282,18 +412,17 @@ def adamw_step(params: list[torch.Tensor], grads: list[torch.Tensor],
     if not params:
         return
     impl = select_backend("adamw_step", params[0].device, backend)
+    if impl == "reference":
+        reference.adamw_step(params, grads, exp_avgs, exp_avg_sqs, step, lr, beta1, beta2, eps,
+                             weight_decay)
+        return
     if impl == "torch":
         steps = [torch.tensor(float(step), device=params[0].device)] * len(params)
         torch._fused_adamw_(params, grads, exp_avgs, exp_avg_sqs, [], steps, lr=lr, beta1=beta1,
                             beta2=beta2, weight_decay=weight_decay, eps=eps, amsgrad=False,
                             maximize=False)
         return
-    bias1, bias2 = 1 - beta1 ** step, 1 - beta2 ** step
-    for p, g, m, v in zip(params, grads, exp_avgs, exp_avg_sqs):
-        pf, gf = p.float(), g.float()
-        pf.mul_(1 - lr * weight_decay)
-        m.lerp_(gf.to(m.dtype), 1 - beta1)
-        v.mul_(beta2).addcmul_(gf.to(v.dtype), gf.to(v.dtype), value=1 - beta2)
-        denom = (v.float().sqrt() / math.sqrt(bias2)).add_(eps)
-        pf.addcdiv_(m.float(), denom, value=-lr / bias1)
-        p.copy_(pf)
+    for p in params:
+        _native_dtype_ok("adamw_step", impl, p)
+    _native("adamw_step", impl, "")(params, grads, exp_avgs, exp_avg_sqs, float(step), lr, beta1,
+                                    beta2, eps, weight_decay)

@@ -1,0 +1,209 @@
+"""Triton cross_entropy, forward and backward: the ops fastlm::cross_entropy_fwd_triton and
+fastlm::cross_entropy_bwd_triton (same schemas and semantics as the C++ fastlm::cross_entropy_*),
+and loss_and_grad_(), the fused forward + backward that overwrites logits with their gradient
+(used by linear_cross_entropy, whose chunks of logits are scratch).
+
+Per row x (V,), target t, lse = logsumexp(x), eps = label_smoothing, z = z_loss:
+    loss       = (1 - eps) * (lse - x_t) + eps * (lse - mean(x)) + z * lse^2
+    dloss/dx_j = p_j * (1 + 2 z lse) - eps / V - (1 - eps) [j == t],   p_j = exp(x_j - lse)
+Rows whose target is ignore_index have loss 0 and gradient 0. Loads are converted to float32 at
+once; lse is found in one sweep over the row with an online (running max) sum of exponentials.
+"""
+import torch
+import triton
+import triton.language as tl
+
+from fastlm import opdefs
+from fastlm.kernels import utils
+
+
+# ---------------------------------------------------------------------------------------------
+# Kernels
+@triton.jit
+def _row_lse(x_row, V, BLOCK_V: tl.constexpr, HAS_SMOOTHING: tl.constexpr):
+    """(lse, sum of x) of one row, float32; the sum only when HAS_SMOOTHING (else 0)."""
+    cols = tl.arange(0, BLOCK_V)  # (BLOCK_V,)
+    m = tl.full([], float("-inf"), tl.float32)  # running max
+    s = tl.full([], 0.0, tl.float32)            # sum of exp(x - m)
+    xs = tl.full([], 0.0, tl.float32)
+    for start in range(0, V, BLOCK_V):
+        mask = start + cols < V
+        x = tl.load(x_row + start + cols, mask=mask, other=float("-inf")).to(tl.float32)
+        m_new = tl.maximum(m, tl.max(x, axis=0))  # finite: every block has a valid column
+        s = s * tl.exp(m - m_new) + tl.sum(tl.exp(x - m_new), axis=0)
+        m = m_new
+        if HAS_SMOOTHING:
+            xs += tl.sum(tl.where(mask, x, 0.0), axis=0)
+    return m + tl.log(s), xs
+
+
+@triton.jit
+def _row_loss(x_row, target, ignore_index, lse, xs, V, label_smoothing, z_loss,
+              HAS_SMOOTHING: tl.constexpr):
+    ignored = target == ignore_index
+    x_t = tl.load(x_row + tl.where(ignored, 0, target)).to(tl.float32)
+    loss = (1.0 - label_smoothing) * (lse - x_t) + z_loss * lse * lse
+    if HAS_SMOOTHING:
+        loss += label_smoothing * (lse - xs / V)
+    return tl.where(ignored, 0.0, loss)
+
+
+@triton.jit
+def _row_grad(x_row, g_row, target, ignore_index, lse, dloss, V, label_smoothing, z_loss,
+              BLOCK_V: tl.constexpr):
+    """Writes dloss * dloss_row/dx into g_row (which may be x_row: each element is read before
+    the same program overwrites it)."""
+    cols = tl.arange(0, BLOCK_V)
+    ignored = target == ignore_index
+    d = tl.where(ignored, 0.0, dloss)  # ignored rows: every term below vanishes
+    a = d * (1.0 + 2.0 * z_loss * lse)
+    b = d * label_smoothing / V
+    c = d * (1.0 - label_smoothing)
+    for start in range(0, V, BLOCK_V):
+        mask = start + cols < V
+        x = tl.load(x_row + start + cols, mask=mask, other=0.0).to(tl.float32)
+        g = a * tl.exp(x - lse) - b - tl.where(start + cols == target, c, 0.0)
+        tl.store(g_row + start + cols, g.to(g_row.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _ce_fwd_kernel(
+    x_ptr,     # (N, V) logits' dtype
+    t_ptr,     # (N,) int64
+    loss_ptr,  # (N,) float32
+    lse_ptr,   # (N,) float32
+    V, ignore_index, label_smoothing, z_loss,
+    HAS_SMOOTHING: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)  # one program per row; int64: N * V may pass 2**31
+    x_row = x_ptr + row * V
+    target = tl.load(t_ptr + row)
+    lse, xs = _row_lse(x_row, V, BLOCK_V, HAS_SMOOTHING)
+    loss = _row_loss(x_row, target, ignore_index, lse, xs, V, label_smoothing, z_loss,
+                     HAS_SMOOTHING)
+    tl.store(loss_ptr + row, loss)
+    tl.store(lse_ptr + row, lse)
+
+
+@triton.jit
+def _ce_bwd_kernel(
+    dloss_ptr,  # (N,) float32
+    x_ptr,      # (N, V) logits' dtype
+    t_ptr,      # (N,) int64
+    lse_ptr,    # (N,) float32
+    g_ptr,      # (N, V) logits' dtype
+    V, ignore_index, label_smoothing, z_loss,
+    BLOCK_V: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    _row_grad(x_ptr + row * V, g_ptr + row * V, tl.load(t_ptr + row), ignore_index,
+              tl.load(lse_ptr + row), tl.load(dloss_ptr + row), V, label_smoothing, z_loss,
+              BLOCK_V)
+
+
+@triton.jit
+def _ce_fwd_grad_kernel(
+    x_ptr,      # (N, V) logits, overwritten with their gradient
+    t_ptr,      # (N,) int64
+    loss_ptr,   # (N,) float32
+    scale_ptr,  # () float32: the upstream gradient of every row's loss
+    V, ignore_index,
+    BLOCK_V: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    x_row = x_ptr + row * V
+    target = tl.load(t_ptr + row)
+    lse, xs = _row_lse(x_row, V, BLOCK_V, False)
+    tl.store(loss_ptr + row, _row_loss(x_row, target, ignore_index, lse, xs, V, 0.0, 0.0, False))
+    _row_grad(x_row, x_row, target, ignore_index, lse, tl.load(scale_ptr), V, 0.0, 0.0, BLOCK_V)
+
+
+# ---------------------------------------------------------------------------------------------
+# Launchers
+def _check(op: str, logits: torch.Tensor, target: torch.Tensor, ignore_index: int) -> None:
+    reason = utils.native.triton_unavailable_reason(logits.device)
+    if reason is not None:
+        raise RuntimeError(f"fastlm::{op}: {reason}")
+    if logits.dtype not in utils.KERNEL_DTYPES:
+        raise TypeError(f"fastlm::{op}: 'logits' must be float32, bfloat16 or float16, "
+                        f"got {logits.dtype}")
+    if logits.dim() != 2 or logits.shape[1] == 0:
+        raise ValueError(f"fastlm::{op}: 'logits' must be (N, V) with V >= 1, "
+                         f"got {tuple(logits.shape)}")
+    if target.dtype != torch.int64 or target.shape != logits.shape[:1]:
+        raise ValueError(f"fastlm::{op}: 'target' must be int64 of shape ({logits.shape[0]},), "
+                         f"got {target.dtype} {tuple(target.shape)}")
+    if target.device.type == "cpu":  # a check that costs no device sync (the GPU kernel trusts it)
+        bad = (target != ignore_index) & ((target < 0) | (target >= logits.shape[1]))
+        if bad.any():
+            r = int(bad.nonzero()[0, 0])
+            raise ValueError(f"fastlm::{op}: target[{r}] = {int(target[r])} is neither "
+                             f"ignore_index ({ignore_index}) nor a class in [0, {logits.shape[1]})")
+
+
+def _block_v(V: int) -> tuple[int, int]:
+    blocks = utils.row_blocks(V)
+    return blocks.block_c, blocks.num_warps
+
+
+@torch.library.custom_op("fastlm::cross_entropy_fwd_triton", mutates_args=())
+def cross_entropy_fwd_triton(logits: torch.Tensor, target: torch.Tensor, ignore_index: int,
+                             label_smoothing: float, z_loss: float
+                             ) -> tuple[torch.Tensor, torch.Tensor]:
+    """logits (N, V), target (N,) int64 -> per-row loss and lse, (N,) float32 each."""
+    _check("cross_entropy_fwd_triton", logits, target, ignore_index)
+    N, V = logits.shape
+    x = logits.contiguous()
+    loss = utils.empty_output((N,), torch.float32, x.device)
+    lse = utils.empty_output((N,), torch.float32, x.device)
+    if N == 0:
+        return loss, lse
+    block_v, num_warps = _block_v(V)
+    _ce_fwd_kernel[(N,)](x, target.contiguous(), loss, lse, V, ignore_index, label_smoothing,
+                         z_loss, HAS_SMOOTHING=label_smoothing != 0.0, BLOCK_V=block_v,
+                         num_warps=num_warps)
+    return loss, lse
+
+
+@torch.library.custom_op("fastlm::cross_entropy_bwd_triton", mutates_args=())
+def cross_entropy_bwd_triton(dloss: torch.Tensor, logits: torch.Tensor, target: torch.Tensor,
+                             lse: torch.Tensor, ignore_index: int, label_smoothing: float,
+                             z_loss: float) -> torch.Tensor:
+    """dloss (N,) (the upstream gradient of each row's loss), logits (N, V), target (N,), lse
+    (N,) from the forward -> dlogits (N, V) in logits' dtype."""
+    op = "cross_entropy_bwd_triton"
+    _check(op, logits, target, ignore_index)
+    N, V = logits.shape
+    if dloss.shape != (N,) or lse.shape != (N,):
+        raise ValueError(f"fastlm::{op}: 'dloss' and 'lse' must have shape ({N},), got "
+                         f"{tuple(dloss.shape)} and {tuple(lse.shape)}")
+    x = logits.contiguous()
+    g = utils.empty_output((N, V), x.dtype, x.device)
+    if N == 0:
+        return g
+    block_v, num_warps = _block_v(V)
+    # dloss: autograd hands an expanded (stride 0) tensor for "sum"/"mean": make it real.
+    _ce_bwd_kernel[(N,)](dloss.float().contiguous(), x, target.contiguous(),
+                         lse.float().contiguous(), g, V, ignore_index, label_smoothing, z_loss,
+                         BLOCK_V=block_v, num_warps=num_warps)
+    return g
+
+
+def loss_and_grad_(logits: torch.Tensor, target: torch.Tensor, scale: torch.Tensor,
+                   ignore_index: int, loss_out: torch.Tensor) -> None:
+    """Fused forward + backward, in place: writes each row's loss into loss_out (n,) float32 and
+    overwrites logits (n, V), contiguous, with scale * dloss/dlogits. scale: 0-dim float32
+    tensor (read on the device: no sync). Not an op: a helper of linear_cross_entropy's op."""
+    _check("linear_cross_entropy_fwd_triton", logits, target, ignore_index)
+    assert logits.is_contiguous() and loss_out.is_contiguous()
+    N, V = logits.shape
+    if N == 0:
+        return
+    block_v, num_warps = _block_v(V)
+    _ce_fwd_grad_kernel[(N,)](logits, target, loss_out, scale, V, ignore_index,
+                              BLOCK_V=block_v, num_warps=num_warps)
+
+
+opdefs.register_cross_entropy("fastlm::cross_entropy_fwd_triton",
+                              "fastlm::cross_entropy_bwd_triton")
