@@ -156,6 +156,7 @@ def test_dedup_keys_deterministic_across_instances():
     k2 = DedupHasher(DedupConfig()).keys(text)
     assert k1[0] == k2[0] and np.array_equal(k1[1], k2[1])
     assert DedupHasher(DedupConfig()).keys("tiny")[1].size == lsh_params(0.8, 128)[0]
+    assert DedupHasher(DedupConfig()).keys("!!! ???")[1].size == 0  # no words: no LSH keys
 
 
 def test_dedup_log_reload(tmp_path):
