@@ -8,7 +8,6 @@ importing triton costs a second and is only useful on a GPU or under TRITON_INTE
 from __future__ import annotations
 
 import functools
-import importlib
 import os
 import warnings
 
@@ -80,9 +79,11 @@ def triton_unavailable_reason(device: torch.device) -> str | None:
     return None
 
 
-def triton_kernels(op: str):
-    """The module kernels/<op>.py, imported (and so registered) on first use."""
-    return importlib.import_module(f"fastlm.kernels.{op}")
+def load_triton_kernels() -> None:
+    """Import fastlm.kernels, which imports every kernels/<op>.py and so registers the
+    fastlm::<op>_*_triton ops. A plain import statement on purpose: torch.compile traces it,
+    while it refuses importlib."""
+    import fastlm.kernels  # noqa: F401
 
 
 def warn_once_if_missing() -> None:

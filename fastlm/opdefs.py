@@ -4,6 +4,8 @@ The C++ ops (fastlm::<op>_fwd / _bwd, CPU and CUDA kernels) and the Triton ops
 (fastlm::<op>_fwd_triton / _bwd_triton) have the same schemas, so one fake kernel and one autograd
 formula per op serve both: `register_<op>(fwd_name, bwd_name)` attaches them to a pair of ops.
 The backward is itself an op, so torch.compile(fullgraph=True) traces through training steps.
+Fake outputs are contiguous (x.new_empty(x.shape), not empty_like) because every backend returns
+contiguous tensors, also for strided inputs; per-row statistics are marked non-differentiable.
 """
 from __future__ import annotations
 
@@ -20,18 +22,19 @@ def _row_stats(x: torch.Tensor) -> torch.Tensor:
 def register_layer_norm(fwd: str, bwd: str) -> None:
     @torch.library.register_fake(fwd)
     def _fwd_fake(x, weight, bias, eps):
-        return torch.empty_like(x), _row_stats(x), _row_stats(x)
+        return x.new_empty(x.shape), _row_stats(x), _row_stats(x)
 
     @torch.library.register_fake(bwd)
     def _bwd_fake(dy, x, weight, mean, rstd, has_bias):
-        dbias = torch.empty_like(weight) if has_bias else weight.new_empty(0)
-        return torch.empty_like(x), torch.empty_like(weight), dbias
+        dbias = weight.new_empty(weight.shape) if has_bias else weight.new_empty(0)
+        return x.new_empty(x.shape), weight.new_empty(weight.shape), dbias
 
     bwd_op = _op(bwd)
 
     def setup_context(ctx, inputs, output):
         x, weight, bias, _eps = inputs
         _y, mean, rstd = output
+        ctx.mark_non_differentiable(mean, rstd)
         ctx.save_for_backward(x, weight, mean, rstd)
         ctx.has_bias = bias is not None
         ctx.bias_dtype = None if bias is None else bias.dtype
@@ -49,17 +52,18 @@ def register_layer_norm(fwd: str, bwd: str) -> None:
 def register_rms_norm(fwd: str, bwd: str) -> None:
     @torch.library.register_fake(fwd)
     def _fwd_fake(x, weight, eps):
-        return torch.empty_like(x), _row_stats(x)
+        return x.new_empty(x.shape), _row_stats(x)
 
     @torch.library.register_fake(bwd)
     def _bwd_fake(dy, x, weight, rstd):
-        return torch.empty_like(x), torch.empty_like(weight)
+        return x.new_empty(x.shape), weight.new_empty(weight.shape)
 
     bwd_op = _op(bwd)
 
     def setup_context(ctx, inputs, output):
         x, weight, _eps = inputs
         _y, rstd = output
+        ctx.mark_non_differentiable(rstd)
         ctx.save_for_backward(x, weight, rstd)
 
     def backward(ctx, dy, _drstd):

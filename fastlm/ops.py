@@ -146,7 +146,7 @@ def _native(op: str, backend: str, direction: str = "fwd"):
     "" for single ops without a backward (fastlm::adamw_step, fastlm::adamw_step_triton)."""
     name = f"{op}_{direction}" if direction else op
     if backend == "triton":
-        native.triton_kernels(op)  # registers fastlm::<op>_*_triton on first use
+        native.load_triton_kernels()  # registers fastlm::<op>_*_triton on first use
         return getattr(torch.ops.fastlm, f"{name}_triton")
     return getattr(torch.ops.fastlm, name)
 

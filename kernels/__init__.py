@@ -1,2 +1,7 @@
 """Triton kernels of fastlm, installed as fastlm.kernels: one module per op (<op>.py) holding
-the kernels, their launchers and the torch.library registration of fastlm::<op>_*_triton."""
+the kernels, their launchers and the torch.library registration of fastlm::<op>_*_triton.
+
+Importing this package imports (and so registers) every op module: fastlm.native imports it on
+the first use of a Triton backend. A new kernels/<op>.py adds its line here.
+"""
+from fastlm.kernels import adamw_step, cross_entropy, layer_norm, linear_cross_entropy, rms_norm  # noqa: F401
