@@ -254,3 +254,13 @@ def test_cli_as_a_module(corpus, tmp_path):
     proc = subprocess.run([sys.executable, "-m", "fastlm.data", "inspect", str(out)],
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0 and "sha256 checked" in proc.stdout, proc.stderr
+
+
+def test_huge_text_file_is_streamed_in_line_aligned_pieces(tmp_path):
+    from fastlm.data.sources import iter_file
+
+    lines = [f"line {i} " + "x" * (i % 17) + "\n" for i in range(500)]
+    (tmp_path / "big.txt").write_text("".join(lines))
+    pieces = list(iter_file(str(tmp_path / "big.txt"), SourceOptions(max_doc_bytes=1000)))
+    assert len(pieces) > 5 and b"".join(pieces) == "".join(lines).encode()
+    assert all(p.endswith(b"\n") for p in pieces)
