@@ -1,0 +1,148 @@
+"""cross_entropy: every backend against the float32 reference, loss and gradient, for every
+reduction, with ignored rows everywhere, label smoothing and z-loss.
+
+Grid: backend x dtype x shape x reduction on every device present. Vocab sizes are awkward
+(primes, 1023/1025 around a block, 32003, GPT-2's 50257); under the Triton interpreter only the
+small ones run (it executes every program in Python). A quarter of the targets are ignore_index,
+and the upstream gradient is random (a scalar for "mean"/"sum"), so each reduction's gradient is
+checked, not just "mean" with dy = 1. Outputs are poisoned by conftest.
+"""
+import pytest
+import torch
+import torch.nn.functional as F
+
+import fastlm.ops as ops
+from fastlm import reference
+from tests.utils import (compare_with_reference, forward_backward, fp32_copies, lowp_copies, randn,
+                         require_backend)
+
+OP = "cross_entropy"
+BACKENDS = ["torch", "cpu", "cuda", "triton"]
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+REDUCTIONS = ["mean", "sum", "none"]
+SHAPES = [(1, 7), (19, 1025), (8, 4099), (5, 32003), (3, 50257), (0, 17)]
+INTERPRETER_MAX_V = 5000  # the Triton interpreter runs every program in Python: keep rows short
+
+
+def skip_slow(backend, device, V):
+    if backend == "triton" and device.type == "cpu" and V > INTERPRETER_MAX_V:
+        pytest.skip(f"V={V} is too slow for the Triton interpreter (run on a GPU)")
+
+
+def make_inputs(N, V, dtype, device, ignore_index=-100):
+    logits = randn(N, V, dtype=dtype, device=device, requires_grad=True, scale=3.0, shift=0.5)
+    target = torch.randint(0, V, (N,), device=device)
+    target[torch.rand(N, device=device) < 0.25] = ignore_index
+    return logits, target
+
+
+def check_backend(backend, dtype, logits, target, reduction, **kw):
+    ours = forward_backward(
+        lambda x: ops.cross_entropy(x, target, reduction=reduction, backend=backend, **kw), [logits])
+    ref = forward_backward(
+        lambda x: reference.cross_entropy(x, target, reduction=reduction, **kw), fp32_copies([logits]))
+    lowp = None
+    if dtype != torch.float32:  # PyTorch's own error at this precision sets the bar
+        lowp = forward_backward(lambda x: F.cross_entropy(x, target, reduction=reduction),
+                                lowp_copies([logits], dtype))
+    compare_with_reference(f"{OP}[{backend}, {reduction}]", dtype, ours, ref, lowp)
+    return ours
+
+
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_matches_reference(device, backend, dtype, shape, reduction):
+    require_backend(OP, backend, device)
+    skip_slow(backend, device, shape[1])
+    if shape[0] == 0 and reduction == "mean":
+        pytest.skip("mean over no rows is NaN (as in torch): checked in test_mean_of_no_rows")
+    logits, target = make_inputs(*shape, dtype, device)
+    out, (grad,) = check_backend(backend, dtype, logits, target, reduction)
+    assert out.dtype == torch.float32 and grad.dtype == dtype
+
+
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("backend", ["reference", "torch", "cpu", "cuda", "triton"])
+def test_label_smoothing_and_z_loss(device, backend, reduction):
+    """Against torch's label smoothing (and the reference's z-loss term), float32."""
+    require_backend(OP, backend, device)
+    logits, target = make_inputs(23, 1031, torch.float32, device)
+    for kw in ({"label_smoothing": 0.1}, {"z_loss": 1e-3}, {"label_smoothing": 0.2, "z_loss": 1e-4}):
+        check_backend(backend, torch.float32, logits, target, reduction, **kw)
+    # The reference itself against torch's label smoothing: the definitions agree.
+    ours = reference.cross_entropy(logits.detach(), target, reduction=reduction, label_smoothing=0.1)
+    theirs = F.cross_entropy(logits.detach(), target, reduction=reduction, label_smoothing=0.1)
+    torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("backend", ["cpu", "cuda", "triton"])
+def test_ignored_rows_get_zero_gradient(device, backend, reduction):
+    require_backend(OP, backend, device)
+    logits, target = make_inputs(16, 515, torch.float32, device, ignore_index=3)
+    target[::2] = 3  # a custom ignore_index that is also a valid class
+    out, (grad,) = forward_backward(
+        lambda x: ops.cross_entropy(x, target, ignore_index=3, reduction=reduction,
+                                    label_smoothing=0.1, z_loss=1e-3, backend=backend), [logits])
+    assert torch.equal(grad[::2], torch.zeros_like(grad[::2]))
+    assert grad[1::2].abs().sum() > 0
+    if reduction == "none":
+        assert torch.equal(out[::2], torch.zeros_like(out[::2]))
+
+
+@pytest.mark.parametrize("backend", ["torch", "cpu", "cuda", "triton"])
+def test_mean_of_no_rows(device, backend):
+    """All rows ignored: "mean" is NaN like torch's, "sum" is 0 with a zero gradient."""
+    require_backend(OP, backend, device)
+    logits, _ = make_inputs(4, 33, torch.float32, device)
+    target = torch.full((4,), -100, device=device)
+    assert torch.isnan(ops.cross_entropy(logits, target, backend=backend))
+    out, (grad,) = forward_backward(
+        lambda x: ops.cross_entropy(x, target, reduction="sum", backend=backend), [logits])
+    assert out.item() == 0 and torch.equal(grad, torch.zeros_like(grad))
+
+
+@pytest.mark.parametrize("backend", ["cpu", "triton", "cuda"])
+def test_opcheck(device, backend):
+    require_backend(OP, backend, device)
+    fwd, bwd = ops._native(OP, backend, "fwd"), ops._native(OP, backend, "bwd")
+    logits, target = make_inputs(6, 37, torch.float32, device)
+    torch.library.opcheck(fwd, (logits, target, -100, 0.1, 1e-3))
+    _, lse = fwd(logits, target, -100, 0.1, 1e-3)
+    dloss = randn(6, device=device)
+    torch.library.opcheck(bwd, (dloss, logits.detach(), target, lse.detach(), -100, 0.1, 1e-3))
+
+
+@pytest.mark.parametrize("backend", ["cpu", "triton", "cuda"])
+def test_torch_compile_fullgraph(device, backend):
+    require_backend(OP, backend, device)
+    logits, target = make_inputs(9, 130, torch.float32, device)
+    fn = torch.compile(lambda x: ops.cross_entropy(x, target, label_smoothing=0.1, z_loss=1e-4,
+                                                   backend=backend), fullgraph=True)
+    ours = forward_backward(fn, [logits])
+    ref = forward_backward(lambda x: reference.cross_entropy(x, target, label_smoothing=0.1,
+                                                             z_loss=1e-4), fp32_copies([logits]))
+    compare_with_reference(f"{OP}[{backend}, compiled]", torch.float32, ours, ref)
+
+
+@pytest.mark.parametrize("backend", ["reference", "torch", "cpu", "triton"])
+def test_bad_input_is_a_clear_error(backend):
+    require_backend(OP, backend, torch.device("cpu"))
+    x, t = torch.randn(4, 8), torch.tensor([1, 2, -100, 7])
+    with pytest.raises(ValueError, match="logits must be \\(N, V\\)"):
+        ops.cross_entropy(torch.randn(8), t, backend=backend)
+    with pytest.raises(ValueError, match="4 entries"):
+        ops.cross_entropy(x, t[:3], backend=backend)
+    with pytest.raises(TypeError, match="integer class indices"):
+        ops.cross_entropy(x, t.float(), backend=backend)
+    with pytest.raises(ValueError, match="reduction"):
+        ops.cross_entropy(x, t, reduction="avg", backend=backend)
+    with pytest.raises(ValueError, match="label_smoothing"):
+        ops.cross_entropy(x, t, label_smoothing=1.5, backend=backend)
+    if backend in ("cpu", "triton"):
+        with pytest.raises((ValueError, RuntimeError), match="target\\[3\\] = 8"):
+            ops.cross_entropy(x, torch.tensor([1, 2, -100, 8]), backend=backend)
+        with pytest.raises(TypeError, match="float64"):
+            ops.cross_entropy(x.double(), t, backend=backend)
