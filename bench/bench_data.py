@@ -47,7 +47,8 @@ def corpus(size: str) -> list[str]:
     if cap is None:
         return [str(p) for p in files]
     # hash order, so that a cap samples the whole library rather than its first folders
-    ordered = sorted(files, key=lambda p: hashlib.sha256(str(p.relative_to(root)).encode()).digest())
+    ordered = sorted(files, key=lambda p: hashlib.sha256(str(p.relative_to(root)).encode())
+                     .digest())
     out, total = [], 0
     for p in ordered:
         if total >= cap:

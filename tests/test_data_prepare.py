@@ -138,7 +138,7 @@ def test_empty_and_filtered_inputs(tmp_path):
 def test_jsonl_field_and_errors(tmp_path):
     path = tmp_path / "d.jsonl"
     path.write_text(json.dumps({"content": "first doc"}) + "\n\n" + json.dumps({"content": "second"}))
-    m = run([path], tmp_path / "o1", sources=SourceOptions(text_field="content"), val_fraction=0)
+    run([path], tmp_path / "o1", sources=SourceOptions(text_field="content"), val_fraction=0)
     assert all_text(tmp_path / "o1", "train") == ["first doc", "second"]
     with pytest.raises(SourceError, match=r"d\.jsonl:1: no field 'text'.*--text-field"):
         run([path], tmp_path / "o2")

@@ -27,8 +27,10 @@ def test_round_trip(tmp_path, vocab, dtype):
 
 
 def test_write_rejects_overflow(tmp_path):
-    with pytest.raises(ValueError, match="does not fit"):
+    with pytest.raises(ValueError, match="do not fit"):
         write_shard(tmp_path / "s.bin", np.array([70000]), np.uint16)
+    with pytest.raises(ValueError, match="do not fit"):
+        write_shard(tmp_path / "s.bin", np.array([-1, 5]), np.uint32)
 
 
 @pytest.mark.parametrize("version,dtype", [(1, np.uint16), (2, np.uint32)])

@@ -1,8 +1,8 @@
 """Document-level deduplication: exact (hash of the cleaned text) and near-duplicate (MinHash LSH).
 
-Near-duplicates: each document becomes the set of its word n-grams (lowercased, `ngram` words); a
-MinHash signature of `num_perm` values (one-permutation hashing, see `signature`) estimates the Jaccard similarity of two such sets; LSH cuts
-the signature into `bands` bands of `rows` values and calls two documents near-duplicates when any
+Near-duplicates: each document becomes the set of its word n-grams (lowercased, `ngram` words);
+a MinHash signature of `num_perm` values (one-permutation hashing, see `signature`) estimates the
+Jaccard similarity of two such sets; LSH cuts the signature into `bands` bands of `rows` values and calls two documents near-duplicates when any
 band is equal. The (bands, rows) pair is chosen so that the S-curve's midpoint (1/bands)^(1/rows)
 is nearest the requested Jaccard `threshold`. As in most LSH dedup pipelines, a band collision is
 taken as a duplicate without a second exact-Jaccard check, which keeps only 8 bytes per band per kept
@@ -65,7 +65,7 @@ def _mix(x: np.ndarray) -> np.ndarray:
 _WORD_BYTE = np.zeros(256, dtype=bool)
 _WORD_BYTE[[ord(c) for c in "abcdefghijklmnopqrstuvwxyz0123456789_"]] = True
 _WORD_BYTE[128:] = True
-_POS = np.random.default_rng(12345).integers(0, 2**63, 64, dtype=np.uint64) * np.uint64(2) + np.uint64(1)
+_POS = np.random.default_rng(12345).integers(0, 2**63, 64, dtype=np.uint64) * np.uint64(2) + 1
 
 
 def word_hashes(text: str) -> np.ndarray:
@@ -96,7 +96,7 @@ class DedupHasher:
         self.num_bins = self.bands * self.rows
         rng = np.random.default_rng(cfg.seed)
         self.salt = rng.integers(0, 2**63, dtype=np.uint64)
-        self.band_mult = rng.integers(0, 2**63, self.rows, dtype=np.uint64) * np.uint64(2) + np.uint64(1)
+        self.band_mult = rng.integers(0, 2**63, self.rows, dtype=np.uint64) * np.uint64(2) + 1
         self.band_salt = rng.integers(0, 2**63, self.bands, dtype=np.uint64)
 
     @staticmethod

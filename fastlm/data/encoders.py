@@ -20,7 +20,8 @@ import numpy as np
 EOT_TEXT = "<|endoftext|>"
 BYTE_VOCAB = 257
 BYTE_EOT = 256
-_BYTE_HASH = hashlib.sha256(b"fastlm byte tokenizer: ids 0-255 are bytes, 256 is end-of-text").hexdigest()
+_BYTE_HASH = hashlib.sha256(b"fastlm byte tokenizer: ids 0-255 are bytes, 256 is end-of-text")\
+    .hexdigest()
 
 
 class Encoder(Protocol):

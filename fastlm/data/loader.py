@@ -49,8 +49,8 @@ class ShardDataset:
         self.shards = [open_shard(p) for p in self.paths]  # header and size checked here
         self.num_tokens = int(sum(s.size for s in self.shards))
         if self.num_tokens == 0:
-            raise ShardError(f"{self.source}: the {split!r} split holds no tokens"
-                             + (" (use a larger --val-fraction or more data)" if split == "val" else ""))
+            hint = " (use a larger --val-fraction or more data)" if split == "val" else ""
+            raise ShardError(f"{self.source}: the {split!r} split holds no tokens{hint}")
         ident = [(p.name, int(s.size)) for p, s in zip(self.paths, self.shards)]
         self.fingerprint = hashlib.sha256(json.dumps(ident).encode()).hexdigest()[:16]
 
@@ -214,7 +214,8 @@ class BatchLoader:
             assert step == self.step, (step, self.step)
         self.step += 1
         non_blocking = self.pin_memory and self.device.type == "cuda"
-        return x.to(self.device, non_blocking=non_blocking), y.to(self.device, non_blocking=non_blocking)
+        return (x.to(self.device, non_blocking=non_blocking),
+                y.to(self.device, non_blocking=non_blocking))
 
     def __len__(self) -> int:
         """Steps in one epoch (one pass for validation, capped by max_batches)."""

@@ -272,7 +272,8 @@ def prepare(inputs: list[str] | str, out_dir: str | os.PathLike, tokenizer: str 
     log_bytes = 0
     if (state_dir / "state.json").exists():
         st = json.loads((state_dir / "state.json").read_text())
-        done_docs, kept, report, log_bytes = st["done_docs"], st["kept"], st["report"], st["log_bytes"]
+        done_docs, kept, report = st["done_docs"], st["kept"], st["report"]
+        log_bytes = st["log_bytes"]
         for s, w in writers.items():
             w.restore(st["writers"][s], np.load(state_dir / f"{s}.npy"))
         if progress:

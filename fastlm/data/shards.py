@@ -71,8 +71,8 @@ def write_shard(path: str | os.PathLike, tokens: np.ndarray, dtype: np.dtype) ->
     tokens = np.ascontiguousarray(tokens)
     if tokens.ndim != 1:
         raise ValueError(f"tokens must be 1-D, got shape {tokens.shape}")
-    if tokens.size and int(tokens.max()) >= 1 << (8 * dtype.itemsize):
-        raise ValueError(f"token id {int(tokens.max())} does not fit in {dtype}")
+    if tokens.size and (int(tokens.max()) >= 1 << (8 * dtype.itemsize) or int(tokens.min()) < 0):
+        raise ValueError(f"token ids {int(tokens.min())}..{int(tokens.max())} do not fit in {dtype}")
     header = _HEADER.pack(MAGIC, VERSION, dtype.itemsize, tokens.size).ljust(HEADER_BYTES, b"\0")
     body = tokens.astype(dtype, copy=False).tobytes()
     _atomic_write(path, [header, body])
