@@ -23,8 +23,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn as nn
 from safetensors.torch import load_model, save_model
+from torch import nn
 
 FORMAT = "fastlm-checkpoint"
 VERSION = 1

@@ -7,10 +7,10 @@ between this optimizer and torch's.
 from __future__ import annotations
 
 from collections import defaultdict
-from typing import Iterable
+from collections.abc import Iterable
 
 import torch
-import torch.nn as nn
+from torch import nn
 
 from fastlm import ops
 
@@ -30,8 +30,8 @@ class AdamW(torch.optim.Optimizer):
             raise ValueError(f"AdamW: eps must be >= 0, got {eps}")
         if not weight_decay >= 0.0:
             raise ValueError(f"AdamW: weight_decay must be >= 0, got {weight_decay}")
-        super().__init__(params, dict(lr=lr, betas=tuple(betas), eps=eps,
-                                      weight_decay=weight_decay))
+        super().__init__(params, {"lr": lr, "betas": tuple(betas), "eps": eps,
+                                  "weight_decay": weight_decay})
 
     @torch.no_grad()
     def step(self, closure=None):

@@ -114,17 +114,15 @@ def evaluate(model: GPT, batches: list[tuple[torch.Tensor, torch.Tensor]],
 
 
 class MetricsLog:
-    """Appends one JSON object per line to RUN_DIR/metrics.jsonl, flushed at once."""
+    """Appends one JSON object per line to RUN_DIR/metrics.jsonl. Each write opens and closes
+    the file (a few writes per second at most), so a crash never loses a line or a handle."""
 
     def __init__(self, path: Path):
-        self.file = open(path, "a")
+        self.path = path
 
     def write(self, **row) -> None:
-        self.file.write(json.dumps(row) + "\n")
-        self.file.flush()
-
-    def close(self) -> None:
-        self.file.close()
+        with open(self.path, "a") as f:
+            f.write(json.dumps(row) + "\n")
 
 
 class StopFlag:
@@ -171,10 +169,14 @@ def train(cfg: Config) -> TrainResult:
         except checkpoint.CheckpointError as exc:
             raise SetupError(f"checkpoint.resume: {exc}") from None
         saved_model = resume.manifest["config"].get("model", {})
-        diff = [k for k, v in to_dict(cfg)["model"].items() if saved_model.get(k, v) != v]
+        diff = [k for k, v in to_dict(cfg)["model"].items()
+                if k != "preset" and saved_model.get(k, v) != v]
         if diff:
-            raise SetupError(f"checkpoint.resume: {resume.path} was trained with other model "
-                             f"settings ({', '.join(f'model.{k}={saved_model[k]!r}' for k in diff)})")
+            saved_run = resume.path.parent.parent
+            raise SetupError(
+                f"checkpoint.resume: {resume.path} was trained with other model settings "
+                f"({', '.join(f'model.{k}={saved_model[k]!r}' for k in diff)}); add "
+                f"--config {saved_run / 'config.toml'} to reuse that run's settings")
     data = load_data(cfg)
 
     torch.manual_seed(cfg.train.seed)
@@ -274,7 +276,6 @@ def train(cfg: Config) -> TrainResult:
             if step % cfg.train.log_interval == 0:
                 t_interval = time.perf_counter()  # tokens/s leaves out eval and saving time
     bar.close()
-    metrics.close()
     wall = time.perf_counter() - t_start
     print(f"fastlm.train: {'stopped' if interrupted else 'done'} at step {step} in {wall:.1f} s"
           + (f", val loss {val_loss:.4f}" if val_loss is not None else ""))

@@ -5,8 +5,16 @@ from __future__ import annotations
 import pytest
 import torch
 
-from fastlm.config import (Config, ConfigError, ModelConfig, list_presets, load_config,
-                           model_preset, parse_args, to_toml)
+from fastlm.config import (
+    Config,
+    ConfigError,
+    ModelConfig,
+    list_presets,
+    load_config,
+    model_preset,
+    parse_args,
+    to_toml,
+)
 
 
 def write(tmp_path, text, name="run.toml"):

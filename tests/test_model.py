@@ -91,7 +91,7 @@ def test_rope_rotates_relative_positions():
     """RoPE scores depend only on the distance between positions: q.k is shift-invariant."""
     rot = small("llama").blocks[0].attn.rotary
     q, k = torch.randn(1, 1, 1, 8), torch.randn(1, 1, 1, 8)
-    score = lambda i, j: (rot(q, offset=i) * rot(k, offset=j)).sum()  # noqa: E731
+    score = lambda i, j: (rot(q, offset=i) * rot(k, offset=j)).sum()
     torch.testing.assert_close(score(3, 1), score(12, 10))
     assert not torch.allclose(score(3, 1), score(3, 2))
 
@@ -99,7 +99,7 @@ def test_rope_rotates_relative_positions():
 def test_generate():
     model = small("llama").eval()
     prompt = torch.randint(0, 256, (2, 5))
-    g = lambda seed: torch.Generator().manual_seed(seed)  # noqa: E731
+    g = lambda seed: torch.Generator().manual_seed(seed)
     out = model.generate(prompt, 40, temperature=0.9, top_k=10, generator=g(1))
     assert out.shape == (2, 45) and torch.equal(out[:, :5], prompt)  # past block_size 32 too
     assert torch.equal(out, model.generate(prompt, 40, 0.9, 10, g(1)))
@@ -141,7 +141,7 @@ def test_whole_model_native_matches_reference(arch):
         for name in rg:
             # attention/matmul tolerance (DESIGN: 1e-4 for float32 attention)
             torch.testing.assert_close(g[name], rg[name], rtol=1e-4, atol=1e-5,
-                                       msg=lambda m: f"grad {name} at step {step}: {m}")
+                                       msg=f"grad {name} at step {step} differs")
     for name in ref_params:
         torch.testing.assert_close(params[name], ref_params[name], rtol=1e-4, atol=1e-5)
     assert losses[-1] < losses[0]  # the steps did train

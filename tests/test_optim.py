@@ -13,7 +13,7 @@ from fastlm.config import model_preset
 from fastlm.models.gpt import GPT
 from fastlm.optim import AdamW, param_groups
 
-HYPER = dict(lr=1e-2, betas=(0.9, 0.95), eps=1e-8)
+HYPER = {"lr": 1e-2, "betas": (0.9, 0.95), "eps": 1e-8}
 
 
 def make_params(seed: int = 0) -> list[torch.Tensor]:
@@ -78,7 +78,7 @@ def test_rejects_bad_hyperparameters_and_torch_only_features():
         AdamW(p, betas=(0.9, 1.0))
     opt = AdamW(p)
     opt.param_groups[0]["amsgrad"] = True
-    run_it = lambda: run(opt, p, 1)  # noqa: E731
+    run_it = lambda: run(opt, p, 1)
     with pytest.raises(ValueError, match="amsgrad and maximize are not supported"):
         run_it()
 

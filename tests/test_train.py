@@ -2,6 +2,7 @@
 plus the pieces it is made of: text data (fastlm.data.text), checkpoints and the LR schedule."""
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import signal
@@ -114,8 +115,8 @@ def test_bad_cli_key_fails_before_any_work(tmp_path, capsys):
     (["--kernels.backend=fastest"], "unknown backend 'fastest'"),
     (["--kernels.backend=cuda"], "backend 'cuda' cannot run here"),
     (["--train.device=cuda:0"], "torch sees no CUDA GPU"),
-    (["--checkpoint.resume=/nonexistent/run"], "checkpoint.resume: /nonexistent/run: not a "
-                                               "checkpoint directory"),
+    (["--checkpoint.resume=/nonexistent/run"],
+     "checkpoint.resume: /nonexistent/run: not a checkpoint directory"),
     (["--model.vocab_size=100"], "model.vocab_size (100) is smaller than the data's"),
 ])
 def test_setup_errors_exit_with_a_message(tmp_path, corpus, args, expected):
@@ -143,7 +144,7 @@ def test_lr_schedule_warmup_then_cosine():
     assert lr_at(60, cfg) == pytest.approx(5.5e-4)  # half way through the decay
     assert lr_at(110, cfg) == pytest.approx(1e-4)
     lrs = [lr_at(s, cfg) for s in range(10, 110)]
-    assert all(a >= b for a, b in zip(lrs, lrs[1:]))
+    assert all(a >= b for a, b in itertools.pairwise(lrs))
 
 
 def test_expand_paths_file_folder_glob(tmp_path):
@@ -173,7 +174,7 @@ def test_split_is_by_file_and_deterministic(tmp_path):
     assert set(train).isdisjoint(val) and set(train) | set(val) == set(files)
     assert 5 < len(val) < 40
     # The same file lands on the same side whatever else is in the list.
-    train2, val2 = split_files(tmp_path, files[:100], 0.1)
+    _, val2 = split_files(tmp_path, files[:100], 0.1)
     assert set(val2) == set(val) & set(files[:100])
 
 
@@ -229,3 +230,13 @@ def test_checkpoint_checksum_mismatch_names_the_file(tmp_path):
     (path / "train_state.pt").unlink()
     with pytest.raises(checkpoint.CheckpointError, match=r"train_state.pt: missing"):
         checkpoint.load(path)
+
+
+def test_resume_with_another_model_shape_says_how_to_fix(tmp_path, corpus):
+    run_dir = tmp_path / "run"
+    main([f"--data={corpus}", "--out", str(run_dir), *TINY, "--train.max_steps=2",
+          "--sample.tokens=0"])
+    with pytest.raises(SystemExit, match=r"other model settings \(model.n_embd=32\); add "
+                                         rf"--config {run_dir}/config.toml"):
+        main([f"--data={corpus}", *TINY, "--model.n_embd=64", "--train.max_steps=4",
+              f"--checkpoint.resume={run_dir}"])

@@ -156,7 +156,7 @@ def load_text(path: str = "", max_bytes: int = 0, val_fraction: float = 0.1,
             raise ValueError(f"--data {path or '(default corpus)'}: only {len(data)} bytes of "
                              f"{split} text; need at least {min_len} (seq_len + 1). Use more "
                              "text or a smaller --train.seq_len")
-    as_tensor = lambda b: torch.frombuffer(bytearray(b), dtype=torch.uint8)  # noqa: E731
+    as_tensor = lambda b: torch.frombuffer(bytearray(b), dtype=torch.uint8)
     desc = (f"{name}: {len(files)} files, {len(train_bytes):,} train / {len(val_bytes):,} val "
             "bytes")
     return TextData(as_tensor(train_bytes), as_tensor(val_bytes), desc)

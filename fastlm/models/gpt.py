@@ -15,8 +15,8 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
+from torch import nn
 
 from fastlm import ops
 from fastlm.config import ModelConfig
@@ -203,7 +203,7 @@ class GPT(nn.Module):
         only the last position). loss: mean cross-entropy against targets (B, T) (entries equal
         to -100 are ignored), or None without targets.
         """
-        B, T = idx.shape
+        T = idx.shape[1]  # idx: (B, T)
         if T > self.config.block_size:
             raise ValueError(f"GPT: sequence length {T} exceeds model.block_size "
                              f"{self.config.block_size}")
