@@ -33,6 +33,7 @@ def make_inputs(N, V, dtype, device, ignore_index=-100):
     logits = randn(N, V, dtype=dtype, device=device, requires_grad=True, scale=3.0, shift=0.5)
     target = torch.randint(0, V, (N,), device=device)
     target[torch.rand(N, device=device) < 0.25] = ignore_index
+    target[:1] = torch.randint(0, V, (min(N, 1),), device=device)  # "mean" over >= 1 row
     return logits, target
 
 
