@@ -77,8 +77,10 @@ def main(argv=None) -> int:
     for op in args.ops:
         module = importlib.import_module(f"fastlm.bench.bench_{op}")
         print(f"== {op}", file=sys.stderr, flush=True)
-        rows += module.run(args)
-    print(utils.format_table(rows))
+        op_rows = module.run(args)
+        # Kernel benches share the harness's table; others (data, tokenizer) bring their own.
+        print(getattr(module, "format_table", utils.format_table)(op_rows), flush=True)
+        rows += op_rows
     path = args.json or default_json_path(args)
     if path:
         utils.write_json(rows, path)
