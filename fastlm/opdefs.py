@@ -138,6 +138,36 @@ def register_adamw_step(name: str) -> None:
         return None
 
 
+# ---------------------------------------------------------------------------------------------
+# attention: fwd(q, k, v, causal, scale, window) -> (out, lse); bwd(dout, q, k, v, out, lse,
+# causal, scale, window) -> (dq, dk, dv). q (B, H, Tq, D), k and v (B, H_kv, Tk, D), lse
+# (B, H, Tq) float32: the backward recomputes the scores from q, k and lse (flash attention).
+def register_attention(fwd: str, bwd: str) -> None:
+    @torch.library.register_fake(fwd)
+    def _fwd_fake(q, k, v, causal, scale, window):
+        out = q.new_empty(q.shape)  # contiguous, like the kernels' outputs
+        return out, q.new_empty(q.shape[:-1], dtype=torch.float32)
+
+    @torch.library.register_fake(bwd)
+    def _bwd_fake(dout, q, k, v, out, lse, causal, scale, window):
+        return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+
+    bwd_op = _op(bwd)
+
+    def setup_context(ctx, inputs, output):
+        q, k, v, causal, scale, window = inputs
+        out, lse = output
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.args = (causal, scale, window)
+
+    def backward(ctx, dout, _dlse):
+        q, k, v, out, lse = ctx.saved_tensors
+        dq, dk, dv = bwd_op(dout, q, k, v, out, lse, *ctx.args)
+        return dq, dk, dv, None, None, None
+
+    torch.library.register_autograd(fwd, backward, setup_context=setup_context)
+
+
 def _op(qualname: str):
     namespace, name = qualname.split("::")
     return getattr(getattr(torch.ops, namespace), name).default

@@ -33,7 +33,7 @@ BACKENDS = ("reference", "torch", "cpu", "cuda", "triton")
 IMPLEMENTED: dict[str, tuple[str, ...]] = {
     "layer_norm": ("reference", "torch", "cpu", "cuda", "triton"),
     "rms_norm": ("reference", "torch", "cpu", "cuda", "triton"),
-    "attention": ("reference", "torch"),
+    "attention": ("reference", "torch", "cpu"),
     "cross_entropy": ("reference", "torch", "cpu", "cuda", "triton"),
     "linear_cross_entropy": ("reference", "torch", "cpu", "triton"),
     "adamw_step": ("reference", "torch", "cpu", "cuda", "triton"),
@@ -233,7 +233,14 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = 
     impl = select_backend("attention", q.device, backend)
     if impl == "reference":
         return reference.attention(q, k, v, causal, scale, window)
-    return _sdpa(q, k, v, causal, scale, window)
+    if impl == "torch":
+        return _sdpa(q, k, v, causal, scale, window)
+    _native_dtype_ok("attention", impl, q)
+    if k.dtype != q.dtype or v.dtype != q.dtype:
+        raise TypeError(f"fastlm.ops.attention: the '{impl}' backend needs q, k, v in one dtype, "
+                        f"got {q.dtype}, {k.dtype}, {v.dtype}")
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+    return _native("attention", impl)(q, k, v, causal, scale, window or 0)[0]
 
 
 def _sdpa(q, k, v, causal, scale, window):

@@ -1,0 +1,300 @@
+// Tiled online-softmax attention for one (batch, head) pair on CPU: forward and backward.
+// Torch-free and float32 only (the glue in attention_cpu.cpp upcasts bf16/fp16 inputs).
+//
+// NO include guard, on purpose: attention_cpu.cpp includes this file several times, each time
+// inside its own namespace and under its own `#pragma GCC target` (SSE2, AVX2+FMA, AVX-512),
+// with FASTLM_ATTN_VW set to the vector width in floats; it picks the widest version the CPU
+// runs at run time. Every function here is therefore compiled once per instruction set, under a
+// distinct name, so no inline function is shared between the versions. The includes this code
+// needs (<algorithm>, <cmath>, <cstdint>, <cstring>, <limits>, <vector>) come before the
+// first inclusion.
+//
+// Memory is linear in T: the forward keeps a (BR, D) output accumulator and a (BR, BC) score
+// tile; the backward recomputes the scores tile by tile from q, k and the saved log-sum-exp.
+// Every matrix product is one small GEMM (gemm_acc) register-blocked over GCC vector types, so
+// the compiler emits the FMA of whatever instruction set the surrounding pragma enables. Softmax
+// runs in base 2 (exp2 of scores premultiplied by log2(e)): one multiply fewer per score.
+
+// GCC vector types: arithmetic with a scalar broadcasts it; comparisons give integer masks.
+typedef float vf __attribute__((vector_size(FASTLM_ATTN_VW * sizeof(float))));
+typedef int32_t vi __attribute__((vector_size(FASTLM_ATTN_VW * sizeof(float))));
+constexpr int VW = FASTLM_ATTN_VW;
+
+constexpr int64_t BR = 64;  // queries per tile
+constexpr int64_t BC = 64;  // keys per tile (a multiple of every VW)
+constexpr float kLog2e = 1.4426950408889634f;
+constexpr float kLn2 = 0.6931471805599453f;
+constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+
+static inline vf loadu(const float* p) {
+  vf v;
+  std::memcpy(&v, p, sizeof v);
+  return v;
+}
+static inline void storeu(float* p, vf v) { std::memcpy(p, &v, sizeof v); }
+static inline vf splat(float x) { return vf{} + x; }
+
+// 2^x for x <= 0 (scores minus their running max), ~1 ulp: x = n + f with n an integer and
+// |f| <= 1/2, 2^f by its degree-7 Taylor polynomial in f*ln2, 2^n added to the exponent bits.
+// Below -126 the result would be subnormal: clamped there (~1e-38, far below float32's eps).
+static inline vf exp2_nonpos(vf x) {
+  x = x < splat(-126.0f) ? splat(-126.0f) : x;
+  const vf magic = splat(12582912.0f);  // 1.5 * 2^23: adding it rounds to an integer
+  const vf t = x + magic;
+  const vf n = t - magic;
+  const vf f = (x - n) * kLn2;  // |f| <= ln2 / 2
+  vf p = splat(1.0f / 5040);
+  p = p * f + 1.0f / 720;
+  p = p * f + 1.0f / 120;
+  p = p * f + 1.0f / 24;
+  p = p * f + 1.0f / 6;
+  p = p * f + 0.5f;
+  p = p * f + 1.0f;
+  p = p * f + 1.0f;
+  const vi ni = (vi)t - (vi)magic;  // bit patterns: t's mantissa holds n
+  return (vf)((vi)p + (ni << 23));
+}
+
+static inline float hmax(vf v) {
+  float m = v[0];
+  for (int l = 1; l < VW; ++l) m = v[l] > m ? v[l] : m;
+  return m;
+}
+static inline float hsum(vf v) {
+  float s = 0.f;
+  for (int l = 0; l < VW; ++l) s += v[l];
+  return s;
+}
+
+// C (MR x NV*VW) += A (MR x K, row stride lda) * B (K x NV*VW, row stride ldb), with the MR x NV
+// accumulators held in registers across the K loop.
+template <int MR, int NV>
+static inline void micro(int64_t K, const float* A, int64_t lda, const float* B, int64_t ldb,
+                         float* C, int64_t ldc) {
+  vf acc[MR][NV];
+  for (int r = 0; r < MR; ++r)
+    for (int v = 0; v < NV; ++v) acc[r][v] = loadu(C + r * ldc + v * VW);
+  for (int64_t k = 0; k < K; ++k) {
+    vf b[NV];
+    for (int v = 0; v < NV; ++v) b[v] = loadu(B + k * ldb + v * VW);
+    for (int r = 0; r < MR; ++r) {
+      const vf a = splat(A[r * lda + k]);
+      for (int v = 0; v < NV; ++v) acc[r][v] += a * b[v];
+    }
+  }
+  for (int r = 0; r < MR; ++r)
+    for (int v = 0; v < NV; ++v) storeu(C + r * ldc + v * VW, acc[r][v]);
+}
+
+// Rows [0, M) of C += A * B for one column block of NV vectors: 4 rows at a time, then singles.
+template <int NV>
+static inline void rows_block(int64_t M, int64_t K, const float* A, int64_t lda, const float* B,
+                              int64_t ldb, float* C, int64_t ldc) {
+  int64_t i = 0;
+  for (; i + 4 <= M; i += 4) micro<4, NV>(K, A + i * lda, lda, B, ldb, C + i * ldc, ldc);
+  for (int64_t r = i; r < M && r < i + 3; ++r)  // the < 4 rows left (the bound tells gcc so)
+    micro<1, NV>(K, A + r * lda, lda, B, ldb, C + r * ldc, ldc);
+}
+
+// C (M x N) += A (M x K) * B (K x N), all row-major with the given row strides.
+// 32 columns per block with 4 rows is 4 x (32 / VW) accumulators: 8 AVX2 or SSE-pair registers,
+// 8 AVX-512 registers at 64 columns. Columns past the last full vector are done in scalar.
+static void gemm_acc(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda,
+                     const float* B, int64_t ldb, float* C, int64_t ldc) {
+  constexpr int NV = (VW >= 16 ? 64 : 32) / VW;
+  int64_t j = 0;
+  for (; j + NV * VW <= N; j += NV * VW) rows_block<NV>(M, K, A, lda, B + j, ldb, C + j, ldc);
+  for (; j + VW <= N; j += VW) rows_block<1>(M, K, A, lda, B + j, ldb, C + j, ldc);
+  for (; j < N; ++j) {
+    for (int64_t i = 0; i < M; ++i) {
+      float s = C[i * ldc + j];
+      for (int64_t k = 0; k < K; ++k) s += A[i * lda + k] * B[k * ldb + j];
+      C[i * ldc + j] = s;
+    }
+  }
+}
+
+// dst (cols x rows, stride ld_dst) = src (rows x cols, stride ld_src) transposed.
+static void transpose(int64_t rows, int64_t cols, const float* src, int64_t ld_src, float* dst,
+                      int64_t ld_dst) {
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t c = 0; c < cols; ++c) dst[c * ld_dst + r] = src[r * ld_src + c];
+}
+
+// Keys query row i sees: [lo, hi). Queries are aligned bottom-right (query i sits at key
+// position i + Tk - Tq), causal caps hi there, a window of w keys raises lo to position - w + 1.
+struct Mask {
+  int64_t Tq, Tk;
+  bool causal;
+  int64_t window;  // <= 0: none
+  void range(int64_t i, int64_t* lo, int64_t* hi) const {
+    const int64_t pos = i + Tk - Tq;
+    *hi = causal ? std::min(Tk, std::max<int64_t>(0, pos + 1)) : Tk;
+    *lo = window > 0 ? std::min(Tk, std::max<int64_t>(0, pos - window + 1)) : 0;
+    if (*lo > *hi) *lo = *hi;
+  }
+};
+
+// Rows [i0, i0 + rows) of a (T, D) matrix as a (BR, D) tile: the matrix itself when the tile is
+// full, else a zero-padded copy in `buf` (padding rows must be finite: they meet zeros of P).
+static const float* tile_rows(const float* m, int64_t i0, int64_t rows, int64_t D, float* buf,
+                              int64_t tile) {
+  if (rows == tile) return m + i0 * D;
+  std::memcpy(buf, m + i0 * D, sizeof(float) * rows * D);
+  std::memset(buf + rows * D, 0, sizeof(float) * (tile - rows) * D);
+  return buf;
+}
+
+// Turns one (BR, BC) tile of raw scores q.k (rows [0, rows)) into base-2 log-probabilities'
+// exponentials: p = 2^(s * c - sub[r]) inside each row's key range, 0 outside. Returns nothing;
+// `sub` is the per-row offset (running max in the forward, log2-sum-exp in the backward).
+// Key columns are tile-local: [lo[r], hi[r]) within [0, BC).
+static inline void masked_exp2(float* s, const int64_t* lo, const int64_t* hi, int64_t rows,
+                               float c, const float* sub) {
+  vi iota;
+  for (int l = 0; l < VW; ++l) iota[l] = l;
+  for (int64_t r = 0; r < rows; ++r) {
+    float* sr = s + r * BC;
+    const vi lov = vi{} + (int32_t)lo[r], hiv = vi{} + (int32_t)hi[r];
+    const vf off = splat(sub[r]);
+    for (int64_t j = 0; j < BC; j += VW) {
+      const vi jv = iota + (int32_t)j;
+      const vf p = exp2_nonpos(loadu(sr + j) * c - off);
+      storeu(sr + j, ((jv >= lov) & (jv < hiv)) ? p : vf{});
+    }
+  }
+}
+
+// Forward of one head. q (Tq, D), k and v (Tk, D) -> out (Tq, D), lse (Tq,) natural-log
+// log-sum-exp of the scaled scores (-inf, with out 0, for a query that sees no key).
+static void forward_head(const float* q, const float* k, const float* v, float* out, float* lse,
+                         int64_t D, float scale, const Mask& mask) {
+  const int64_t Tq = mask.Tq, Tk = mask.Tk;
+  const float c = scale * kLog2e;
+  std::vector<float> qbuf(BR * D), kt(D * BC), vbuf(BC * D), s(BR * BC), acc(BR * D);
+  int64_t lo[BR], hi[BR], tlo[BR], thi[BR];
+  float m[BR], l[BR];
+  for (int64_t i0 = 0; i0 < Tq; i0 += BR) {
+    const int64_t rows = std::min(BR, Tq - i0);
+    const float* qt = tile_rows(q, i0, rows, D, qbuf.data(), BR);
+    for (int64_t r = 0; r < rows; ++r) {
+      mask.range(i0 + r, &lo[r], &hi[r]);
+      m[r] = kNegInf;
+      l[r] = 0.f;
+    }
+    std::fill(acc.begin(), acc.end(), 0.f);
+    // lo and hi grow with the row, so the tile's keys are [lo of its first row, hi of its last).
+    const int64_t j_begin = lo[0] / BC * BC, j_end = hi[rows - 1];
+    for (int64_t j0 = j_begin; j0 < j_end; j0 += BC) {
+      const int64_t cols = std::min(BC, Tk - j0);
+      transpose(cols, D, k + j0 * D, D, kt.data(), BC);
+      for (int64_t d = 0; d < D; ++d)  // keys past Tk: zero (finite) scores, masked below
+        std::fill(kt.data() + d * BC + cols, kt.data() + (d + 1) * BC, 0.f);
+      const float* vt = tile_rows(v, j0, cols, D, vbuf.data(), BC);
+
+      std::fill(s.begin(), s.end(), 0.f);
+      gemm_acc(rows, BC, D, qt, D, kt.data(), BC, s.data(), BC);  // (rows, BC) = q k^T
+      // Online softmax: new running max, rescale what was accumulated under the old one.
+      float sub[BR];
+      for (int64_t r = 0; r < rows; ++r) {
+        tlo[r] = std::clamp<int64_t>(lo[r] - j0, 0, BC);
+        thi[r] = std::clamp<int64_t>(hi[r] - j0, 0, BC);
+        float mx = kNegInf;
+        for (int64_t j = tlo[r]; j < thi[r]; ++j) mx = std::max(mx, s[r * BC + j] * c);
+        const float m_new = std::max(m[r], mx);
+        if (m_new != kNegInf && m_new != m[r]) {
+          const float alpha = std::exp2(m[r] - m_new);  // 0 when m[r] is -inf
+          l[r] *= alpha;
+          for (int64_t d = 0; d < D; ++d) acc[r * D + d] *= alpha;
+          m[r] = m_new;
+        }
+        sub[r] = m[r] == kNegInf ? 0.f : m[r];
+      }
+      masked_exp2(s.data(), tlo, thi, rows, c, sub);
+      for (int64_t r = 0; r < rows; ++r) {
+        vf sum = vf{};
+        for (int64_t j = 0; j < BC; j += VW) sum += loadu(s.data() + r * BC + j);
+        l[r] += hsum(sum);
+      }
+      gemm_acc(rows, D, BC, s.data(), BC, vt, D, acc.data(), D);  // (rows, D) += p v
+    }
+    for (int64_t r = 0; r < rows; ++r) {
+      const float inv = l[r] > 0.f ? 1.0f / l[r] : 0.f;
+      for (int64_t d = 0; d < D; ++d) out[(i0 + r) * D + d] = acc[r * D + d] * inv;
+      lse[i0 + r] = l[r] > 0.f ? (m[r] + std::log2(l[r])) * kLn2 : kNegInf;
+    }
+  }
+}
+
+// Backward of one head: dq (Tq, D), dk and dv (Tk, D) of this head alone (the glue sums dk and dv
+// over the query heads that share a key/value head). Loops over key tiles outside, so the
+// tile's dk and dv accumulate in place, and adds each query tile's share into dq.
+//   P = exp(s - lse), dV = P^T dO, dP = dO V^T, dS = P * (dP - rowsum(dO * O)),
+//   dQ = scale * dS K, dK = scale * dS^T Q.
+static void backward_head(const float* q, const float* k, const float* v, const float* out,
+                          const float* dout, const float* lse, float* dq, float* dk, float* dv,
+                          int64_t D, float scale, const Mask& mask) {
+  const int64_t Tq = mask.Tq, Tk = mask.Tk;
+  const float c = scale * kLog2e;
+  std::vector<float> delta(Tq), lse2(Tq), kt(D * BC), vt(D * BC), kbuf(BC * D), qbuf(BR * D),
+      dobuf(BR * D), p(BR * BC), dp(BR * BC), pt(BC * BR), dkt(BC * D), dvt(BC * D);
+  std::vector<int64_t> lo(Tq), hi(Tq);
+  for (int64_t i = 0; i < Tq; ++i) {
+    vf acc = vf{};
+    int64_t d = 0;
+    for (; d + VW <= D; d += VW) acc += loadu(dout + i * D + d) * loadu(out + i * D + d);
+    float sum = hsum(acc);
+    for (; d < D; ++d) sum += dout[i * D + d] * out[i * D + d];
+    delta[i] = sum;
+    lse2[i] = lse[i] * kLog2e;
+    mask.range(i, &lo[i], &hi[i]);
+  }
+  std::fill(dq, dq + Tq * D, 0.f);
+  int64_t tlo[BR], thi[BR];
+  for (int64_t j0 = 0; j0 < Tk; j0 += BC) {
+    const int64_t cols = std::min(BC, Tk - j0);
+    transpose(cols, D, k + j0 * D, D, kt.data(), BC);
+    transpose(cols, D, v + j0 * D, D, vt.data(), BC);
+    for (int64_t d = 0; d < D; ++d) {
+      std::fill(kt.data() + d * BC + cols, kt.data() + (d + 1) * BC, 0.f);
+      std::fill(vt.data() + d * BC + cols, vt.data() + (d + 1) * BC, 0.f);
+    }
+    const float* kj = tile_rows(k, j0, cols, D, kbuf.data(), BC);
+    std::fill(dkt.begin(), dkt.end(), 0.f);
+    std::fill(dvt.begin(), dvt.end(), 0.f);
+    for (int64_t i0 = 0; i0 < Tq; i0 += BR) {
+      const int64_t rows = std::min(BR, Tq - i0);
+      if (hi[i0 + rows - 1] <= j0 || lo[i0] >= j0 + cols) continue;  // no row sees these keys
+      const float* qi = tile_rows(q, i0, rows, D, qbuf.data(), BR);
+      const float* doi = tile_rows(dout, i0, rows, D, dobuf.data(), BR);
+      for (int64_t r = 0; r < rows; ++r) {
+        tlo[r] = std::clamp<int64_t>(lo[i0 + r] - j0, 0, BC);
+        thi[r] = std::clamp<int64_t>(hi[i0 + r] - j0, 0, BC);
+      }
+      std::fill(p.begin(), p.end(), 0.f);
+      gemm_acc(rows, BC, D, qi, D, kt.data(), BC, p.data(), BC);  // raw scores q k^T
+      masked_exp2(p.data(), tlo, thi, rows, c, lse2.data() + i0);  // P
+      transpose(rows, BC, p.data(), BC, pt.data(), BR);
+      gemm_acc(BC, D, rows, pt.data(), BR, doi, D, dvt.data(), D);  // dV += P^T dO
+      std::fill(dp.begin(), dp.end(), 0.f);
+      gemm_acc(rows, BC, D, doi, D, vt.data(), BC, dp.data(), BC);  // dP = dO V^T
+      for (int64_t r = 0; r < rows; ++r) {  // dS = P * (dP - delta), into dp
+        const vf dl = splat(delta[i0 + r]);
+        for (int64_t j = 0; j < BC; j += VW) {
+          float* x = dp.data() + r * BC + j;
+          storeu(x, loadu(p.data() + r * BC + j) * (loadu(x) - dl));
+        }
+      }
+      gemm_acc(rows, D, BC, dp.data(), BC, kj, D, dq + i0 * D, D);  // dQ += dS K (unscaled)
+      transpose(rows, BC, dp.data(), BC, pt.data(), BR);
+      gemm_acc(BC, D, rows, pt.data(), BR, qi, D, dkt.data(), D);  // dK += dS^T Q (unscaled)
+    }
+    for (int64_t j = 0; j < cols; ++j) {
+      for (int64_t d = 0; d < D; ++d) {
+        dk[(j0 + j) * D + d] = dkt[j * D + d] * scale;
+        dv[(j0 + j) * D + d] = dvt[j * D + d];
+      }
+    }
+  }
+  for (int64_t i = 0; i < Tq * D; ++i) dq[i] *= scale;
+}
