@@ -86,7 +86,7 @@ __device__ __forceinline__ void store_vec(S* __restrict__ p, const float (&in)[k
 // never stored). A thread always gets the same columns, whatever the row, which is what lets it
 // accumulate weight gradients over rows in registers.
 template <int kThreads, int kVec>
-__device__ __forceinline__ int chunk_col(bool vec, int s, int j, int t) {
+__host__ __device__ __forceinline__ int chunk_col(bool vec, int s, int j, int t) {
   return vec ? (s * kThreads + t) * kVec + j : (s * kVec + j) * kThreads + t;
 }
 
