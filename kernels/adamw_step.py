@@ -22,6 +22,18 @@ BLOCK = 1024
 
 
 @triton.jit
+def _to_storage(x, ptr):
+    """float32 x -> ptr's element dtype, rounding to nearest even. For bfloat16 the rounding is
+    done on the bits first: the interpreter's float32 -> bfloat16 cast truncates, and an
+    optimizer's per-step truncation drifts (25 steps lose ~25 ulps); on a GPU this is exact."""
+    if ptr.dtype.element_ty == tl.bfloat16:
+        bits = x.to(tl.uint32, bitcast=True)
+        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+        x = bits.to(tl.float32, bitcast=True)
+    return x.to(ptr.dtype.element_ty)
+
+
+@triton.jit
 def _adamw_kernel(
     p_ptr,  # (n,) param dtype, updated in place
     g_ptr,  # (n,) param dtype
@@ -39,9 +51,9 @@ def _adamw_kernel(
     m = m + one_minus_b1 * (g - m)
     v = beta2 * v + one_minus_b2 * g * g
     p = p * decay - step_size * m / (tl.sqrt(v) * inv_sqrt_bc2 + eps)
-    tl.store(p_ptr + offs, p.to(p_ptr.dtype.element_ty), mask=mask)
-    tl.store(m_ptr + offs, m.to(m_ptr.dtype.element_ty), mask=mask)
-    tl.store(v_ptr + offs, v.to(v_ptr.dtype.element_ty), mask=mask)
+    tl.store(p_ptr + offs, _to_storage(p, p_ptr), mask=mask)
+    tl.store(m_ptr + offs, _to_storage(m, m_ptr), mask=mask)
+    tl.store(v_ptr + offs, _to_storage(v, v_ptr), mask=mask)
 
 
 def _check(params, grads, exp_avgs, exp_avg_sqs) -> None:
