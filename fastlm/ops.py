@@ -33,7 +33,7 @@ BACKENDS = ("reference", "torch", "cpu", "cuda", "triton")
 IMPLEMENTED: dict[str, tuple[str, ...]] = {
     "layer_norm": ("reference", "torch", "cpu", "cuda", "triton"),
     "rms_norm": ("reference", "torch", "cpu", "cuda", "triton"),
-    "attention": ("reference", "torch", "cpu"),
+    "attention": ("reference", "torch", "cpu", "triton"),
     "cross_entropy": ("reference", "torch", "cpu", "cuda", "triton"),
     "linear_cross_entropy": ("reference", "torch", "cpu", "triton"),
     "adamw_step": ("reference", "torch", "cpu", "cuda", "triton"),

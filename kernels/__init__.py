@@ -4,4 +4,5 @@ the kernels, their launchers and the torch.library registration of fastlm::<op>_
 Importing this package imports (and so registers) every op module: fastlm.native imports it on
 the first use of a Triton backend. A new kernels/<op>.py adds its line here.
 """
-from fastlm.kernels import adamw_step, cross_entropy, layer_norm, linear_cross_entropy, rms_norm  # noqa: F401
+from fastlm.kernels import (adamw_step, attention, cross_entropy, layer_norm,  # noqa: F401
+                            linear_cross_entropy, rms_norm)

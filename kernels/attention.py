@@ -1,0 +1,385 @@
+"""Triton flash attention, forward and backward: the ops fastlm::attention_fwd_triton and
+fastlm::attention_bwd_triton (same schemas and semantics as the C++ fastlm::attention_fwd/_bwd).
+
+    out = softmax(scale * q k^T + mask) v,   lse = logsumexp(scale * q k^T + mask) per query
+
+q (B, H, Tq, D), k and v (B, H_kv, Tk, D) with H % H_kv == 0 (grouped-query / multi-query
+attention: query head h reads key/value head h // (H / H_kv)). The mask keeps key j for query i
+when j <= i + Tk - Tq (causal, queries aligned bottom-right) and j > i + Tk - Tq - window (a
+sliding window, when window > 0). A query that sees no key gets out 0 and lse -inf.
+
+Online softmax (FlashAttention-2): the forward walks the key blocks once with a running max and
+sum, in base 2 (scores premultiplied by scale * log2(e)), and saves only lse (B, H, Tq) float32.
+The backward recomputes the probabilities block by block from q, k and lse, in two kernels that
+need no atomics: one per key block (dk, dv, summed over the query heads that share the key/value
+head in registers) and one per query block (dq). Head dims are padded to a power of two >= 16
+with masks; sequence tails are masked.
+
+Dots run in the input dtype with float32 accumulation on a GPU (bf16/fp16 tensor cores, fp32
+inputs with input_precision="ieee": tf32 would miss the float32 tolerance). Under
+TRITON_INTERPRET=1 every load is converted to float32 first (the interpreter computes bf16 on raw
+bits otherwise) and a single small block config runs.
+"""
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from fastlm import native, opdefs
+from fastlm.kernels import utils
+
+LN2 = math.log(2.0)
+LOG2E = 1.0 / LN2
+
+
+# ---------------------------------------------------------------------------------------------
+# Block configs. GPU: candidates for Ampere (A100: 164 KB shared memory, 108 SMs) and Hopper
+# (H100: 228 KB, 132 SMs); the autotuner times them once per key and drops the ones that do not
+# fit (OutOfResources). Interpreter: one config (no timing), 16 x 16 blocks so that small test
+# shapes (T = 17, 128) cross several blocks and their tails.
+def _configs(kind: str) -> list:
+    if utils.INTERPRET:
+        return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16}, num_warps=4, num_stages=1)]
+    if kind == "fwd":
+        shapes = [(128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 3), (64, 64, 4, 3),
+                  (128, 32, 4, 4), (64, 128, 4, 3)]
+    else:  # the backward kernels hold more live tiles: smaller blocks
+        shapes = [(64, 64, 4, 3), (64, 64, 8, 2), (128, 64, 8, 2), (64, 128, 8, 2),
+                  (32, 64, 4, 3), (64, 32, 4, 3)]
+    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s)
+            for m, n, w, s in shapes]
+
+
+# Re-tune per head dim, mask kind, dtype and sequence-length bucket (powers of two), not per T.
+_KEY = ["BLOCK_D", "CAUSAL", "HAS_WINDOW", "T_BUCKET"]  # the autotuner adds arg dtypes
+
+
+@triton.jit
+def _visible(offs_m, offs_n, Tq, Tk, WINDOW, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr):
+    """(BLOCK_M, BLOCK_N) mask: query offs_m sees key offs_n (both inside their sequences)."""
+    pos = offs_m + (Tk - Tq)  # each query's position among the keys (bottom-right alignment)
+    ok = (offs_m[:, None] < Tq) & (offs_n[None, :] < Tk)
+    if CAUSAL:
+        ok = ok & (offs_n[None, :] <= pos[:, None])
+    if HAS_WINDOW:
+        ok = ok & (offs_n[None, :] > pos[:, None] - WINDOW)
+    return ok
+
+
+@triton.jit
+def _key_range(start_m, Tq, Tk, WINDOW, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+               CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr):
+    """Key blocks [lo, hi) that queries [start_m, start_m + BLOCK_M) can see; lo is a multiple of
+    BLOCK_N so the blocks stay aligned."""
+    lo = 0
+    hi = Tk
+    if CAUSAL:
+        hi = tl.minimum(start_m + BLOCK_M + Tk - Tq, Tk)
+    if HAS_WINDOW:
+        lo = tl.maximum(start_m + Tk - Tq - WINDOW + 1, 0) // BLOCK_N * BLOCK_N
+    return lo, hi
+
+
+# ---------------------------------------------------------------------------------------------
+# Forward
+@triton.autotune(configs=_configs("fwd"), key=_KEY)
+@triton.jit
+def _attention_fwd_kernel(
+    q_ptr,    # (B, H, Tq, D) contiguous
+    k_ptr,    # (B, H_kv, Tk, D)
+    v_ptr,    # (B, H_kv, Tk, D)
+    o_ptr,    # (B, H, Tq, D) q's dtype
+    lse_ptr,  # (B, H, Tq) float32
+    H, N_REP, Tq, Tk, D, WINDOW,
+    qk_scale,  # scale * log2(e)
+    T_BUCKET,  # an autotune key only
+    CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, TO_F32: tl.constexpr,
+    PRECISION: tl.constexpr,
+    BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    start_m = tl.program_id(0) * BLOCK_M
+    bh = tl.program_id(1).to(tl.int64)  # b * H + h; int64: offsets may pass 2**31
+    bkv = bh // H * (H // N_REP) + bh % H // N_REP  # its key/value head
+    q_base = q_ptr + bh * Tq * D
+    k_base = k_ptr + bkv * Tk * D
+    v_base = v_ptr + bkv * Tk * D
+    offs_m = start_m + tl.arange(0, BLOCK_M)  # (BLOCK_M,)
+    offs_d = tl.arange(0, BLOCK_D)  # (BLOCK_D,)
+    d_ok = offs_d < D
+
+    q = tl.load(q_base + offs_m[:, None] * D + offs_d[None, :],
+                mask=(offs_m[:, None] < Tq) & d_ok[None, :], other=0.0)  # (BLOCK_M, BLOCK_D)
+    if TO_F32:
+        q = q.to(tl.float32)
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)  # running max, base 2
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)  # running sum of 2^(s - m_i)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+
+    lo, hi = _key_range(start_m, Tq, Tk, WINDOW, BLOCK_M, BLOCK_N, CAUSAL, HAS_WINDOW)
+    for start_n in range(lo, hi, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)  # (BLOCK_N,)
+        kv_mask = (offs_n[:, None] < Tk) & d_ok[None, :]
+        k = tl.load(k_base + offs_n[:, None] * D + offs_d[None, :], mask=kv_mask, other=0.0)
+        v = tl.load(v_base + offs_n[:, None] * D + offs_d[None, :], mask=kv_mask, other=0.0)
+        if TO_F32:
+            k = k.to(tl.float32)
+            v = v.to(tl.float32)
+        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale  # (BLOCK_M, BLOCK_N)
+        s = tl.where(_visible(offs_m, offs_n, Tq, Tk, WINDOW, CAUSAL, HAS_WINDOW), s,
+                     float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with no key seen yet
+        p = tl.exp2(s - m_safe[:, None])  # masked scores -> 0
+        alpha = tl.exp2(m_i - m_safe)  # rescales what was summed under the old max
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+        m_i = m_new
+
+    seen = l_i > 0.0
+    out = acc / tl.where(seen, l_i, 1.0)[:, None]
+    lse = tl.where(seen, (m_i + tl.log2(tl.where(seen, l_i, 1.0))) * 0.6931471805599453,
+                   float("-inf"))
+    row_ok = offs_m < Tq
+    tl.store(o_ptr + bh * Tq * D + offs_m[:, None] * D + offs_d[None, :],
+             out.to(o_ptr.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
+    tl.store(lse_ptr + bh * Tq + offs_m, lse, mask=row_ok)
+
+
+# ---------------------------------------------------------------------------------------------
+# Backward: delta = rowsum(dO * O), then dk/dv per key block and dq per query block.
+#   P = 2^(s2 - lse2), dV = P^T dO, dP = dO V^T, dS = P * (dP - delta),
+#   dQ = scale * dS K, dK = scale * dS^T Q     (s2, lse2: base-2 scores and log-sum-exp)
+@triton.jit
+def _attention_bwd_delta_kernel(
+    o_ptr,      # (B * H * Tq, D)
+    do_ptr,     # (B * H * Tq, D)
+    delta_ptr,  # (B * H * Tq,) float32
+    N, D,
+    BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
+):
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)  # (BLOCK_M,)
+    offs_d = tl.arange(0, BLOCK_D)
+    mask = (rows[:, None] < N) & (offs_d[None, :] < D)
+    o = tl.load(o_ptr + rows[:, None] * D + offs_d[None, :], mask=mask, other=0.0).to(tl.float32)
+    do = tl.load(do_ptr + rows[:, None] * D + offs_d[None, :], mask=mask, other=0.0)
+    tl.store(delta_ptr + rows, tl.sum(o * do.to(tl.float32), axis=1), mask=rows < N)
+
+
+@triton.autotune(configs=_configs("bwd"), key=_KEY)
+@triton.jit
+def _attention_bwd_dkdv_kernel(
+    q_ptr, k_ptr, v_ptr, do_ptr,  # as in the forward; do like q
+    lse_ptr, delta_ptr,  # (B, H, Tq) float32
+    dk_ptr, dv_ptr,  # (B, H_kv, Tk, D) k's dtype
+    H, N_REP, Tq, Tk, D, WINDOW,
+    qk_scale, sm_scale,
+    T_BUCKET,
+    CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, TO_F32: tl.constexpr,
+    PRECISION: tl.constexpr,
+    BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    # One program per (key block, key/value head): it loops over the N_REP query heads sharing
+    # that head and over the query blocks that see the key block, so dk and dv stay in registers.
+    start_n = tl.program_id(0) * BLOCK_N
+    bkv = tl.program_id(1).to(tl.int64)  # b * H_kv + hk
+    H_kv = H // N_REP
+    bh0 = bkv // H_kv * H + bkv % H_kv * N_REP  # the group's first query head
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < D
+    kv_mask = (offs_n[:, None] < Tk) & d_ok[None, :]
+    k = tl.load(k_ptr + bkv * Tk * D + offs_n[:, None] * D + offs_d[None, :], mask=kv_mask,
+                other=0.0)  # (BLOCK_N, BLOCK_D)
+    v = tl.load(v_ptr + bkv * Tk * D + offs_n[:, None] * D + offs_d[None, :], mask=kv_mask,
+                other=0.0)
+    if TO_F32:
+        k = k.to(tl.float32)
+        v = v.to(tl.float32)
+    dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+
+    # Queries that see some key of this block: position i + Tk - Tq >= start_n (causal) and
+    # <= start_n + BLOCK_N - 1 + WINDOW - 1 (window).
+    lo = 0
+    hi = Tq
+    if CAUSAL:
+        lo = tl.maximum(start_n - (Tk - Tq), 0) // BLOCK_M * BLOCK_M
+    if HAS_WINDOW:
+        hi = tl.minimum(start_n + BLOCK_N + WINDOW - 1 - (Tk - Tq), Tq)
+    for g in range(0, N_REP):
+        bh = bh0 + g
+        for start_m in range(lo, hi, BLOCK_M):
+            offs_m = start_m + tl.arange(0, BLOCK_M)
+            q_mask = (offs_m[:, None] < Tq) & d_ok[None, :]
+            q_off = bh * Tq * D + offs_m[:, None] * D + offs_d[None, :]
+            q = tl.load(q_ptr + q_off, mask=q_mask, other=0.0)  # (BLOCK_M, BLOCK_D)
+            do = tl.load(do_ptr + q_off, mask=q_mask, other=0.0)
+            if TO_F32:
+                q = q.to(tl.float32)
+                do = do.to(tl.float32)
+            lse2 = tl.load(lse_ptr + bh * Tq + offs_m, mask=offs_m < Tq, other=0.0) * 1.4426950408889634
+            delta = tl.load(delta_ptr + bh * Tq + offs_m, mask=offs_m < Tq, other=0.0)
+            s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale  # (BLOCK_M, BLOCK_N)
+            ok = _visible(offs_m, offs_n, Tq, Tk, WINDOW, CAUSAL, HAS_WINDOW)
+            p = tl.where(ok, tl.exp2(s - lse2[:, None]), 0.0)
+            dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=PRECISION)
+            dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)  # (BLOCK_M, BLOCK_N)
+            ds = p * (dp - delta[:, None])
+            dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=PRECISION)
+
+    out_off = bkv * Tk * D + offs_n[:, None] * D + offs_d[None, :]
+    tl.store(dk_ptr + out_off, (dk * sm_scale).to(dk_ptr.dtype.element_ty), mask=kv_mask)
+    tl.store(dv_ptr + out_off, dv.to(dv_ptr.dtype.element_ty), mask=kv_mask)
+
+
+@triton.autotune(configs=_configs("bwd"), key=_KEY)
+@triton.jit
+def _attention_bwd_dq_kernel(
+    q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr,
+    dq_ptr,  # (B, H, Tq, D) q's dtype
+    H, N_REP, Tq, Tk, D, WINDOW,
+    qk_scale, sm_scale,
+    T_BUCKET,
+    CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, TO_F32: tl.constexpr,
+    PRECISION: tl.constexpr,
+    BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    # One program per (query block, query head), walking the key blocks it sees like the forward.
+    start_m = tl.program_id(0) * BLOCK_M
+    bh = tl.program_id(1).to(tl.int64)
+    bkv = bh // H * (H // N_REP) + bh % H // N_REP
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < D
+    q_mask = (offs_m[:, None] < Tq) & d_ok[None, :]
+    q_off = bh * Tq * D + offs_m[:, None] * D + offs_d[None, :]
+    q = tl.load(q_ptr + q_off, mask=q_mask, other=0.0)
+    do = tl.load(do_ptr + q_off, mask=q_mask, other=0.0)
+    if TO_F32:
+        q = q.to(tl.float32)
+        do = do.to(tl.float32)
+    lse2 = tl.load(lse_ptr + bh * Tq + offs_m, mask=offs_m < Tq, other=0.0) * 1.4426950408889634
+    delta = tl.load(delta_ptr + bh * Tq + offs_m, mask=offs_m < Tq, other=0.0)
+    dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+
+    lo, hi = _key_range(start_m, Tq, Tk, WINDOW, BLOCK_M, BLOCK_N, CAUSAL, HAS_WINDOW)
+    for start_n in range(lo, hi, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        kv_mask = (offs_n[:, None] < Tk) & d_ok[None, :]
+        k = tl.load(k_ptr + bkv * Tk * D + offs_n[:, None] * D + offs_d[None, :], mask=kv_mask,
+                    other=0.0)
+        v = tl.load(v_ptr + bkv * Tk * D + offs_n[:, None] * D + offs_d[None, :], mask=kv_mask,
+                    other=0.0)
+        if TO_F32:
+            k = k.to(tl.float32)
+            v = v.to(tl.float32)
+        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
+        ok = _visible(offs_m, offs_n, Tq, Tk, WINDOW, CAUSAL, HAS_WINDOW)
+        p = tl.where(ok, tl.exp2(s - lse2[:, None]), 0.0)
+        dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
+        ds = p * (dp - delta[:, None])
+        dq += tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)
+
+    tl.store(dq_ptr + q_off, (dq * sm_scale).to(dq_ptr.dtype.element_ty), mask=q_mask)
+
+
+# ---------------------------------------------------------------------------------------------
+# Launchers, registered as torch.library ops (custom_op, not triton_op: see layer_norm.py).
+class _Launch:
+    """What every kernel of one call shares: shapes, constexprs and autotune keys."""
+
+    def __init__(self, op, q, k, v, causal, scale, window):
+        reason = native.triton_unavailable_reason(q.device)
+        if reason is not None:
+            raise RuntimeError(f"fastlm::{op}: {reason}")
+        for name, t in (("q", q), ("k", k), ("v", v)):
+            if t.dim() != 4:
+                raise ValueError(f"fastlm::{op}: '{name}' must be (B, H, T, D), got "
+                                 f"{tuple(t.shape)}")
+            if t.dtype not in utils.KERNEL_DTYPES or t.dtype != q.dtype:
+                raise TypeError(f"fastlm::{op}: q, k, v must share one of float32, bfloat16, "
+                                f"float16, got {q.dtype}, {k.dtype}, {v.dtype}")
+            if t.device != q.device:
+                raise ValueError(f"fastlm::{op}: '{name}' is on {t.device} but q is on {q.device}")
+        B, H, Tq, D = q.shape
+        if k.shape != v.shape or k.shape[0] != B or k.shape[3] != D or k.shape[1] == 0 \
+                or H % k.shape[1] != 0:
+            raise ValueError(f"fastlm::{op}: k and v must be (B, H_kv, Tk, D) with H % H_kv == 0 "
+                             f"and q's B and D, got q {tuple(q.shape)}, k {tuple(k.shape)}, "
+                             f"v {tuple(v.shape)}")
+        self.B, self.H, self.Tq, self.D = B, H, Tq, D
+        self.H_kv, self.Tk = k.shape[1], k.shape[2]
+        self.n_rep = H // self.H_kv
+        self.window = int(window)
+        fp32 = q.dtype == torch.float32
+        self.common = dict(
+            CAUSAL=bool(causal), HAS_WINDOW=self.window > 0,
+            TO_F32=utils.INTERPRET or fp32, PRECISION="ieee" if fp32 else "tf32",
+            BLOCK_D=max(16, triton.next_power_of_2(D)),  # tl.dot needs >= 16
+        )
+        self.keys = (triton.next_power_of_2(max(Tq, self.Tk, 1)),)
+        self.qk_scale = float(scale) * LOG2E
+        self.scale = float(scale)
+        self.empty = B * H * Tq * D == 0
+
+    def grid_q(self):
+        return lambda meta: (triton.cdiv(self.Tq, meta["BLOCK_M"]), self.B * self.H)
+
+    def grid_kv(self):
+        return lambda meta: (triton.cdiv(self.Tk, meta["BLOCK_N"]), self.B * self.H_kv)
+
+
+@torch.library.custom_op("fastlm::attention_fwd_triton", mutates_args=())
+def attention_fwd_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool,
+                         scale: float, window: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """q (B, H, Tq, D), k and v (B, H_kv, Tk, D) -> out (B, H, Tq, D) in q's dtype and lse
+    (B, H, Tq) float32. window <= 0: no sliding window."""
+    L = _Launch("attention_fwd_triton", q, k, v, causal, scale, window)
+    out = utils.empty_output(q.shape, q.dtype, q.device)
+    lse = utils.empty_output(q.shape[:-1], torch.float32, q.device)
+    if L.empty:
+        return out, lse
+    _attention_fwd_kernel[L.grid_q()](
+        q.contiguous(), k.contiguous(), v.contiguous(), out, lse,
+        L.H, L.n_rep, L.Tq, L.Tk, L.D, L.window, L.qk_scale, *L.keys, **L.common)
+    return out, lse
+
+
+@torch.library.custom_op("fastlm::attention_bwd_triton", mutates_args=())
+def attention_bwd_triton(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                         out: torch.Tensor, lse: torch.Tensor, causal: bool, scale: float,
+                         window: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """dout, out (B, H, Tq, D) and lse (B, H, Tq) from the forward -> dq, dk, dv in the dtypes
+    and shapes of q, k, v (dk and dv summed over the query heads sharing a key/value head)."""
+    op = "attention_bwd_triton"
+    L = _Launch(op, q, k, v, causal, scale, window)
+    if dout.shape != q.shape or out.shape != q.shape:
+        raise ValueError(f"fastlm::{op}: dout and out must have q's shape {tuple(q.shape)}, got "
+                         f"{tuple(dout.shape)} and {tuple(out.shape)}")
+    if lse.dtype != torch.float32 or lse.shape != q.shape[:-1]:
+        raise ValueError(f"fastlm::{op}: lse must be the float32 {tuple(q.shape[:-1])} tensor "
+                         f"the forward returned, got {lse.dtype} {tuple(lse.shape)}")
+    dq = utils.empty_output(q.shape, q.dtype, q.device)
+    dk = utils.empty_output(k.shape, k.dtype, k.device)
+    dv = utils.empty_output(v.shape, v.dtype, v.device)
+    if L.empty or L.Tk == 0:
+        return dq.zero_(), dk.zero_(), dv.zero_()
+    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+    dout = dout.to(q.dtype).contiguous()  # autograd may hand a strided or expanded dout
+    lse = lse.contiguous()
+    N = L.B * L.H * L.Tq
+    delta = utils.empty_output((N,), torch.float32, q.device)
+    rows = 16 if utils.INTERPRET else 64
+    _attention_bwd_delta_kernel[(triton.cdiv(N, rows),)](
+        out.contiguous(), dout, delta, N, L.D, BLOCK_D=L.common["BLOCK_D"], BLOCK_M=rows)
+    _attention_bwd_dkdv_kernel[L.grid_kv()](
+        q, k, v, dout, lse, delta, dk, dv, L.H, L.n_rep, L.Tq, L.Tk, L.D, L.window,
+        L.qk_scale, L.scale, *L.keys, **L.common)
+    _attention_bwd_dq_kernel[L.grid_q()](
+        q, k, v, dout, lse, delta, dq, L.H, L.n_rep, L.Tq, L.Tk, L.D, L.window,
+        L.qk_scale, L.scale, *L.keys, **L.common)
+    return dq, dk, dv
+
+
+opdefs.register_attention("fastlm::attention_fwd_triton", "fastlm::attention_bwd_triton")
