@@ -118,7 +118,7 @@ def save_hf(tok, path):
     def s(b):
         return "".join(b2c[x] for x in b)
 
-    regex = patterns.REGEXES[tok.pattern]
+    regex = patterns.HF_REGEXES[tok.pattern]
     byte_level = {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True,
                   "use_regex": False}
     pre = byte_level if regex is None else {"type": "Sequence", "pretokenizers": [

@@ -15,6 +15,12 @@ GPT4 = (r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}++|\p{N}{1,3}+| ?[^\s\
 REGEXES = {"gpt2": GPT2, "gpt4": GPT4, "none": None}
 NAMES = tuple(REGEXES)
 
+# Hugging Face tokenizers runs Oniguruma, where "{1,3}+" is not possessive but "({1,3})+", i.e.
+# any number of digits. The possessive form is not needed there (nothing after it in that
+# alternative could make it give digits back), so exports to HF drop the "+".
+HF_REGEXES = {name: rx.replace(r"\p{N}{1,3}+", r"\p{N}{1,3}") if rx else rx
+              for name, rx in REGEXES.items()}
+
 
 def check(name):
     """Return `name` if it is a known pattern name, else raise ValueError listing the choices."""
@@ -25,7 +31,7 @@ def check(name):
 
 def name_of_regex(regex):
     """The pattern name whose regex is `regex` (as written by an export), or None."""
-    for name, rx in REGEXES.items():
-        if rx is not None and rx == regex:
+    for name in NAMES:
+        if regex is not None and regex in (REGEXES[name], HF_REGEXES[name]):
             return name
     return None
