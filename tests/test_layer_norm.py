@@ -129,3 +129,15 @@ def test_bad_input_is_a_clear_error(backend):
         ops.layer_norm(x.double(), w.double(), backend=backend)
     with pytest.raises(ValueError, match="non-empty last"):
         ops.layer_norm(torch.randn(4, 0), torch.randn(0), backend=backend)
+
+
+@pytest.mark.parametrize("backend", ["cpu", "triton"])
+def test_native_op_rejects_bad_arguments(backend):
+    """The raw ops check what the public function would: no crash, no out-of-bounds read."""
+    require_backend(OP, backend, torch.device("cpu"))
+    fwd, bwd = ops._native(OP, backend, "fwd"), ops._native(OP, backend, "bwd")
+    with pytest.raises((RuntimeError, ValueError), match="non-empty last"):
+        fwd(torch.randn(3, 0), torch.randn(0), None, EPS)
+    x, w, dy = torch.randn(3, 8), torch.randn(8), torch.randn(3, 8)
+    with pytest.raises((RuntimeError, ValueError), match="rstd"):  # 4 statistics for 3 rows
+        bwd(dy, x, w, torch.zeros(3), torch.zeros(4), True)

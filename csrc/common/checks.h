@@ -33,6 +33,20 @@ at::Tensor empty_output(at::IntArrayRef sizes, const at::TensorOptions& options)
 at::Tensor empty_output_like(const at::Tensor& t);
 
 // Rows x features view of a (..., C) tensor: the layout every norm kernel works on.
+// Callers check C >= 1 first (check_rows_and_weight), so the division is safe.
 inline int64_t rows_of(const at::Tensor& t) { return t.dim() == 0 ? 1 : t.numel() / t.size(-1); }
+
+// The checks every row-wise op (norms) makes, identical for its CPU and CUDA glue:
+// x (..., C), C >= 1, float32/bf16/fp16, on `device`; weight (C,) on x's device.
+void check_rows_and_weight(const char* op, const at::Tensor& x, const at::Tensor& weight,
+                           c10::DeviceType device);
+// An optional per-feature tensor (bias): shape (C,) and on x's device.
+void check_feature_vector(const char* op, const at::Tensor& x, const at::Tensor& t,
+                          const char* name);
+// A gradient of x's shape on x's device (dy).
+void check_like_x(const char* op, const at::Tensor& x, const at::Tensor& t, const char* name);
+// A statistic a forward saved for its backward (mean, rstd): float32, one value per row of x,
+// on x's device. A wrong size would make the kernel read out of bounds, so it is an error.
+void check_row_stats(const char* op, const at::Tensor& x, const at::Tensor& t, const char* name);
 
 }  // namespace fastlm

@@ -94,26 +94,15 @@ void backward_rows(const T* dy, const T* x, const float* w, const float* mean, c
   }
 }
 
-void check_inputs(const at::Tensor& x, const at::Tensor& weight) {
-  FASTLM_CHECK_DEVICE(kOp, x, at::kCPU);
-  FASTLM_CHECK_DEVICE(kOp, weight, at::kCPU);
-  FASTLM_CHECK_FLOAT_DTYPE(kOp, x);
-  FASTLM_CHECK_DIM(kOp, weight, 1);
-  TORCH_CHECK(x.dim() >= 1 && x.size(-1) == weight.size(0), "fastlm::layer_norm: x's last "
-              "dimension must equal weight's size ", weight.size(0), ", got x of shape ", x.sizes());
-}
-
 std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_fwd_cpu(
     const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
     double eps) {
-  check_inputs(x, weight);
+  check_rows_and_weight(kOp, x, weight, at::kCPU);
   const at::Tensor xc = x.contiguous();
   const at::Tensor w = weight.to(at::kFloat).contiguous();
   at::Tensor b;
   if (bias.has_value()) {
-    FASTLM_CHECK_DEVICE(kOp, *bias, at::kCPU);
-    TORCH_CHECK(bias->sizes() == weight.sizes(), "fastlm::layer_norm: bias must have shape ",
-                weight.sizes(), ", got ", bias->sizes());
+    check_feature_vector(kOp, x, *bias, "bias");
     b = bias->to(at::kFloat).contiguous();
   }
   const int64_t C = x.size(-1), N = rows_of(x);
@@ -133,9 +122,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_fwd_cpu(
 std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_bwd_cpu(
     const at::Tensor& dy, const at::Tensor& x, const at::Tensor& weight, const at::Tensor& mean,
     const at::Tensor& rstd, bool has_bias) {
-  check_inputs(x, weight);
-  TORCH_CHECK(dy.sizes() == x.sizes(), "fastlm::layer_norm_bwd: dy must have x's shape ",
-              x.sizes(), ", got ", dy.sizes());
+  check_rows_and_weight(kOp, x, weight, at::kCPU);
+  check_like_x(kOp, x, dy, "dy");
+  check_row_stats(kOp, x, mean, "mean");
+  check_row_stats(kOp, x, rstd, "rstd");
   const at::Tensor xc = x.contiguous();
   const at::Tensor dyc = dy.to(x.scalar_type()).contiguous();
   const at::Tensor w = weight.to(at::kFloat).contiguous();

@@ -19,42 +19,16 @@ namespace {
 
 constexpr const char* kOp = "layer_norm";
 
-// A tensor the kernels index as float32 rows on x's GPU.
-void check_on_device_of(const at::Tensor& x, const at::Tensor& t, const char* name) {
-  TORCH_CHECK(t.device() == x.device(), "fastlm::layer_norm: '", name, "' must be on x's device ",
-              x.device(), ", got ", t.device());
-}
-
-void check_inputs(const at::Tensor& x, const at::Tensor& weight) {
-  FASTLM_CHECK_DEVICE(kOp, x, at::kCUDA);
-  check_on_device_of(x, weight, "weight");
-  FASTLM_CHECK_FLOAT_DTYPE(kOp, x);
-  FASTLM_CHECK_DIM(kOp, weight, 1);
-  TORCH_CHECK(x.dim() >= 1 && x.size(-1) == weight.size(0), "fastlm::layer_norm: x's last "
-              "dimension must equal weight's size ", weight.size(0), ", got x of shape ", x.sizes());
-  TORCH_CHECK(x.size(-1) >= 1, "fastlm::layer_norm: x's last dimension must be at least 1");
-}
-
-// mean / rstd saved by the forward: float32, one per row.
-void check_row_stat(const at::Tensor& x, const at::Tensor& t, const char* name) {
-  check_on_device_of(x, t, name);
-  TORCH_CHECK(t.scalar_type() == at::kFloat && t.numel() == rows_of(x), "fastlm::layer_norm_bwd: '",
-              name, "' must be float32 with one value per row of x (", rows_of(x), "), got ",
-              t.scalar_type(), " of shape ", t.sizes());
-}
-
 std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_fwd_cuda(
     const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
     double eps) {
-  check_inputs(x, weight);
+  check_rows_and_weight(kOp, x, weight, at::kCUDA);
   const c10::cuda::CUDAGuard guard(x.device());
   const at::Tensor xc = x.contiguous();
   const at::Tensor w = weight.to(at::kFloat).contiguous();
   at::Tensor b;
   if (bias.has_value()) {
-    check_on_device_of(x, *bias, "bias");
-    TORCH_CHECK(bias->sizes() == weight.sizes(), "fastlm::layer_norm: bias must have shape ",
-                weight.sizes(), ", got ", bias->sizes());
+    check_feature_vector(kOp, x, *bias, "bias");
     b = bias->to(at::kFloat).contiguous();
   }
   const int64_t C = x.size(-1), N = rows_of(x);
@@ -76,12 +50,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_fwd_cuda(
 std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_bwd_cuda(
     const at::Tensor& dy, const at::Tensor& x, const at::Tensor& weight, const at::Tensor& mean,
     const at::Tensor& rstd, bool has_bias) {
-  check_inputs(x, weight);
-  TORCH_CHECK(dy.sizes() == x.sizes(), "fastlm::layer_norm_bwd: dy must have x's shape ",
-              x.sizes(), ", got ", dy.sizes());
-  check_on_device_of(x, dy, "dy");
-  check_row_stat(x, mean, "mean");
-  check_row_stat(x, rstd, "rstd");
+  check_rows_and_weight(kOp, x, weight, at::kCUDA);
+  check_like_x(kOp, x, dy, "dy");
+  check_row_stats(kOp, x, mean, "mean");
+  check_row_stats(kOp, x, rstd, "rstd");
   const c10::cuda::CUDAGuard guard(x.device());
   const at::Tensor xc = x.contiguous();
   const at::Tensor dyc = dy.to(x.scalar_type()).contiguous();

@@ -72,18 +72,9 @@ void backward_rows(const T* dy, const T* x, const float* w, const float* rstd, T
   }
 }
 
-void check_inputs(const at::Tensor& x, const at::Tensor& weight) {
-  FASTLM_CHECK_DEVICE(kOp, x, at::kCPU);
-  FASTLM_CHECK_DEVICE(kOp, weight, at::kCPU);
-  FASTLM_CHECK_FLOAT_DTYPE(kOp, x);
-  FASTLM_CHECK_DIM(kOp, weight, 1);
-  TORCH_CHECK(x.dim() >= 1 && x.size(-1) == weight.size(0), "fastlm::rms_norm: x's last "
-              "dimension must equal weight's size ", weight.size(0), ", got x of shape ", x.sizes());
-}
-
 std::tuple<at::Tensor, at::Tensor> rms_norm_fwd_cpu(const at::Tensor& x, const at::Tensor& weight,
                                                     double eps) {
-  check_inputs(x, weight);
+  check_rows_and_weight(kOp, x, weight, at::kCPU);
   const at::Tensor xc = x.contiguous();
   const at::Tensor w = weight.to(at::kFloat).contiguous();
   const int64_t C = x.size(-1), N = rows_of(x);
@@ -99,9 +90,9 @@ std::tuple<at::Tensor, at::Tensor> rms_norm_fwd_cpu(const at::Tensor& x, const a
 std::tuple<at::Tensor, at::Tensor> rms_norm_bwd_cpu(const at::Tensor& dy, const at::Tensor& x,
                                                     const at::Tensor& weight,
                                                     const at::Tensor& rstd) {
-  check_inputs(x, weight);
-  TORCH_CHECK(dy.sizes() == x.sizes(), "fastlm::rms_norm_bwd: dy must have x's shape ",
-              x.sizes(), ", got ", dy.sizes());
+  check_rows_and_weight(kOp, x, weight, at::kCPU);
+  check_like_x(kOp, x, dy, "dy");
+  check_row_stats(kOp, x, rstd, "rstd");
   const at::Tensor xc = x.contiguous();
   const at::Tensor dyc = dy.to(x.scalar_type()).contiguous();
   const at::Tensor w = weight.to(at::kFloat).contiguous();

@@ -19,24 +19,9 @@ namespace {
 
 constexpr const char* kOp = "rms_norm";
 
-void check_on_device_of(const at::Tensor& x, const at::Tensor& t, const char* name) {
-  TORCH_CHECK(t.device() == x.device(), "fastlm::rms_norm: '", name, "' must be on x's device ",
-              x.device(), ", got ", t.device());
-}
-
-void check_inputs(const at::Tensor& x, const at::Tensor& weight) {
-  FASTLM_CHECK_DEVICE(kOp, x, at::kCUDA);
-  check_on_device_of(x, weight, "weight");
-  FASTLM_CHECK_FLOAT_DTYPE(kOp, x);
-  FASTLM_CHECK_DIM(kOp, weight, 1);
-  TORCH_CHECK(x.dim() >= 1 && x.size(-1) == weight.size(0), "fastlm::rms_norm: x's last "
-              "dimension must equal weight's size ", weight.size(0), ", got x of shape ", x.sizes());
-  TORCH_CHECK(x.size(-1) >= 1, "fastlm::rms_norm: x's last dimension must be at least 1");
-}
-
 std::tuple<at::Tensor, at::Tensor> rms_norm_fwd_cuda(const at::Tensor& x, const at::Tensor& weight,
                                                      double eps) {
-  check_inputs(x, weight);
+  check_rows_and_weight(kOp, x, weight, at::kCUDA);
   const c10::cuda::CUDAGuard guard(x.device());
   const at::Tensor xc = x.contiguous();
   const at::Tensor w = weight.to(at::kFloat).contiguous();
@@ -55,14 +40,9 @@ std::tuple<at::Tensor, at::Tensor> rms_norm_fwd_cuda(const at::Tensor& x, const 
 std::tuple<at::Tensor, at::Tensor> rms_norm_bwd_cuda(const at::Tensor& dy, const at::Tensor& x,
                                                      const at::Tensor& weight,
                                                      const at::Tensor& rstd) {
-  check_inputs(x, weight);
-  TORCH_CHECK(dy.sizes() == x.sizes(), "fastlm::rms_norm_bwd: dy must have x's shape ",
-              x.sizes(), ", got ", dy.sizes());
-  check_on_device_of(x, dy, "dy");
-  check_on_device_of(x, rstd, "rstd");
-  TORCH_CHECK(rstd.scalar_type() == at::kFloat && rstd.numel() == rows_of(x),
-              "fastlm::rms_norm_bwd: 'rstd' must be float32 with one value per row of x (",
-              rows_of(x), "), got ", rstd.scalar_type(), " of shape ", rstd.sizes());
+  check_rows_and_weight(kOp, x, weight, at::kCUDA);
+  check_like_x(kOp, x, dy, "dy");
+  check_row_stats(kOp, x, rstd, "rstd");
   const c10::cuda::CUDAGuard guard(x.device());
   const at::Tensor xc = x.contiguous();
   const at::Tensor dyc = dy.to(x.scalar_type()).contiguous();
