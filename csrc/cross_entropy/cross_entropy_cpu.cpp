@@ -2,6 +2,7 @@
 // logits (N, V) in float32/bf16/fp16, target (N,) int64. Row math in float32 (cross_entropy_rows.h)
 // whatever the logits' dtype; parallel over rows with at::parallel_for.
 #include <tuple>
+#include <type_traits>
 #include <vector>
 
 #include <ATen/Parallel.h>
@@ -18,6 +19,18 @@ namespace {
 constexpr const char* kOp = "cross_entropy";
 
 int64_t row_grain(int64_t V) { return std::max<int64_t>(1, 65536 / V); }
+
+// Gradient row r: written straight into dx for float32, through a float32 buffer otherwise.
+template <typename T>
+void backward_row(const float* xr, int64_t V, int64_t t, float lse, float dl,
+                  const cpu::CeParams& prm, T* out, float* buf) {
+  if constexpr (std::is_same_v<T, float>) {
+    cpu::ce_row_backward(xr, V, t, lse, dl, prm, out);
+  } else {
+    cpu::ce_row_backward(xr, V, t, lse, dl, prm, buf);
+    cpu::store_row(buf, out, V);
+  }
+}
 
 void check_inputs(const at::Tensor& logits, const at::Tensor& target, int64_t ignore_index) {
   FASTLM_CHECK_DEVICE(kOp, logits, at::kCPU);
@@ -92,8 +105,7 @@ at::Tensor cross_entropy_bwd_cpu(const at::Tensor& dloss, const at::Tensor& logi
       std::vector<float> buf(V), gbuf(V);
       for (int64_t r = begin; r < end; ++r) {
         const float* xr = cpu::as_float(xp + r * V, buf.data(), V);
-        cpu::ce_row_backward(xr, V, tp[r], sp[r], dlp[r], prm, gbuf.data());
-        cpu::store_row(gbuf.data(), gp + r * V, V);
+        backward_row(xr, V, tp[r], sp[r], dlp[r], prm, gp + r * V, gbuf.data());
       }
     });
   });

@@ -1,0 +1,98 @@
+"""adamw_step benchmark: one optimizer step over a model-sized list of tensors, fastlm's backends
+against torch.optim.AdamW's foreach and fused implementations.
+
+    python -m fastlm.bench --ops adamw_step [--sizes small|medium|large] [--dtypes ...]
+
+The parameter list mimics a GPT-2 stack (per layer: 4 matrices of D x D, 4 D x 4D, biases and
+norm gains; plus a V x D embedding), so both per-tensor overhead and bandwidth count. Bytes per
+element: read p, g, m, v and write p, m, v (7 accesses; states in the parameter dtype).
+"""
+from __future__ import annotations
+
+import torch
+
+import fastlm.ops as ops
+from fastlm.bench import utils
+
+OP = "adamw_step"
+# (layers, width, vocab): ~12M, ~33M (the issue's "30M+"), ~124M (GPT-2 small) parameters.
+SHAPES = {
+    "small": [(2, 512, 8192)],
+    "medium": [(4, 768, 8192)],
+    "large": [(12, 768, 50304)],
+}
+HYPER = dict(lr=1e-3, beta1=0.9, beta2=0.95, eps=1e-8, weight_decay=0.1)
+
+
+def model_shapes(layers, width, vocab):
+    shapes = [(vocab, width)]
+    for _ in range(layers):
+        shapes += [(3 * width, width), (width, width), (4 * width, width), (width, 4 * width)]
+        shapes += [(3 * width,), (width,), (4 * width,), (width,), (width,), (width,), (width,),
+                   (width,)]
+    return shapes
+
+
+def make_state(shape, dtype, device):
+    tensors = [torch.randn(s, device=device, dtype=dtype) for s in model_shapes(*shape)]
+    return ([t.clone() for t in tensors], [torch.randn_like(t) for t in tensors],
+            [torch.zeros_like(t) for t in tensors], [torch.zeros_like(t) for t in tensors])
+
+
+def providers(device):
+    def torch_impl(foreach, fused):
+        def step(p, g, m, v):
+            steps = [torch.tensor(5.0, device=device) for _ in p]
+            torch.optim.adamw.adamw(p, g, m, v, [], steps, foreach=foreach, fused=fused,
+                                    amsgrad=False, maximize=False, **_torch_hyper())
+        return step
+
+    out = [utils.Provider("torch-foreach", torch_impl(True, None)),
+           utils.Provider("torch-fused", torch_impl(None, True))]
+    for backend in ("reference", "cpu", "cuda", "triton"):
+        reason = ops.unavailable_reason(OP, backend, device)
+        if backend == "triton" and device.type == "cpu" and reason is None:
+            reason = "the Triton interpreter is a correctness tool, not timed"
+        if backend in ("cuda", "triton") and device.type == "cpu" and reason:
+            continue
+        out.append(utils.Provider(
+            f"fastlm-{backend}",
+            lambda p, g, m, v, b=backend: ops.adamw_step(p, g, m, v, 5, **HYPER, backend=b),
+            reason))
+    return out
+
+
+def _torch_hyper():
+    return dict(lr=HYPER["lr"], beta1=HYPER["beta1"], beta2=HYPER["beta2"], eps=HYPER["eps"],
+                weight_decay=HYPER["weight_decay"])
+
+
+def run(args) -> list[dict]:
+    device = torch.device(args.device)
+    env = utils.environment(device)
+    roofline = utils.copy_bandwidth_gbps(device)
+    rows = []
+    for shape in SHAPES[args.sizes]:
+        for dtype in args.dtypes:
+            state = make_state(shape, dtype, device)
+            numel = sum(t.numel() for t in state[0])
+            nbytes = 7 * numel * torch.finfo(dtype).bits // 8
+            for p in providers(device):
+                row = {"op": OP, "provider": p.name, "shape": list(shape), "params": numel,
+                       "dtype": str(dtype).removeprefix("torch."), "mode": "step"}
+                if p.skip_reason:
+                    rows.append({**row, "skipped": p.skip_reason, **env})
+                    continue
+                with torch.no_grad():
+                    timing = utils.time_call(lambda _: p.fn(*state), device, budget_s=args.budget)
+                gbps = nbytes / (timing.median_ms * 1e-3) / 1e9
+                rows.append({**row, "median_ms": timing.median_ms, "min_ms": timing.min_ms,
+                             "max_ms": timing.max_ms, "runs": timing.runs, "gb_per_s": gbps,
+                             "pct_of_copy_bw": 100 * gbps / roofline, **env})
+    base = {(tuple(r["shape"]), r["dtype"]): r["median_ms"] for r in rows
+            if r["provider"] == "torch-fused" and "median_ms" in r}
+    for r in rows:
+        key = (tuple(r["shape"]), r["dtype"])
+        if "median_ms" in r and key in base:
+            r["speedup_vs_torch"] = base[key] / r["median_ms"]  # vs torch's fused AdamW
+    return rows

@@ -1,0 +1,136 @@
+// CUDA cross_entropy kernels: one block per row of logits, the row streamed through in a
+// coalesced block-stride loop (V is far beyond what registers hold: 50K+ columns).
+// Forward: each thread keeps an online (running max, sum of exponentials) pair and the sum of
+// its columns; the pairs are merged across the block in a fixed order (deterministic), giving
+// lse and the loss. Backward: one more pass writing the gradient. Math in float32.
+#include <cfloat>
+
+#include "common/cuda_utils.cuh"
+#include "cross_entropy/cross_entropy_cuda.h"
+
+namespace fastlm {
+namespace gpu {
+namespace {
+
+constexpr int kThreads = 512;
+constexpr int kWarps = kThreads / kWarpSize;
+
+// Merge (m2, s2) into (m, s): sums of exp(x - m) over two sets, rescaled to the larger max.
+__device__ __forceinline__ void merge_lse(float& m, float& s, float m2, float s2) {
+  const float mx = fmaxf(m, m2);
+  if (mx == -INFINITY) return;  // both empty
+  s = s * __expf(m - mx) + s2 * __expf(m2 - mx);
+  m = mx;
+}
+
+template <typename T>
+__global__ void __launch_bounds__(kThreads)
+    ce_fwd_kernel(const T* __restrict__ x, const int64_t* __restrict__ target,
+                  float* __restrict__ loss, float* __restrict__ lse, int64_t V,
+                  int64_t ignore_index, float label_smoothing, float z_loss) {
+  __shared__ float sm[3][kWarps];
+  const int64_t row = blockIdx.x;
+  const T* xr = x + row * V;
+  float m = -INFINITY, s = 0.f, xs = 0.f;
+  for (int64_t i = threadIdx.x; i < V; i += kThreads) {
+    const float v = to_float(xr[i]);
+    if (v > m) {
+      s = s * __expf(m - v) + 1.f;
+      m = v;
+    } else {
+      s += __expf(v - m);
+    }
+    xs += v;
+  }
+  for (int off = kWarpSize / 2; off > 0; off >>= 1) {
+    const float m2 = __shfl_xor_sync(0xffffffffu, m, off);
+    const float s2 = __shfl_xor_sync(0xffffffffu, s, off);
+    merge_lse(m, s, m2, s2);
+    xs += __shfl_xor_sync(0xffffffffu, xs, off);
+  }
+  const int warp = threadIdx.x / kWarpSize;
+  if (threadIdx.x % kWarpSize == 0) {
+    sm[0][warp] = m;
+    sm[1][warp] = s;
+    sm[2][warp] = xs;
+  }
+  __syncthreads();
+  if (threadIdx.x != 0) return;
+  m = sm[0][0];
+  s = sm[1][0];
+  xs = sm[2][0];
+  for (int w = 1; w < kWarps; ++w) {
+    merge_lse(m, s, sm[0][w], sm[1][w]);
+    xs += sm[2][w];
+  }
+  const float l = m + __logf(s);
+  lse[row] = l;
+  const int64_t t = target[row];
+  if (t == ignore_index) {
+    loss[row] = 0.f;
+    return;
+  }
+  float out = (1.f - label_smoothing) * (l - to_float(xr[t])) + z_loss * l * l;
+  if (label_smoothing != 0.f) out += label_smoothing * (l - xs / static_cast<float>(V));
+  loss[row] = out;
+}
+
+template <typename T>
+__global__ void __launch_bounds__(kThreads)
+    ce_bwd_kernel(const float* __restrict__ dloss, const T* __restrict__ x,
+                  const int64_t* __restrict__ target, const float* __restrict__ lse,
+                  T* __restrict__ g, int64_t V, int64_t ignore_index, float label_smoothing,
+                  float z_loss) {
+  const int64_t row = blockIdx.x;
+  const int64_t t = target[row];
+  const float d = t == ignore_index ? 0.f : dloss[row];
+  const float l = lse[row];
+  const float a = d * (1.f + 2.f * z_loss * l);
+  const float b = d * label_smoothing / static_cast<float>(V);
+  const float c = d * (1.f - label_smoothing);
+  const T* xr = x + row * V;
+  T* gr = g + row * V;
+  for (int64_t i = threadIdx.x; i < V; i += kThreads) {
+    const float v = a * __expf(to_float(xr[i]) - l) - b - (i == t ? c : 0.f);
+    gr[i] = from_float<T>(v);
+  }
+}
+
+}  // namespace
+
+template <typename T>
+cudaError_t cross_entropy_fwd(const T* logits, const int64_t* target, float* loss, float* lse,
+                              int64_t N, int64_t V, int64_t ignore_index, float label_smoothing,
+                              float z_loss, cudaStream_t stream) {
+  if (N == 0) return cudaSuccess;
+  if (N > 0x7fffffff) return cudaErrorInvalidValue;  // one block per row
+  ce_fwd_kernel<T><<<static_cast<unsigned>(N), kThreads, 0, stream>>>(
+      logits, target, loss, lse, V, ignore_index, label_smoothing, z_loss);
+  return cudaGetLastError();
+}
+
+template <typename T>
+cudaError_t cross_entropy_bwd(const float* dloss, const T* logits, const int64_t* target,
+                              const float* lse, T* dlogits, int64_t N, int64_t V,
+                              int64_t ignore_index, float label_smoothing, float z_loss,
+                              cudaStream_t stream) {
+  if (N == 0) return cudaSuccess;
+  if (N > 0x7fffffff) return cudaErrorInvalidValue;
+  ce_bwd_kernel<T><<<static_cast<unsigned>(N), kThreads, 0, stream>>>(
+      dloss, logits, target, lse, dlogits, V, ignore_index, label_smoothing, z_loss);
+  return cudaGetLastError();
+}
+
+#define FASTLM_INSTANTIATE(T)                                                                  \
+  template cudaError_t cross_entropy_fwd<T>(const T*, const int64_t*, float*, float*, int64_t, \
+                                            int64_t, int64_t, float, float, cudaStream_t);     \
+  template cudaError_t cross_entropy_bwd<T>(const float*, const T*, const int64_t*,            \
+                                            const float*, T*, int64_t, int64_t, int64_t,       \
+                                            float, float, cudaStream_t);
+FASTLM_INSTANTIATE(float)
+FASTLM_INSTANTIATE(__nv_bfloat16)
+FASTLM_INSTANTIATE(__half)
+#undef FASTLM_INSTANTIATE
+
+}  // namespace gpu
+}  // namespace fastlm
