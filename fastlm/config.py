@@ -106,7 +106,7 @@ class TrainConfig:
     out_dir: str = _f("", "run directory ('' = runs/<timestamp>)")
     device: str = _f("auto", "auto (cuda if present, else cpu), cpu, cuda or cuda:N")
     seed: int = _f(1337, "seed for weights, batches and sampling", min=0)
-    max_steps: int = _f(600, "optimizer steps", min=1)
+    max_steps: int = _f(1500, "optimizer steps", min=1)
     batch_size: int = _f(16, "sequences per micro-batch", min=1)
     seq_len: int = _f(0, "tokens per sequence (0 = model.block_size)", min=0)
     grad_accum: int = _f(1, "micro-batches per optimizer step", min=1)
@@ -118,9 +118,10 @@ class TrainConfig:
 @dataclass
 class OptimConfig:
     """AdamW (fastlm.optim) and the learning-rate schedule."""
-    lr: float = _f(1e-3, "peak learning rate", gt=0.0)
-    min_lr: float = _f(1e-4, "learning rate at the end of the cosine decay", min=0.0)
-    warmup_steps: int = _f(50, "linear warmup steps from 0 to lr", min=0)
+    lr: float = _f(3e-3, "peak learning rate (tuned for the tiny default run; ~6e-4 suits "
+                         "gpt2-124m)", gt=0.0)
+    min_lr: float = _f(3e-4, "learning rate at the end of the cosine decay", min=0.0)
+    warmup_steps: int = _f(100, "linear warmup steps from 0 to lr", min=0)
     schedule: str = _f("cosine", "decay after warmup", choices=("cosine", "constant"))
     betas: tuple[float, float] = _f((0.9, 0.95), "AdamW betas, e.g. --optim.betas=0.9,0.95",
                                     min=0.0, max=0.999999)

@@ -192,6 +192,8 @@ def train(cfg: Config) -> TrainResult:
         step = state["step"]
         torch.set_rng_state(state["torch_rng"])
         data_gen.set_state(state["data_rng"])
+        if device.type == "cuda" and state.get("cuda_rng"):
+            torch.cuda.set_rng_state_all(state["cuda_rng"])
 
     run_dir = Path(cfg.train.out_dir) if cfg.train.out_dir else (
         resume.path.parent.parent if resume is not None else default_run_dir())
@@ -214,7 +216,8 @@ def train(cfg: Config) -> TrainResult:
 
     def save_checkpoint(val_loss: float | None) -> Path:
         state = {"step": step, "torch_rng": torch.get_rng_state(),
-                 "data_rng": data_gen.get_state()}
+                 "data_rng": data_gen.get_state(),  # the data position: next random windows
+                 "cuda_rng": torch.cuda.get_rng_state_all() if device.type == "cuda" else []}
         return checkpoint.save(run_dir, step, model, optimizer, state, config_dict,
                                {"val_loss": val_loss}, cfg.checkpoint.keep_last)
 

@@ -240,3 +240,10 @@ def test_resume_with_another_model_shape_says_how_to_fix(tmp_path, corpus):
                                          rf"--config {run_dir}/config.toml"):
         main([f"--data={corpus}", *TINY, "--model.n_embd=64", "--train.max_steps=4",
               f"--checkpoint.resume={run_dir}"])
+
+
+def test_kernels_backend_config_reaches_fastlm_ops(tmp_path, corpus, capsys):
+    main([f"--data={corpus}", "--out", str(tmp_path / "run"), *TINY, "--train.max_steps=2",
+          "--sample.tokens=0", "--kernels.backend=reference,layer_norm=torch"])
+    out = capsys.readouterr().out
+    assert "layer_norm=torch, rms_norm=reference, attention=reference" in out
