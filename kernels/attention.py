@@ -31,6 +31,8 @@ from fastlm.kernels import utils
 
 LN2 = math.log(2.0)
 LOG2E = 1.0 / LN2
+LOG2E_C = tl.constexpr(LOG2E)  # the same, as kernel constants
+LN2_C = tl.constexpr(LN2)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -138,7 +140,7 @@ def _attention_fwd_kernel(
 
     seen = l_i > 0.0
     out = acc / tl.where(seen, l_i, 1.0)[:, None]
-    lse = tl.where(seen, (m_i + tl.log2(tl.where(seen, l_i, 1.0))) * 0.6931471805599453,
+    lse = tl.where(seen, (m_i + tl.log2(tl.where(seen, l_i, 1.0))) * LN2_C,
                    float("-inf"))
     row_ok = offs_m < Tq
     tl.store(o_ptr + bh * Tq * D + offs_m[:, None] * D + offs_d[None, :],
@@ -218,7 +220,7 @@ def _attention_bwd_dkdv_kernel(
             if TO_F32:
                 q = q.to(tl.float32)
                 do = do.to(tl.float32)
-            lse2 = tl.load(lse_ptr + bh * Tq + offs_m, mask=offs_m < Tq, other=0.0) * 1.4426950408889634
+            lse2 = tl.load(lse_ptr + bh * Tq + offs_m, mask=offs_m < Tq, other=0.0) * LOG2E_C
             delta = tl.load(delta_ptr + bh * Tq + offs_m, mask=offs_m < Tq, other=0.0)
             s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale  # (BLOCK_M, BLOCK_N)
             ok = _visible(offs_m, offs_n, Tq, Tk, WINDOW, CAUSAL, HAS_WINDOW)
@@ -259,7 +261,7 @@ def _attention_bwd_dq_kernel(
     if TO_F32:
         q = q.to(tl.float32)
         do = do.to(tl.float32)
-    lse2 = tl.load(lse_ptr + bh * Tq + offs_m, mask=offs_m < Tq, other=0.0) * 1.4426950408889634
+    lse2 = tl.load(lse_ptr + bh * Tq + offs_m, mask=offs_m < Tq, other=0.0) * LOG2E_C
     delta = tl.load(delta_ptr + bh * Tq + offs_m, mask=offs_m < Tq, other=0.0)
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
 

@@ -142,8 +142,8 @@ at::Tensor as_float_contiguous(const at::Tensor& t) { return t.to(at::kFloat).co
 // A float32 buffer the kernel fills: the output itself when it is float32, else a scratch tensor
 // (poisoned like outputs, so an unwritten element still shows) copied into it afterwards.
 at::Tensor float_target(const at::Tensor& out) {
-  return out.scalar_type() == at::kFloat ? out
-                                         : empty_output(out.sizes(), out.options().dtype(at::kFloat));
+  if (out.scalar_type() == at::kFloat) return out;
+  return empty_output(out.sizes(), out.options().dtype(at::kFloat));
 }
 
 std::tuple<at::Tensor, at::Tensor> attention_fwd_cpu(const at::Tensor& q, const at::Tensor& k,
