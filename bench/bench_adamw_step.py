@@ -39,16 +39,20 @@ def make_state(shape, dtype, device):
             [torch.zeros_like(t) for t in tensors], [torch.zeros_like(t) for t in tensors])
 
 
-def providers(device):
-    def torch_impl(foreach, fused):
-        def step(p, g, m, v):
-            steps = [torch.tensor(5.0, device=device) for _ in p]
-            torch.optim.adamw.adamw(p, g, m, v, [], steps, foreach=foreach, fused=fused,
-                                    amsgrad=False, maximize=False, **_torch_hyper())
-        return step
+def providers(device, state):
+    """Providers as closures over one state (params, grads, exp_avgs, exp_avg_sqs). torch's run
+    as real torch.optim.AdamW instances over the same tensors (as Parameters with .grad set)."""
+    params = [torch.nn.Parameter(p, requires_grad=False) for p in state[0]]
+    for p, g in zip(params, state[1]):
+        p.grad = g
 
-    out = [utils.Provider("torch-foreach", torch_impl(True, None)),
-           utils.Provider("torch-fused", torch_impl(None, True))]
+    def torch_impl(**kind):
+        opt = torch.optim.AdamW(params, lr=HYPER["lr"], betas=(HYPER["beta1"], HYPER["beta2"]),
+                                eps=HYPER["eps"], weight_decay=HYPER["weight_decay"], **kind)
+        return opt.step
+
+    out = [utils.Provider("torch-foreach", torch_impl(foreach=True)),
+           utils.Provider("torch-fused", torch_impl(fused=True))]
     for backend in ("reference", "cpu", "cuda", "triton"):
         reason = ops.unavailable_reason(OP, backend, device)
         if backend == "triton" and device.type == "cpu" and reason is None:
@@ -57,14 +61,8 @@ def providers(device):
             continue
         out.append(utils.Provider(
             f"fastlm-{backend}",
-            lambda p, g, m, v, b=backend: ops.adamw_step(p, g, m, v, 5, **HYPER, backend=b),
-            reason))
+            lambda b=backend: ops.adamw_step(*state, 5, **HYPER, backend=b), reason))
     return out
-
-
-def _torch_hyper():
-    return dict(lr=HYPER["lr"], beta1=HYPER["beta1"], beta2=HYPER["beta2"], eps=HYPER["eps"],
-                weight_decay=HYPER["weight_decay"])
 
 
 def run(args) -> list[dict]:
@@ -77,14 +75,14 @@ def run(args) -> list[dict]:
             state = make_state(shape, dtype, device)
             numel = sum(t.numel() for t in state[0])
             nbytes = 7 * numel * torch.finfo(dtype).bits // 8
-            for p in providers(device):
+            for p in providers(device, state):
                 row = {"op": OP, "provider": p.name, "shape": list(shape), "params": numel,
                        "dtype": str(dtype).removeprefix("torch."), "mode": "step"}
                 if p.skip_reason:
                     rows.append({**row, "skipped": p.skip_reason, **env})
                     continue
                 with torch.no_grad():
-                    timing = utils.time_call(lambda _: p.fn(*state), device, budget_s=args.budget)
+                    timing = utils.time_call(lambda _: p.fn(), device, budget_s=args.budget)
                 gbps = nbytes / (timing.median_ms * 1e-3) / 1e9
                 rows.append({**row, "median_ms": timing.median_ms, "min_ms": timing.min_ms,
                              "max_ms": timing.max_ms, "runs": timing.runs, "gb_per_s": gbps,

@@ -333,12 +333,15 @@ def cross_entropy(logits: torch.Tensor, target: torch.Tensor, ignore_index: int 
 
 # ---------------------------------------------------------------------------------------------
 # Linear cross-entropy: the output head and its loss without the (N, V) logits
-def linear_cross_entropy_chunk_rows(N: int, V: int, D: int) -> int:
+def linear_cross_entropy_chunk_rows(N: int, V: int, D: int, device_type: str = "cuda") -> int:
     """Rows per chunk: the (rows, V) float32 logits of a chunk about as big as hidden (N, D) in
     float32, so the loss adds little beyond what the model already holds (Liger-Kernel's rule),
-    as a power of two for GEMM-friendly shapes, at least 16 rows and at most N."""
+    as a power of two for GEMM-friendly shapes, at most N. At least 16 rows on a GPU; at least
+    256 on a CPU, where thinner GEMMs lose much of their speed (N=2048, D=768, V=50304 on 2
+    cores: 15.5 s per step with 32-row chunks, 9.4 s with 256, against 11.7 s materialised)."""
     rows = math.ceil(N / max(1, math.ceil(V / D)))
-    return max(1, min(N, max(16, 1 << (rows - 1).bit_length())))
+    floor = 256 if device_type == "cpu" else 16
+    return max(1, min(N, max(floor, 1 << (rows - 1).bit_length())))
 
 
 def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, target: torch.Tensor,
@@ -379,7 +382,7 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, target: tor
         return F.cross_entropy(logits, target, ignore_index=ignore_index, reduction=reduction)
     _native_dtype_ok("linear_cross_entropy", impl, h)
     _native_dtype_ok("linear_cross_entropy", impl, weight)
-    rows = chunk_rows or linear_cross_entropy_chunk_rows(N, V, D)
+    rows = chunk_rows or linear_cross_entropy_chunk_rows(N, V, D, h.device.type)
     if reduction == "none":
         return _linear_cross_entropy_rows(h, weight, target, ignore_index, rows, impl)
     valid = (target != ignore_index).sum()
