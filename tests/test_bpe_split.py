@@ -2,11 +2,11 @@
 import pytest
 
 pytest.importorskip("regex", reason="the reference splitter needs the regex package")
-from hypothesis import given, settings  # noqa: E402
-from hypothesis import strategies as st  # noqa: E402
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from fastlm.tokenizer import reference  # noqa: E402
-from tests.bpe_corpus import mixed_text, stdlib_text  # noqa: E402
+from fastlm.tokenizer import reference
+from tests.bpe_corpus import mixed_text, stdlib_text
 
 _bpe = pytest.importorskip("fastlm._bpe", reason="fastlm._bpe is not built")
 

@@ -3,8 +3,8 @@ on several corpora, patterns and vocabulary sizes, whatever the threads and inpu
 import pytest
 
 pytest.importorskip("regex", reason="the reference tokenizer needs the regex package")
-from fastlm.tokenizer import Tokenizer, reference  # noqa: E402
-from tests.bpe_corpus import mixed_text, stdlib_text  # noqa: E402
+from fastlm.tokenizer import Tokenizer, reference
+from tests.bpe_corpus import mixed_text, stdlib_text
 
 _bpe = pytest.importorskip("fastlm._bpe", reason="fastlm._bpe is not built")
 
@@ -109,14 +109,14 @@ def test_train_runs_out_of_pairs_with_a_warning():
 
 
 @pytest.mark.parametrize("bad,match", [
-    (dict(vocab_size=100), "vocab_size"),
-    (dict(pattern="gpt5"), "unknown split pattern"),
-    (dict(special_tokens=["<a>", "<a>"]), "duplicates"),
-    (dict(special_tokens=[""]), "non-empty"),
-    (dict(threads=0), "threads"),
+    ({"vocab_size": 100}, "vocab_size"),
+    ({"pattern": "gpt5"}, "unknown split pattern"),
+    ({"special_tokens": ["<a>", "<a>"]}, "duplicates"),
+    ({"special_tokens": [""]}, "non-empty"),
+    ({"threads": 0}, "threads"),
 ])
 def test_train_rejects_bad_arguments(bad, match):
-    kw = dict(vocab_size=300)
+    kw = {"vocab_size": 300}
     kw.update(bad)
     with pytest.raises(ValueError, match=match):
         Tokenizer.train(iter(["some text"]), **kw)

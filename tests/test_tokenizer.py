@@ -3,12 +3,12 @@ special-token rules as in tiktoken, batch encoding, decode, offsets, the byte to
 import pytest
 
 pytest.importorskip("regex", reason="the reference tokenizer needs the regex package")
-from hypothesis import given, settings  # noqa: E402
-from hypothesis import strategies as st  # noqa: E402
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from fastlm.tokenizer import Tokenizer  # noqa: E402
-from fastlm.tokenizer.reference import ReferenceEncoder  # noqa: E402
-from tests.bpe_corpus import mixed_text, stdlib_text  # noqa: E402
+from fastlm.tokenizer import Tokenizer
+from fastlm.tokenizer.reference import ReferenceEncoder
+from tests.bpe_corpus import mixed_text, stdlib_text
 
 pytest.importorskip("fastlm._bpe", reason="fastlm._bpe is not built")
 

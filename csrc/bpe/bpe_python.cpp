@@ -269,7 +269,7 @@ PYBIND11_MODULE(_bpe, m) {
                   py::gil_scoped_acquire acquire;
                   progress(n);
                 };
-              r = learn_merges(counts, n_new_tokens, report);
+              r = learn_merges(std::move(counts), n_new_tokens, report);
             }
             py::list tokens;
             for (const auto& t : r.tokens) tokens.append(py::bytes(t));

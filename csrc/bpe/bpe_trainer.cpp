@@ -166,12 +166,17 @@ void PretokenCounter::feed_documents(const std::vector<std::string_view>& docs) 
 
 BytesMap<int64_t> PretokenCounter::merged_counts() {
   end_document();
+  // Merge into the largest map (moved, not copied) and free the others as they are merged.
   size_t biggest = 0;
-  for (const auto& m : maps_) biggest = std::max(biggest, m.size());
-  BytesMap<int64_t> out(biggest);
-  for (auto& m : maps_) {
-    m.for_each([&](const uint8_t* p, size_t n, int64_t c) { out.get_or_insert(p, n, 0) += c; });
-    m = BytesMap<int64_t>();  // free as we go
+  for (size_t k = 1; k < maps_.size(); ++k)
+    if (maps_[k].size() > maps_[biggest].size()) biggest = k;
+  BytesMap<int64_t> out = std::move(maps_[biggest]);
+  for (size_t k = 0; k < maps_.size(); ++k) {
+    if (k != biggest) {
+      maps_[k].for_each(
+          [&](const uint8_t* p, size_t n, int64_t c) { out.get_or_insert(p, n, 0) += c; });
+    }
+    maps_[k] = BytesMap<int64_t>();
   }
   return out;
 }
@@ -196,7 +201,7 @@ struct HeapEntry {
 
 class MergeLearner {
  public:
-  explicit MergeLearner(const BytesMap<int64_t>& counts) : pairs_(counts.size() * 4) {
+  explicit MergeLearner(const BytesMap<int64_t>& counts) : pairs_(counts.size()) {
     for (int b = 0; b < 256; ++b) {
       result_.tokens.emplace_back(1, static_cast<char>(b));
       by_bytes_.get_or_insert(reinterpret_cast<const uint8_t*>(result_.tokens.back().data()), 1,
@@ -330,9 +335,10 @@ class MergeLearner {
 
 }  // namespace
 
-TrainResult learn_merges(const BytesMap<int64_t>& counts, size_t n_new_tokens,
+TrainResult learn_merges(BytesMap<int64_t> counts, size_t n_new_tokens,
                          const std::function<void(size_t)>& progress) {
   MergeLearner learner(counts);
+  counts = BytesMap<int64_t>();  // the words hold everything now: free the map before merging
   return learner.run(n_new_tokens, progress);
 }
 

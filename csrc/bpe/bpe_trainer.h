@@ -75,7 +75,7 @@ struct TrainResult {
 
 // Learns merges until 256 + n_new_tokens tokens exist or no pair is left. `progress(tokens)` is
 // called now and then (may be empty).
-TrainResult learn_merges(const BytesMap<int64_t>& counts, size_t n_new_tokens,
+TrainResult learn_merges(BytesMap<int64_t> counts, size_t n_new_tokens,
                          const std::function<void(size_t)>& progress = {});
 
 }  // namespace fastlm::bpe

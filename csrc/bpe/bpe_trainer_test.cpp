@@ -66,7 +66,7 @@ int main() {
     counts.for_each([&](const uint8_t* k, size_t n, int64_t c) {
       as_map[std::string(reinterpret_cast<const char*>(k), n)] = c;
     });
-    TrainResult r = learn_merges(counts, 40);
+    TrainResult r = learn_merges(std::move(counts), 40);
     BPE_CHECK(r.merges == brute_force(as_map, 40));
     BPE_CHECK(r.tokens.size() <= 256 + 40);
 

@@ -72,7 +72,7 @@ def main(path):
         "constexpr Run kRuns[kNumRuns] = {",
     ]
     for i in range(0, len(table), 4):
-        lines.append("    " + " ".join("{0x%X, 0x%X, %d}," % r for r in table[i:i + 4]))
+        lines.append("    " + " ".join(f"{{0x{a:X}, 0x{b:X}, {c}}}," for a, b, c in table[i:i + 4]))
     lines += ["};", "}  // namespace fastlm::bpe::tables", ""]
     with open(path, "w") as f:
         f.write("\n".join(lines))

@@ -63,8 +63,7 @@ def from_tiktoken(cls, encoding):
 
 def save_tiktoken_ranks(tok, path):
     with open(path, "w", encoding="ascii") as f:
-        for t, i in sorted(_ranks(tok).items(), key=lambda kv: kv[1]):
-            f.write(f"{base64.b64encode(t).decode()} {i}\n")
+        f.writelines(f"{base64.b64encode(t).decode()} {i}\n" for t, i in sorted(_ranks(tok).items(), key=lambda kv: kv[1]))
 
 
 def load_tiktoken_ranks(cls, path, pattern, special_tokens):

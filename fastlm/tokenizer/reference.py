@@ -16,6 +16,7 @@ byte is one character that is neither letter, number nor space, which is what th
 does too.
 """
 from collections import Counter
+from itertools import pairwise
 
 from fastlm.tokenizer import patterns
 
@@ -97,7 +98,7 @@ def train(counts, n_new_tokens):
     while len(tokens) < 256 + n_new_tokens:
         pair_counts = Counter()
         for syms, c in words:
-            for pair in zip(syms, syms[1:]):
+            for pair in pairwise(syms):
                 pair_counts[pair] += c
         if not pair_counts:
             break

@@ -5,8 +5,7 @@ Without the native module the pure-Python reference does the same, slowly.
 import warnings
 
 from fastlm.tokenizer import inputs as _inputs
-from fastlm.tokenizer import patterns
-from fastlm.tokenizer import reference
+from fastlm.tokenizer import patterns, reference
 
 READ_BYTES = 4 << 20  # per read from a file
 
