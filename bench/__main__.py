@@ -19,7 +19,8 @@ import torch
 
 from fastlm.bench import utils
 
-KERNEL_OPS = ("layer_norm", "rms_norm")  # the default set: ops with kernels and peers
+KERNEL_OPS = ("layer_norm", "rms_norm", "attention", "cross_entropy", "linear_cross_entropy",
+              "adamw_step")  # the default set: ops with kernels and peers
 
 
 def available_benches() -> list[str]:

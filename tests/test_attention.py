@@ -16,12 +16,12 @@ import torch
 
 import fastlm.ops as ops
 from fastlm import reference
-from tests.utils import (compare_with_reference, forward_backward, fp32_copies, lowp_copies,
-                         mismatch_report, randn, require_backend)
+from tests.utils import (compare_with_reference, float32_tolerance, forward_backward, fp32_copies,
+                         lowp_copies, mismatch_report, randn, require_backend)
 
 OP = "attention"
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
-FP32_RTOL = FP32_ATOL = 1e-4  # attention's float32 row (DESIGN, verification rules)
+FP32 = float32_tolerance(OP)  # attention's float32 row (tests/utils.py, with its reason)
 
 # (B, H, H_kv, Tq, Tk, D)
 CPU_SHAPES = [(1, 1, 1, 1, 1, 32), (2, 4, 2, 17, 17, 64), (1, 4, 1, 128, 128, 128),
@@ -70,7 +70,7 @@ def check_backend(backend, dtype, inputs, causal, scale=None, window=None):
     if dtype == torch.float32:
         for what, a, r in [("out", ours[0], ref[0])] + [
                 (f"d{n}", g, rg) for n, g, rg in zip("qkv", ours[1], ref[1])]:
-            ok = torch.allclose(a, r, rtol=FP32_RTOL, atol=FP32_ATOL)
+            ok = torch.allclose(a, r, rtol=FP32.rtol, atol=FP32.atol)
             assert ok, mismatch_report(a, r, f"{name} {what}")
         return
     lowp = forward_backward(lambda q, k, v: naive_lowp(q, k, v, causal, scale, window),
@@ -158,7 +158,7 @@ def test_torch_compile_fullgraph(device, backend):
     ref = forward_backward(lambda q, k, v: reference.attention(q, k, v, True),
                            fp32_copies(inputs))
     for a, r in zip([ours[0], *ours[1]], [ref[0], *ref[1]]):
-        assert torch.allclose(a, r, rtol=FP32_RTOL, atol=FP32_ATOL), mismatch_report(a, r, OP)
+        assert torch.allclose(a, r, rtol=FP32.rtol, atol=FP32.atol), mismatch_report(a, r, OP)
 
 
 @pytest.mark.parametrize("backend", ["cpu", "triton"])

@@ -53,8 +53,8 @@ def test_forced_by_argument_env_and_config(monkeypatch):
 
 
 def test_global_choice_applies_only_to_ops_that_have_it(monkeypatch):
-    monkeypatch.setenv("FASTLM_BACKEND", "triton")
-    # attention has no triton backend (yet): the global choice leaves it automatic
+    monkeypatch.setenv("FASTLM_BACKEND", "cuda")
+    # attention has no cuda backend: the global choice leaves it automatic
     assert ops.select_backend("attention", torch.device("cpu")) == ops.DISPATCH["attention"]["cpu"][0]
 
 
@@ -62,8 +62,8 @@ def test_forcing_an_unavailable_backend_says_why():
     x, w = torch.randn(2, 4), torch.randn(4)
     with pytest.raises(ops.BackendUnavailableError, match="backend 'cuda' cannot run here:.*CUDA"):
         ops.layer_norm(x, w, backend="cuda")
-    with pytest.raises(ops.BackendUnavailableError, match="has no 'triton' backend"):
-        ops.attention(torch.randn(1, 1, 2, 4), *[torch.randn(1, 1, 2, 4)] * 2, backend="triton")
+    with pytest.raises(ops.BackendUnavailableError, match="has no 'cuda' backend"):
+        ops.attention(torch.randn(1, 1, 2, 4), *[torch.randn(1, 1, 2, 4)] * 2, backend="cuda")
 
 
 def test_bad_specs_name_their_source(monkeypatch):
