@@ -421,13 +421,18 @@ USAGE = """usage: python -m fastlm.train [--config FILE.toml] [--data PATH] [--o
 
 
 def help_text() -> str:
-    lines = [USAGE, f"model presets: {', '.join(list_presets())}", ""]
-    default = Config()
+    lines = [USAGE, f"model presets: {', '.join(list_presets())}"]
+    default = load_config()  # with the default preset applied: the values a bare run uses
     for section, cls in SECTIONS.items():
-        lines.append(f"[{section}]  {cls.__doc__}")
+        lines.append(f"\n[{section}]  {cls.__doc__}")
         for f in dataclasses.fields(cls):
             value = getattr(getattr(default, section), f.name)
-            lines.append(f"  --{section}.{f.name}={_toml_value(value)}  {f.metadata['help']}")
+            shown = _toml_value(value)
+            if isinstance(value, str) and value and not any(c.isspace() for c in value):
+                shown = value  # plain words need no quotes on a command line
+            if isinstance(value, tuple):
+                shown = ",".join(map(str, value))
+            lines.append(f"  --{section}.{f.name}={shown}  {f.metadata['help']}")
     return "\n".join(lines)
 
 
