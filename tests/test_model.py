@@ -145,3 +145,13 @@ def test_whole_model_native_matches_reference(arch):
     for name in ref_params:
         torch.testing.assert_close(params[name], ref_params[name], rtol=1e-4, atol=1e-5)
     assert losses[-1] < losses[0]  # the steps did train
+
+
+def test_rope_tables_stay_float32_when_the_model_is_cast():
+    model = small("llama").to(torch.bfloat16)
+    rot = model.blocks[0].attn.rotary
+    assert rot.cos.dtype == torch.float32
+    torch.testing.assert_close(rot.cos, small("llama").blocks[0].attn.rotary.cos)
+    assert "cos" not in "".join(model.state_dict())  # derived from the config, not saved
+    logits, _ = model(torch.randint(0, 256, (1, 9)))
+    assert logits.dtype == torch.bfloat16 and torch.isfinite(logits.float()).all()

@@ -57,15 +57,29 @@ class Rotary(nn.Module):
     """Rotary position embedding (RoPE), rotating pairs (i, i + D/2) of each head's features.
 
     The cos/sin tables are buffers built for block_size positions; they are not saved in the
-    state dict (they follow from the config) and are always kept in float32.
+    state dict (they follow from the config) and stay float32 when the model is cast to a lower
+    precision (a bf16 angle table is off by whole radians at late positions).
     """
 
     def __init__(self, head_dim: int, block_size: int, theta: float):
         super().__init__()
-        inv_freq = theta ** (-torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)
-        angles = torch.outer(torch.arange(block_size, dtype=torch.float64), inv_freq)  # (T, D/2)
-        self.register_buffer("cos", angles.cos().float(), persistent=False)
-        self.register_buffer("sin", angles.sin().float(), persistent=False)
+        self.head_dim, self.block_size, self.theta = head_dim, block_size, theta
+        self.register_buffer("cos", torch.empty(0), persistent=False)
+        self.register_buffer("sin", torch.empty(0), persistent=False)
+        self._build(None)
+
+    def _build(self, device: torch.device | None) -> None:
+        d = torch.arange(0, self.head_dim, 2, dtype=torch.float64, device=device)
+        inv_freq = self.theta ** (-d / self.head_dim)  # (D/2,)
+        pos = torch.arange(self.block_size, dtype=torch.float64, device=device)
+        angles = torch.outer(pos, inv_freq)  # (T, D/2)
+        self.cos, self.sin = angles.cos().float(), angles.sin().float()
+
+    def _apply(self, fn, recurse=True):
+        super()._apply(fn, recurse)
+        if self.cos.dtype != torch.float32:  # model.to(dtype) cast the tables: rebuild them
+            self._build(self.cos.device)
+        return self
 
     def forward(self, x: torch.Tensor, offset: int = 0) -> torch.Tensor:
         # x: (B, H, T, D) -> (B, H, T, D), positions offset .. offset + T - 1
