@@ -25,9 +25,9 @@ template <typename T>
 void backward_row(const float* xr, int64_t V, int64_t t, float lse, float dl,
                   const cpu::CeParams& prm, T* out, float* buf) {
   if constexpr (std::is_same_v<T, float>) {
-    cpu::ce_row_backward(xr, V, t, lse, dl, prm, out);
+    cpu::ce_row_backward_best(xr, V, t, lse, dl, prm, out);
   } else {
-    cpu::ce_row_backward(xr, V, t, lse, dl, prm, buf);
+    cpu::ce_row_backward_best(xr, V, t, lse, dl, prm, buf);
     cpu::store_row(buf, out, V);
   }
 }
@@ -73,7 +73,7 @@ std::tuple<at::Tensor, at::Tensor> cross_entropy_fwd_cpu(const at::Tensor& logit
       std::vector<float> buf(V);
       for (int64_t r = begin; r < end; ++r) {
         const float* xr = cpu::as_float(xp + r * V, buf.data(), V);
-        cpu::ce_row_forward(xr, V, tp[r], prm, lp + r, sp + r);
+        cpu::ce_row_forward_best(xr, V, tp[r], prm, lp + r, sp + r);
       }
     });
   });

@@ -80,8 +80,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_cross_entropy_fwd_cpu(
       for (int64_t r = begin; r < end; ++r) {
         float* xr = xp + r * V;
         float lse;
-        cpu::ce_row_forward(xr, V, tp[start + r], prm, lp + start + r, &lse);
-        if (with_grad) cpu::ce_row_backward(xr, V, tp[start + r], lse, s, prm, xr);  // in place
+        cpu::ce_row_forward_best(xr, V, tp[start + r], prm, lp + start + r, &lse);
+        if (with_grad) cpu::ce_row_backward_best(xr, V, tp[start + r], lse, s, prm, xr);  // in place
       }
     });
     if (!with_grad) continue;
