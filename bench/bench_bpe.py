@@ -11,7 +11,7 @@ regex, byte-level) and sentencepiece (model_type=bpe, byte_fallback; it splits o
 learns characters, so it is the nearest peer, not an identical task), at 4k and 32k vocab, on 1
 thread and on every core. Each run is a fresh child process, reading the files itself; the row
 has the median wall time of --repeats runs and the peak RSS the training added to the process
-(ru_maxrss after minus RSS before), so interpreter and import sizes do not count.
+(VmHWM after, reset just before, minus RSS before), so interpreter and import sizes do not count.
 
 Encode/decode (kind=encode/decode): a 32k vocabulary trained by fastlm on the corpus is exported
 to tiktoken and to a HF tokenizer.json; all three must produce identical ids on the whole corpus
@@ -68,8 +68,26 @@ def all_threads() -> int:
 
 # ---- training, one child process per run --------------------------------------------------
 def _rss_mb() -> float:
+    """Current RSS; first resets the kernel's peak-RSS mark (VmHWM) to it, so that the peak read
+    after training is the training's own, not an import's transient."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass  # then the peak may include earlier transients (an overestimate)
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def _peak_rss_mb() -> float:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def _train_child(spec: dict) -> dict:
@@ -111,7 +129,7 @@ def _train_child(spec: dict) -> dict:
         got = vocab
     else:
         raise ValueError(provider)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    peak = _peak_rss_mb()
     return {"seconds": seconds, "added_rss_mb": max(peak - before, 0.0), "vocab_size": got}
 
 
