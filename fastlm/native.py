@@ -22,6 +22,8 @@ except ImportError as exc:  # not built, or built against another torch
         f"fastlm._C could not be loaded ({exc}); build it with "
         "`pip install --no-build-isolation -e .`"
     )
+    if os.environ.get("FASTLM_QUIET") != "1":  # once: this module body runs once per process
+        warnings.warn(f"fastlm: cpu/cuda backends unavailable: {NATIVE_ERROR}", stacklevel=2)
 else:
     NATIVE_ERROR = None
     opdefs.register_layer_norm("fastlm::layer_norm_fwd", "fastlm::layer_norm_bwd")
@@ -87,9 +89,6 @@ def load_triton_kernels() -> None:
     import fastlm.kernels  # noqa: F401
 
 
-def warn_once_if_missing() -> None:
-    if NATIVE_ERROR is not None and os.environ.get("FASTLM_QUIET") != "1":
-        warnings.warn(f"fastlm: cpu/cuda backends unavailable: {NATIVE_ERROR}", stacklevel=3)
 
 
 def set_poison_outputs(enabled: bool) -> None:
