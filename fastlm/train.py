@@ -234,7 +234,7 @@ def train(cfg: Config) -> TrainResult:
     model.train()
     interrupted = False
     bar = tqdm(total=cfg.train.max_steps, initial=step, unit="step", dynamic_ncols=True,
-               disable=not cfg.train.progress, file=sys.stderr)
+               mininterval=1.0, disable=not cfg.train.progress, file=sys.stderr)
     loss_sum, loss_count = torch.zeros((), device=device), 0
     t_interval, interval_tokens = time.perf_counter(), 0
     with StopFlag() as stop:
