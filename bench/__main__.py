@@ -1,18 +1,31 @@
-"""`python -m fastlm.bench`: run the kernel benchmarks, print a table, write JSON.
+"""`python -m fastlm.bench`: run the benchmarks, print a table, write JSON (and plots), compare.
 
-    python -m fastlm.bench [--ops layer_norm,rms_norm] [--sizes small|medium|large]
-                           [--dtypes float32,bfloat16] [--modes fwd,bwd,full] [--json PATH]
+    python -m fastlm.bench [--ops layer_norm,rms_norm] [--sizes small|medium|large|SHAPES]
+                           [--dtypes float32,bfloat16] [--modes fwd,bwd,full]
+                           [--providers torch,fastlm-cpu] [--budget S] [--json PATH]
+                           [--plot DIR] [--compare OLD.json [--threshold 0.1]]
+    python -m fastlm.bench compare OLD.json NEW.json [--threshold 0.1]
+    python -m fastlm.bench plot RESULTS.json [...] --out DIR
+    python -m fastlm.bench report [--results bench/results] [--out bench/RESULTS.md]
 
-Each op is a module bench/bench_<op>.py with run(args) -> rows. Without --json the rows go to
-bench/results/<device>/<op-list>-<date>.json when run from a checkout (else only printed).
+Each op is a module bench/bench_<op>.py with run(args) -> rows. --sizes takes a preset or
+explicit shapes in the op's own layout, e.g. `--ops layer_norm --sizes 256x64,1024x768` (rows x
+features) or `--ops attention --sizes 256x64` (T x D). Without --json the rows go to
+bench/results/<device>/<op-list>-<size>-<date>.json when run from a checkout (else only printed).
+Every run also measures this machine's ceilings (a large copy and a large matmul) and stores them
+in each row (roofline_copy_gbps, roofline_matmul_tflops). --compare exits with status 1 when a
+row got slower than the threshold allows.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime as dt
 import importlib
+import json
 import os
 import pkgutil
+import re
 import sys
 
 import torch
@@ -21,6 +34,7 @@ from fastlm.bench import utils
 
 KERNEL_OPS = ("layer_norm", "rms_norm", "attention", "cross_entropy", "linear_cross_entropy",
               "adamw_step")  # the default set: ops with kernels and peers
+SUBCOMMANDS = ("compare", "plot", "report")
 
 
 def available_benches() -> list[str]:
@@ -29,28 +43,131 @@ def available_benches() -> list[str]:
                   if m.name.startswith("bench_"))
 
 
+def bench_module(op: str):
+    return importlib.import_module(f"fastlm.bench.bench_{op}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Explicit shapes
+def parse_shapes(text: str) -> list[tuple[int, ...]] | None:
+    """'256x64,1024x768' -> [(256, 64), (1024, 768)]; None when text is not a shape list."""
+    parts = [p.strip() for p in text.split(",") if p.strip()]
+    if not parts or not all(re.fullmatch(r"\d+(x\d+)*", p) for p in parts):
+        return None
+    shapes = [tuple(int(n) for n in p.split("x")) for p in parts]
+    if any(n == 0 for s in shapes for n in s):
+        raise ValueError(f"--sizes: every dimension must be > 0, got {text}")
+    return shapes
+
+
+def shape_layout(module) -> tuple[int, str] | None:
+    """(numbers per shape, example) for a bench that takes explicit shapes, else None. Kernel
+    benches keep presets in SHAPES (size -> list of tuples); attention in SIZES (size -> T and
+    D lists), whose explicit shape is T x D."""
+    shapes = getattr(module, "SHAPES", None)
+    if isinstance(shapes, dict) and shapes.get("small"):
+        first = shapes["small"][0]
+        return len(first), "x".join(map(str, first))
+    sizes = getattr(module, "SIZES", None)
+    if isinstance(sizes, dict) and {"T", "D"} <= set(sizes.get("small", {})):
+        return 2, f"{sizes['small']['T'][0]}x{sizes['small']['D'][0]} (T x D)"
+    return None
+
+
+@contextlib.contextmanager
+def custom_size(module, shape: tuple[int, ...]):
+    """Run the module's unchanged run(args) on one explicit shape: it is installed as the preset
+    'custom' of the module's own table for the duration (rms_norm shares layer_norm's table, so
+    the table is updated in place and the key removed afterwards)."""
+    if isinstance(getattr(module, "SHAPES", None), dict):
+        table, value = module.SHAPES, [shape]
+    else:
+        table, value = module.SIZES, {"T": [shape[0]], "D": [shape[1]]}
+    table["custom"] = value
+    try:
+        yield "custom"
+    finally:
+        table.pop("custom", None)
+
+
+# ---------------------------------------------------------------------------------------------
+# Provider selection
+@contextlib.contextmanager
+def only_providers(module, names: set[str] | None):
+    """Time only the named providers. bench_kernel() checks the harness's filter; benches with
+    their own loop are narrowed by wrapping their providers() or PROVIDERS; anything else is
+    filtered after the run (see main)."""
+    if names is None:
+        yield
+        return
+    utils.set_provider_filter(names)
+    saved = {}
+    if callable(getattr(module, "providers", None)):
+        saved["providers"] = original = module.providers
+        module.providers = lambda *a, **k: [p for p in original(*a, **k) if p.name in names]
+    if isinstance(getattr(module, "PROVIDERS", None), tuple):
+        saved["PROVIDERS"] = module.PROVIDERS
+        module.PROVIDERS = tuple(p for p in module.PROVIDERS if p in names)
+    try:
+        yield
+    finally:
+        utils.set_provider_filter(None)
+        for key, value in saved.items():
+            setattr(module, key, value)
+
+
+# ---------------------------------------------------------------------------------------------
+# Arguments
 def parse_args(argv=None) -> argparse.Namespace:
     known = available_benches()
     p = argparse.ArgumentParser(prog="python -m fastlm.bench", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--ops", default=",".join(o for o in KERNEL_OPS if o in known),
                    help=f"comma-separated, from: {', '.join(known)}")
-    p.add_argument("--sizes", default=None, choices=utils.SIZES,
-                   help="problem sizes (default: large on a GPU, small on a CPU)")
+    p.add_argument("--sizes", default=None,
+                   help="small, medium, large, or explicit shapes like 256x64,1024x768 in the "
+                        "op's layout (default: large on a GPU, small on a CPU)")
     p.add_argument("--dtypes", default=None,
                    help="comma-separated from float32,bfloat16,float16 "
                         "(default: bfloat16 on a GPU, float32,bfloat16 on a CPU)")
     p.add_argument("--modes", default="fwd,bwd,full", help="comma-separated from fwd,bwd,full")
+    p.add_argument("--providers", default=None,
+                   help="comma-separated provider names to time, e.g. torch,fastlm-cpu "
+                        "(default: all; keep torch for the speed-up column)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--budget", type=float, default=1.0, help="seconds of timed runs per row")
     p.add_argument("--json", default=None, help="where to write the rows")
+    p.add_argument("--plot", default=None, metavar="DIR",
+                   help="write PNG plots (time vs size per provider) into DIR (needs matplotlib)")
+    p.add_argument("--compare", default=None, metavar="OLD.json",
+                   help="after the run, list rows slower than in OLD.json")
+    p.add_argument("--threshold", type=float, default=0.10,
+                   help="--compare: relative slow-down that counts as a regression (0.10 = 10%%)")
     args = p.parse_args(argv)
     gpu = args.device.startswith("cuda")
     args.ops = [o.strip() for o in args.ops.split(",") if o.strip()]
     for op in args.ops:
         if op not in known:
             p.error(f"--ops: no benchmark named '{op}' (available: {', '.join(known)})")
-    args.sizes = args.sizes or ("large" if gpu else "small")
+    args.shapes = None
+    if args.sizes is None:
+        args.sizes = "large" if gpu else "small"
+    elif args.sizes not in utils.SIZES:
+        try:
+            args.shapes = parse_shapes(args.sizes)
+        except ValueError as exc:
+            p.error(str(exc))
+        if args.shapes is None:
+            p.error(f"--sizes: '{args.sizes}' is neither one of {', '.join(utils.SIZES)} nor "
+                    "a list of shapes like 256x64,1024x768")
+        for op in args.ops:
+            layout = shape_layout(bench_module(op))
+            if layout is None:
+                p.error(f"--sizes: the {op} benchmark takes only {', '.join(utils.SIZES)}")
+            wrong = [s for s in args.shapes if len(s) != layout[0]]
+            if wrong:
+                p.error(f"--sizes: {op} shapes have {layout[0]} numbers (e.g. {layout[1]}), "
+                        f"got {'x'.join(map(str, wrong[0]))}")
     names = (args.dtypes or ("bfloat16" if gpu else "float32,bfloat16")).split(",")
     bad = [n for n in names if n not in utils.DTYPES]
     if bad:
@@ -59,6 +176,16 @@ def parse_args(argv=None) -> argparse.Namespace:
     args.modes = args.modes.split(",")
     if any(m not in utils.MODES for m in args.modes):
         p.error(f"--modes: choose from {', '.join(utils.MODES)}")
+    if args.providers is not None:
+        args.providers = {n.strip() for n in args.providers.split(",") if n.strip()}
+        if not args.providers:
+            p.error("--providers: give at least one provider name")
+    if args.budget <= 0:
+        p.error(f"--budget must be > 0 seconds, got {args.budget}")
+    if args.threshold < 0:
+        p.error(f"--threshold must be >= 0, got {args.threshold}")
+    if args.compare and not os.path.isfile(args.compare):
+        p.error(f"--compare: no such file {args.compare}")
     return args
 
 
@@ -69,24 +196,107 @@ def default_json_path(args) -> str | None:
         return None
     stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%d-%H%M%S")
     slug = utils.device_slug(torch.device(args.device))
-    return os.path.join(results, slug, f"{'-'.join(args.ops)}-{args.sizes}-{stamp}.json")
+    size = args.sizes if args.shapes is None else "custom"
+    return os.path.join(results, slug, f"{'-'.join(args.ops)}-{size}-{stamp}.json")
+
+
+# ---------------------------------------------------------------------------------------------
+# Running
+def run_op(op: str, args) -> list[dict]:
+    module = bench_module(op)
+    rows = []
+    with only_providers(module, args.providers):
+        if args.shapes is None:
+            rows += module.run(args)
+        else:
+            for shape in args.shapes:
+                with custom_size(module, shape) as size:
+                    rows += module.run(argparse.Namespace(**{**vars(args), "sizes": size}))
+    if args.providers is not None:  # benches that time their providers together
+        rows = [r for r in rows if r.get("provider") in args.providers]
+    return rows
+
+
+def add_ceilings(rows: list[dict], device: torch.device) -> dict:
+    """Measure this machine's ceilings once per run and put them on every row; rows that report
+    TFLOP/s without a share of the peak get one against a matmul at their own dtype."""
+    ceilings = {"roofline_copy_gbps": utils.copy_bandwidth_gbps(device),
+                "roofline_matmul_tflops": utils.matmul_tflops(device),
+                "roofline_matmul_dtype": str(utils.default_matmul_dtype(device)).removeprefix(
+                    "torch.")}
+    for r in rows:
+        r.update(ceilings)
+        if "tflop_per_s" in r and "pct_of_matmul_peak" not in r and r.get("dtype") in utils.DTYPES:
+            peak = utils.matmul_tflops(device, utils.DTYPES[r["dtype"]])
+            r["matmul_tflops"] = peak
+            r["pct_of_matmul_peak"] = 100 * r["tflop_per_s"] / peak
+    return ceilings
 
 
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv and argv[0] in SUBCOMMANDS:
+        return subcommand(argv[0], argv[1:])
     args = parse_args(argv)
+    device = torch.device(args.device)
     rows = []
     for op in args.ops:
-        module = importlib.import_module(f"fastlm.bench.bench_{op}")
         print(f"== {op}", file=sys.stderr, flush=True)
-        op_rows = module.run(args)
+        op_rows = run_op(op, args)
         # Kernel benches share the harness's table; others (data, tokenizer) bring their own.
-        print(getattr(module, "format_table", utils.format_table)(op_rows), flush=True)
+        print(getattr(bench_module(op), "format_table", utils.format_table)(op_rows), flush=True)
         rows += op_rows
+    if args.providers is not None:
+        seen = {r.get("provider") for r in rows}
+        missing = sorted(args.providers - seen)
+        if missing:
+            print(f"warning: --providers: no row from {', '.join(missing)} (providers of these "
+                  "ops: see a run without --providers)", file=sys.stderr)
+    ceilings = add_ceilings(rows, device)
+    print(f"\nceilings measured in this run: copy {ceilings['roofline_copy_gbps']:.1f} GB/s, "
+          f"matmul {ceilings['roofline_matmul_tflops']:.3g} TFLOP/s "
+          f"({ceilings['roofline_matmul_dtype']})")
     path = args.json or default_json_path(args)
     if path:
         utils.write_json(rows, path)
-        print(f"\nwrote {len(rows)} rows to {path}")
+        print(f"wrote {len(rows)} rows to {path}")
+    status = 0
+    if args.plot:
+        status |= _plot(rows, args.plot)
+    if args.compare:
+        from fastlm.bench import compare
+        status |= compare.report(compare.load(args.compare), rows, args.threshold)
+    return status
+
+
+def _plot(rows, out_dir) -> int:
+    from fastlm.bench import plot
+    try:
+        paths = plot.plot_rows(rows, out_dir)
+    except plot.MissingMatplotlib as exc:
+        print(f"--plot: {exc}", file=sys.stderr)
+        return 2
+    print(f"wrote {len(paths)} plot(s) to {out_dir}")
     return 0
+
+
+def subcommand(name: str, argv: list[str]) -> int:
+    if name == "compare":
+        from fastlm.bench import compare
+        return compare.main(argv)
+    if name == "report":
+        from fastlm.bench import report
+        return report.main(argv)
+    p = argparse.ArgumentParser(prog="python -m fastlm.bench plot",
+                                description="PNG plots (time vs size per provider) of bench JSON")
+    p.add_argument("files", nargs="+")
+    p.add_argument("--out", required=True, help="folder for the PNG files")
+    a = p.parse_args(argv)
+    rows = []
+    for f in a.files:
+        with open(f) as fh:
+            rows += json.load(fh)
+    return _plot(rows, a.out)
 
 
 if __name__ == "__main__":

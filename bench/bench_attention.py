@@ -17,7 +17,6 @@ this machine reaches in practice).
 """
 from __future__ import annotations
 
-import functools
 import math
 import sys
 
@@ -95,14 +94,8 @@ def providers(device: torch.device, causal: bool) -> list[utils.Provider]:
     return out
 
 
-@functools.cache
-def matmul_tflops(device: torch.device, dtype: torch.dtype) -> float:
-    """Dense matmul TFLOP/s at this dtype, measured now: the practical compute peak."""
-    n = 8192 if device.type == "cuda" else 1024
-    a = torch.randn(n, n, device=device, dtype=dtype)
-    b = torch.randn(n, n, device=device, dtype=dtype)
-    t = utils.time_call(lambda _: a @ b, device, warmup_s=0.1, budget_s=0.5, max_runs=50)
-    return 2 * n ** 3 / (t.median_ms * 1e-3) / 1e12
+# Dense matmul TFLOP/s at a dtype, measured now: the practical compute peak (shared harness).
+matmul_tflops = utils.matmul_tflops
 
 
 def run(args) -> list[dict]:

@@ -7,6 +7,9 @@ Every bench_<op>.py builds on this so numbers are comparable across ops and mach
   would pick instead), modes fwd / bwd / full (fwd+bwd), one row per measurement, with GB/s
   against a copy bandwidth measured in the same run (the memory roofline of a norm-like op).
 - environment(): device name, versions, commit, date and threads: carried by every JSON row.
+- Roofline ceilings measured in the run itself, not taken from datasheets: copy_bandwidth_gbps()
+  (a large device copy) and matmul_tflops() (a large dense matmul, bf16 on a GPU, float32 on CPU).
+- set_provider_filter(): `--providers` of the CLI; bench_kernel() times only the wanted ones.
 """
 from __future__ import annotations
 
@@ -112,6 +115,12 @@ class Timing:
     min_ms: float
     max_ms: float
     runs: int
+    q1_ms: float | None = None  # quartiles: the spread the table shows (min/max catch outliers)
+    q3_ms: float | None = None
+
+    @property
+    def iqr_ms(self) -> float | None:
+        return None if self.q1_ms is None else self.q3_ms - self.q1_ms
 
 
 def time_call(fn: Callable[[int], object], device: torch.device, warmup_s: float = 0.1,
@@ -143,7 +152,8 @@ def time_call(fn: Callable[[int], object], device: torch.device, warmup_s: float
             fn(i)
             samples.append((time.perf_counter() - t0) * 1e3)
         i += 1
-    return Timing(statistics.median(samples), min(samples), max(samples), len(samples))
+    q1, _, q3 = statistics.quantiles(samples, n=4) if len(samples) >= 2 else samples * 3
+    return Timing(statistics.median(samples), min(samples), max(samples), len(samples), q1, q3)
 
 
 def cache_bytes(device: torch.device) -> int:
@@ -168,6 +178,39 @@ def copy_bandwidth_gbps(device: torch.device) -> float:
     dst = torch.empty_like(src)
     t = time_call(lambda _: dst.copy_(src), device, warmup_s=0.05, budget_s=0.5, max_runs=50)
     return 2 * src.numel() * 4 / (t.median_ms * 1e-3) / 1e9
+
+
+def default_matmul_dtype(device: torch.device) -> torch.dtype:
+    """bf16 on a GPU (what training runs in); float32 on CPU (bf16 GEMMs there are emulated)."""
+    return torch.bfloat16 if device.type == "cuda" else torch.float32
+
+
+@functools.cache
+def matmul_tflops(device: torch.device, dtype: torch.dtype | None = None) -> float:
+    """Measured compute roofline: dense (n, n) @ (n, n) TFLOP/s at `dtype` (default: see
+    default_matmul_dtype), n = 8192 on a GPU (large enough to saturate the tensor cores), 1024
+    on CPU (a few ms per call on one core)."""
+    dtype = dtype or default_matmul_dtype(device)
+    n = 8192 if device.type == "cuda" else 1024
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    t = time_call(lambda _: a @ b, device, warmup_s=0.1, budget_s=0.5, max_runs=50)
+    return 2 * n ** 3 / (t.median_ms * 1e-3) / 1e12
+
+
+# ---------------------------------------------------------------------------------------------
+# Provider selection (the CLI's --providers)
+_provider_filter: frozenset[str] | None = None
+
+
+def set_provider_filter(names) -> None:
+    """Only providers named here are timed by bench_kernel (None: all of them)."""
+    global _provider_filter
+    _provider_filter = None if names is None else frozenset(names)
+
+
+def wanted(provider: str) -> bool:
+    return _provider_filter is None or provider in _provider_filter
 
 
 # ---------------------------------------------------------------------------------------------
@@ -198,6 +241,8 @@ def bench_kernel(op: str, case: Case, providers: list[Provider], modes, device: 
     rows = []
     for mode in modes:
         for p in providers:
+            if not wanted(p.name):
+                continue
             row = {"op": op, "provider": p.name, "shape": list(case.shape),
                    "dtype": str(case.dtype).removeprefix("torch."), "mode": mode, **case.extra}
             if p.skip_reason:
@@ -210,8 +255,9 @@ def bench_kernel(op: str, case: Case, providers: list[Provider], modes, device: 
                 continue
             gbps = case.bytes_moved[mode] / (timing.median_ms * 1e-3) / 1e9
             rows.append({**row, "median_ms": timing.median_ms, "min_ms": timing.min_ms,
-                         "max_ms": timing.max_ms, "runs": timing.runs, "gb_per_s": gbps,
-                         "pct_of_copy_bw": 100 * gbps / roofline, **env})
+                         "max_ms": timing.max_ms, "iqr_ms": timing.iqr_ms, "runs": timing.runs,
+                         "gb_per_s": gbps, "pct_of_copy_bw": 100 * gbps / roofline,
+                         "copy_bw_gbps": roofline, **env})
     _add_speedups(rows)
     return rows
 
@@ -249,19 +295,58 @@ def _add_speedups(rows: list[dict]) -> None:
 
 # ---------------------------------------------------------------------------------------------
 # Output
+def throughput(row: dict) -> str:
+    """TFLOP/s for compute-bound ops (attention, matmul-heavy heads), else GB/s."""
+    for key in ("tflops", "tflop_per_s"):
+        if key in row:
+            return f"{row[key]:.3g} TFLOP/s"
+    return f"{row['gb_per_s']:.1f} GB/s" if "gb_per_s" in row else ""
+
+
+def roofline_pct(row: dict) -> str:
+    """The share of this run's measured ceiling: the matmul peak if the row has one, else the
+    copy bandwidth."""
+    if "pct_of_matmul_peak" in row:
+        return f"{row['pct_of_matmul_peak']:.0f}% mm"
+    return f"{row['pct_of_copy_bw']:.0f}% copy" if "pct_of_copy_bw" in row else ""
+
+
+def case_label(row: dict) -> str:
+    shape = "x".join(str(n) for n in row.get("shape", []))
+    return shape + (" causal" if row.get("causal") else "")
+
+
+def spread(row: dict) -> str:
+    """Interquartile range as a share of the median (min/max when quartiles are missing)."""
+    if row.get("iqr_ms") is not None:
+        return f"±{50 * row['iqr_ms'] / row['median_ms']:.1f}%"
+    if "min_ms" in row:
+        return f"{row['min_ms']:.3g}..{row['max_ms']:.3g}"
+    return ""
+
+
+TABLE_COLUMNS = [
+    ("op", lambda r: r.get("op", "")), ("provider", lambda r: r.get("provider", "")),
+    ("shape", case_label), ("dtype", lambda r: r.get("dtype", "")),
+    ("mode", lambda r: r.get("mode", "")),
+    ("median ms", lambda r: f"{r['median_ms']:.4g}"), ("spread", spread),
+    ("throughput", throughput), ("roofline", roofline_pct),
+    ("vs torch", lambda r: f"{r['speedup_vs_torch']:.2f}x" if "speedup_vs_torch" in r else ""),
+]
+
+
 def format_table(rows: list[dict]) -> str:
-    cols = [("op", "op", "{}"), ("provider", "provider", "{}"), ("shape", "shape", "{}"),
-            ("dtype", "dtype", "{}"), ("mode", "mode", "{}"), ("median_ms", "median ms", "{:.4f}"),
-            ("min_ms", "min", "{:.4f}"), ("max_ms", "max", "{:.4f}"), ("gb_per_s", "GB/s", "{:.1f}"),
-            ("pct_of_copy_bw", "% copy bw", "{:.0f}"), ("speedup_vs_torch", "vs torch", "{:.2f}x")]
-    table = [[head for _, head, _ in cols]]
+    """Plain-text table: median, spread, GB/s or TFLOP/s (whichever the row has), % of the
+    measured roofline and the speed-up over torch."""
+    table = [[head for head, _ in TABLE_COLUMNS]]
     for r in rows:
-        if "skipped" in r:
-            table.append([str(r.get(k, "")) for k, _, _ in cols[:5]]
-                         + [f"skipped: {r['skipped'][:60]}"] + [""] * (len(cols) - 6))
+        if "median_ms" not in r:
+            reason = r.get("skipped", "no timing")
+            table.append([cell(r) for _, cell in TABLE_COLUMNS[:5]]
+                         + [f"skipped: {reason[:60]}"] + [""] * (len(TABLE_COLUMNS) - 6))
             continue
-        table.append([fmt.format(r[k]) if k in r else "" for k, _, fmt in cols])
-    widths = [max(len(row[i]) for row in table) for i in range(len(cols))]
+        table.append([cell(r) for _, cell in TABLE_COLUMNS])
+    widths = [max(len(row[i]) for row in table) for i in range(len(TABLE_COLUMNS))]
     lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in table]
     lines.insert(1, "  ".join("-" * w for w in widths))
     return "\n".join(lines)
