@@ -61,13 +61,19 @@ def cxx_flags():
     return flags
 
 
+# at::parallel_for is a header template whose OpenMP pragmas gcc drops without -fopenmp (every CPU
+# kernel then ran on one thread). Compile-only on purpose: the GOMP_* symbols then resolve to the
+# OpenMP runtime torch itself loads, so there is one thread pool and torch.set_num_threads holds.
+OPENMP = ["-fopenmp"]
+
+
 def torch_extension():
     build_cuda, reason = cuda_decision()
     sources = rel("csrc/registration.cpp") + rel("csrc/common/*.cpp") + rel("csrc/*/*_cpu.cpp")
     if not build_cuda:
         print(f"fastlm: building CPU kernels only (CUDA skipped: {reason})", flush=True)
         return CppExtension("fastlm._C", sources, include_dirs=[CSRC],
-                            extra_compile_args={"cxx": cxx_flags()})
+                            extra_compile_args={"cxx": cxx_flags() + OPENMP})
     sources += rel("csrc/*/*_cuda.cu") + rel("csrc/*/*_cuda_glue.cpp")
     print(f"fastlm: building CPU and CUDA kernels (CUDA {torch.version.cuda})", flush=True)
     return CUDAExtension(
@@ -76,7 +82,7 @@ def torch_extension():
         include_dirs=[CSRC],
         define_macros=[("FASTLM_WITH_CUDA", "1")],
         extra_compile_args={
-            "cxx": cxx_flags(),
+            "cxx": cxx_flags() + OPENMP,
             "nvcc": ["-O3", "-std=c++17", "-lineinfo", "--expt-relaxed-constexpr"],
         },
     )
