@@ -29,7 +29,6 @@ import re
 import sys
 
 import torch
-
 from fastlm.bench import utils
 
 KERNEL_OPS = ("layer_norm", "rms_norm", "attention", "cross_entropy", "linear_cross_entropy",

@@ -71,7 +71,7 @@ def plot_rows(rows: list[dict], out_dir: str) -> list[str]:
             ax.set_yscale("log")
             ax.set_xticks(sorted(ticks), [ticks[x] for x in sorted(ticks)], rotation=30,
                           fontsize=7)
-            ax.minorticks_off()
+            ax.xaxis.set_minor_locator(plt.NullLocator())
             ax.set_title(f"{op} {dtype} {mode}".strip())
             ax.set_xlabel("shape (by size)")
             ax.set_ylabel("median ms (lower is better)")
