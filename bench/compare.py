@@ -68,9 +68,9 @@ def _label(e: dict) -> str:
     return " ".join(str(p) for p in parts if p)
 
 
-def report(old: list[dict], new: list[dict], threshold: float = 0.10,
-           out=sys.stdout) -> int:
+def report(old: list[dict], new: list[dict], threshold: float = 0.10, out=None) -> int:
     """Print the regressions (and a count of the rest); 1 if any row regressed, else 0."""
+    out = out or sys.stdout
     entries = compare(old, new, threshold)
     devices = ({r.get("device") for r in old if "device" in r},
                {r.get("device") for r in new if "device" in r})

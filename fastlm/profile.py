@@ -246,7 +246,7 @@ def profile(preset: str, steps: int = 10, warmup: int = 3, batch: int | None = N
     tokens_per_s = tokens / (step_ms / 1e3)
     fpt = flops_per_token(cfg, T)
     achieved = fpt * tokens_per_s
-    peak = peak_flops(name, torch_dtype) if gpu else None
+    peak = peak_flops(name, torch_dtype)  # None for CPUs and unknown GPUs
     if peak is None:
         notes.append(f"MFU: no known {dtype_name} peak for '{name}'"
                      + (" (CPU)" if not gpu else " (add it to fastlm.profile.PEAKS)"))
