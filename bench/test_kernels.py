@@ -19,8 +19,14 @@ import torch
 
 pytest.importorskip("pytest_benchmark", reason="pip install pytest-benchmark")
 
-from fastlm.bench import (bench_adamw_step, bench_attention, bench_cross_entropy,  # noqa: E402
-                          bench_layer_norm, bench_rms_norm, utils)
+from fastlm.bench import (
+    bench_adamw_step,
+    bench_attention,
+    bench_cross_entropy,
+    bench_layer_norm,
+    bench_rms_norm,
+    utils,
+)
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 DTYPE = torch.bfloat16 if DEVICE.type == "cuda" else torch.float32

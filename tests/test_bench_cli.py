@@ -4,7 +4,6 @@ import json
 import sys
 
 import pytest
-
 from fastlm.bench import __main__ as cli
 from fastlm.bench import bench_layer_norm, compare, plot, report, utils
 
