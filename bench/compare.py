@@ -4,9 +4,10 @@
     python -m fastlm.bench --ops layer_norm --compare OLD.json     (a fresh run against OLD)
 
 Rows are matched by op, provider, shape, dtype and mode, plus the fields that tell cases of one
-op apart (attention's causal flag, the tokenizer's kind and vocabulary). The time compared is
-median_ms (seconds for rows that only have seconds). A row is a regression when new / old >
-1 + threshold; the exit status is 1 when there is at least one.
+op apart (attention's causal flag, the tokenizer's kind, vocabulary and threads, the data
+bench's workers). The time compared is median_ms (seconds for rows that only have seconds). A
+row is a regression when new / old > 1 + threshold; the exit status is 1 when there is at least
+one.
 """
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ import json
 import sys
 
 KEY_FIELDS = ("op", "provider", "shape", "dtype", "mode")
-CASE_FIELDS = ("causal", "kind", "vocab", "bench", "workers", "near_dedup")
+CASE_FIELDS = ("causal", "kind", "vocab", "threads", "bench", "workers", "near_dedup")
 
 
 def row_key(row: dict) -> tuple:

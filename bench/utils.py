@@ -339,15 +339,19 @@ def format_table(rows: list[dict]) -> str:
     """Plain-text table: median, spread, GB/s or TFLOP/s (whichever the row has), % of the
     measured roofline and the speed-up over torch."""
     table = [[head for head, _ in TABLE_COLUMNS]]
+    notes = {}  # row index -> skip reason, written after the case columns (not sized by them)
     for r in rows:
         if "median_ms" not in r:
-            reason = r.get("skipped", "no timing")
+            notes[len(table)] = f"skipped: {r.get('skipped', 'no timing')[:80]}"
             table.append([cell(r) for _, cell in TABLE_COLUMNS[:5]]
-                         + [f"skipped: {reason[:60]}"] + [""] * (len(TABLE_COLUMNS) - 6))
+                         + [""] * (len(TABLE_COLUMNS) - 5))
             continue
         table.append([cell(r) for _, cell in TABLE_COLUMNS])
     widths = [max(len(row[i]) for row in table) for i in range(len(TABLE_COLUMNS))]
-    lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in table]
+    lines = []
+    for i, row in enumerate(table):
+        cells = row[:5] + [notes[i]] if i in notes else row
+        lines.append("  ".join(c.ljust(w) for c, w in zip(cells, widths)).rstrip())
     lines.insert(1, "  ".join("-" * w for w in widths))
     return "\n".join(lines)
 
