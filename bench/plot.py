@@ -4,8 +4,9 @@
     python -m fastlm.bench plot bench/results/<device>/*.json --out plots/
 
 One file per op (<op>.png), one panel per (dtype, mode); the x axis is the problem size (number
-of elements of the shape, or the parameter count for adamw_step), both axes logarithmic, each
-point labelled by its shape on the axis. matplotlib is optional: without it plot_rows raises
+of elements of the shape, the parameter count for adamw_step, the sequence length T for
+attention, whose lines are per provider, head size and mask), both axes logarithmic, each point
+labelled by its shape on the axis. matplotlib is optional: without it plot_rows raises
 MissingMatplotlib with the install command.
 """
 from __future__ import annotations
@@ -31,13 +32,19 @@ def _pyplot():
 
 
 def problem_size(row: dict) -> float:
+    if row.get("op") == "attention":  # (B, H, T, D) at constant B*T and H*D on a GPU: x = T
+        return float(row["shape"][2])
     if "params" in row:
         return float(row["params"])
     return float(math.prod(row["shape"]))
 
 
 def series_name(row: dict) -> str:
-    return row["provider"] + (" (causal)" if row.get("causal") else "")
+    """One line per provider, and per case that is not a size (attention: head size, mask)."""
+    name = row["provider"]
+    if row.get("op") == "attention":
+        name += f" d{row['shape'][3]}"
+    return name + (" causal" if row.get("causal") else "")
 
 
 def plot_rows(rows: list[dict], out_dir: str) -> list[str]:
@@ -52,20 +59,30 @@ def plot_rows(rows: list[dict], out_dir: str) -> list[str]:
         by_op[r["op"]].append(r)
     paths = []
     for op, op_rows in by_op.items():
-        panels = sorted({(r.get("dtype", ""), r.get("mode", "")) for r in op_rows})
+        mode_order = {m: i for i, m in enumerate(("fwd", "bwd", "full", "step"))}
+        panels = sorted({(r.get("dtype", ""), r.get("mode", "")) for r in op_rows},
+                        key=lambda p: (p[0], mode_order.get(p[1], 9), p[1]))
+        providers = sorted({r["provider"] for r in op_rows})
+        colors = {name: plt.get_cmap("tab20")(i % 20) for i, name in enumerate(providers)}
         cols = min(3, len(panels))
         nrows = math.ceil(len(panels) / cols)
-        fig, axes = plt.subplots(nrows, cols, figsize=(5.5 * cols, 4 * nrows), squeeze=False)
+        fig, axes = plt.subplots(nrows, cols, figsize=(7.5 * cols, 4.5 * nrows), squeeze=False)
         for ax, (dtype, mode) in zip(axes.flat, panels):
             series = defaultdict(dict)  # name -> size -> (ms, shape label)
+            style = {}  # name -> colour by provider, dashed for causal, marker by head size
             for r in op_rows:
                 if (r.get("dtype", ""), r.get("mode", "")) == (dtype, mode):
                     label = "x".join(map(str, r["shape"]))
-                    series[series_name(r)][problem_size(r)] = (r["median_ms"], label)
+                    name = series_name(r)
+                    series[name][problem_size(r)] = (r["median_ms"], label)
+                    style[name] = {"color": colors[r["provider"]],
+                                   "linestyle": "--" if r.get("causal") else "-",
+                                   "marker": "s" if r["op"] == "attention"
+                                   and r["shape"][3] > 64 else "o"}
             ticks = {}
             for name, points in sorted(series.items()):
                 xs = sorted(points)
-                ax.plot(xs, [points[x][0] for x in xs], marker="o", label=name)
+                ax.plot(xs, [points[x][0] for x in xs], label=name, markersize=4, **style[name])
                 ticks.update({x: points[x][1] for x in xs})
             ax.set_xscale("log")
             ax.set_yscale("log")
@@ -76,7 +93,7 @@ def plot_rows(rows: list[dict], out_dir: str) -> list[str]:
             ax.set_xlabel("shape (by size)")
             ax.set_ylabel("median ms (lower is better)")
             ax.grid(True, which="major", alpha=0.3)
-            ax.legend(fontsize=7)
+            ax.legend(fontsize=6, loc="upper left", bbox_to_anchor=(1.01, 1.0))
         for ax in list(axes.flat)[len(panels):]:
             ax.set_visible(False)
         device = op_rows[0].get("device", "")
