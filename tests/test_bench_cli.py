@@ -157,3 +157,18 @@ def test_report_takes_the_latest_table_per_device_and_op(norm_run, tmp_path):
     assert "| tiny | 2x128 | float32 | no | 1,234 |" in text
     # The output depends only on the files: a second build is identical.
     assert report.build(str(tmp_path / "results")) == text
+
+
+def test_provider_filter_reaches_benches_with_their_own_loop(tmp_path, capsys):
+    from fastlm.bench import bench_adamw_step
+
+    original = bench_adamw_step.providers
+    path = tmp_path / "adamw.json"
+    assert cli.main(["--ops", "adamw_step", "--sizes", "1x64x128", "--dtypes", "float32",
+                     "--budget", "0.02", "--providers", "torch-fused,fastlm-cpu,nope",
+                     "--json", str(path)]) == 0
+    rows = json.loads(path.read_text())
+    assert sorted(r["provider"] for r in rows) == ["fastlm-cpu", "torch-fused"]
+    assert all(r["shape"] == [1, 64, 128] and r["median_ms"] > 0 for r in rows)
+    assert bench_adamw_step.providers is original  # restored after the run
+    assert "no row from nope" in capsys.readouterr().err
