@@ -122,7 +122,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m fastlm.bench", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--ops", default=",".join(o for o in KERNEL_OPS if o in known),
-                   help=f"comma-separated, from: {', '.join(known)}")
+                   help=f"comma-separated, from: {', '.join(known)} (default: the kernel ops)")
     p.add_argument("--sizes", default=None,
                    help="small, medium, large, or explicit shapes like 256x64,1024x768 in the "
                         "op's layout (default: large on a GPU, small on a CPU)")
