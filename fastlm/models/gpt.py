@@ -81,11 +81,17 @@ class Rotary(nn.Module):
             self._build(self.cos.device)
         return self
 
-    def forward(self, x: torch.Tensor, offset: int = 0) -> torch.Tensor:
-        # x: (B, H, T, D) -> (B, H, T, D), positions offset .. offset + T - 1
+    def forward(self, x: torch.Tensor, offset: int = 0,
+                positions: torch.Tensor | None = None) -> torch.Tensor:
+        # x: (B, H, T, D) -> (B, H, T, D), positions offset .. offset + T - 1, or per-row
+        # positions (B, T) (left-padded batches in fastlm.generate start each row at 0)
         T, half = x.shape[-2], x.shape[-1] // 2
-        cos = self.cos[offset:offset + T]  # (T, D/2)
-        sin = self.sin[offset:offset + T]
+        if positions is None:
+            cos = self.cos[offset:offset + T]  # (T, D/2)
+            sin = self.sin[offset:offset + T]
+        else:
+            cos = self.cos[positions].unsqueeze(1)  # (B, 1, T, D/2)
+            sin = self.sin[positions].unsqueeze(1)
         x1, x2 = x.float()[..., :half], x.float()[..., half:]
         out = torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1)
         return out.to(x.dtype)
@@ -106,16 +112,32 @@ class Attention(nn.Module):
                        if cfg.arch == "llama" else None)
         self.dropout = nn.Dropout(cfg.dropout)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, kv: tuple[torch.Tensor, torch.Tensor, int] | None = None,
+                positions: torch.Tensor | None = None,
+                mask: torch.Tensor | None = None) -> torch.Tensor:
+        """x (B, T, C) -> (B, T, C). kv = (k_buf, v_buf, start): this layer's preallocated
+        cache buffers (B, Hkv, T_max, D) (fastlm.kv_cache.KVCache); the new keys/values are
+        written at start .. start + T - 1 and the queries attend to everything up to there.
+        positions (B, T): per-row RoPE positions; mask (B, 1, T, start + T) bool: keys each
+        query may see (left-padded batches), None = plain causal."""
         B, T, C = x.shape
         H, Hkv, D = self.n_head, self.n_kv_head, self.head_dim
         q, k, v = self.qkv(x).split([H * D, Hkv * D, Hkv * D], dim=-1)
         q = q.view(B, T, H, D).transpose(1, 2)  # (B, H, T, D)
         k = k.view(B, T, Hkv, D).transpose(1, 2)  # (B, Hkv, T, D)
         v = v.view(B, T, Hkv, D).transpose(1, 2)  # (B, Hkv, T, D)
+        start = kv[2] if kv is not None else 0
         if self.rotary is not None:
-            q, k = self.rotary(q), self.rotary(k)
-        y = ops.attention(q, k, v, causal=True)  # (B, H, T, D)
+            q, k = self.rotary(q, start, positions), self.rotary(k, start, positions)
+        if kv is not None:  # write in place (no per-step allocation), read the filled prefix
+            k_buf, v_buf, _ = kv
+            k_buf[:, :, start:start + T] = k
+            v_buf[:, :, start:start + T] = v
+            k, v = k_buf[:, :, :start + T], v_buf[:, :, :start + T]  # (B, Hkv, start + T, D)
+        if mask is None:
+            y = ops.attention(q, k, v, causal=True)  # (B, H, T, D), bottom-right causal
+        else:  # ops.attention has no padding mask: padded batches use SDPA with an explicit one
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=H != Hkv)
         y = y.transpose(1, 2).reshape(B, T, C)  # (B, T, C)
         return self.dropout(self.proj(y))
 
@@ -154,8 +176,8 @@ class Block(nn.Module):
         self.norm2 = make_norm(cfg)
         self.mlp = MLP(cfg)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.attn(self.norm1(x))
+    def forward(self, x: torch.Tensor, kv=None, positions=None, mask=None) -> torch.Tensor:
+        x = x + self.attn(self.norm1(x), kv, positions, mask)  # extras: see Attention.forward
         return x + self.mlp(self.norm2(x))
 
 
@@ -258,3 +280,28 @@ class GPT(nn.Module):
             nxt = torch.multinomial(probs, 1, generator=generator)  # (B, 1)
             idx = torch.cat((idx, nxt), dim=1)
         return idx
+
+    def forward_cached(self, idx: torch.Tensor, cache, positions: torch.Tensor | None = None,
+                       mask: torch.Tensor | None = None, last_only: bool = False) -> torch.Tensor:
+        """Logits for new tokens idx (B, T) that follow the cache.length tokens already held by
+        `cache` (fastlm.kv_cache.KVCache), which receives their keys/values -> (B, T, V), or
+        (B, 1, V) with last_only. positions (B, T): per-row positions (default cache.length ..
+        cache.length + T - 1); mask (B, 1, T, cache.length + T) bool: visible keys (None =
+        causal). Used by fastlm.generate; forward() stays the training path."""
+        T, start = idx.shape[1], cache.length
+        if start + T > cache.max_len:
+            raise ValueError(f"GPT.forward_cached: {start} cached + {T} new tokens exceed the "
+                             f"cache's {cache.max_len} positions")
+        x = self.wte(idx)  # (B, T, C)
+        if self.wpe is not None:
+            pos = positions if positions is not None else torch.arange(start, start + T,
+                                                                       device=idx.device)
+            x = x + self.wpe(pos)  # + (B, T, C) or (T, C)
+        x = self.drop(x)
+        for i, block in enumerate(self.blocks):
+            x = block(x, (cache.k[i], cache.v[i], start), positions, mask)  # (B, T, C)
+        cache.length = start + T
+        x = self.norm_f(x)
+        if last_only:
+            x = x[:, -1:]  # (B, 1, C)
+        return self.lm_head(x)

@@ -1,0 +1,450 @@
+"""Text generation with a KV cache: sampling, batched prompts, streaming, and the CLI
+
+    python -m fastlm.generate --checkpoint RUN_OR_STEP_DIR --prompt "def " [--max-new-tokens 200
+        --temperature 0.8 --top-k 50 --top-p 0.95 --min-p 0.05 --repetition-penalty 1.1
+        --stop "\\n\\n" --seed 0 --tokenizer tok.json --device cpu]
+
+    from fastlm.generate import generate, load
+    lm = load("runs/x")                      # model (eval mode) + tokenizer + name
+    text = generate(lm.model, lm.tokenizer, "def ", max_new_tokens=50, temperature=0)
+
+How a batch of prompts of different lengths runs: the prompts are LEFT-padded to the longest one,
+so every row's newest token sits in the same cache slot and one (B, 1) forward decodes them all.
+Each row's positions count from its first real token (learned positions and RoPE both see 0, 1,
+2, ... exactly as for the prompt alone), and the KV cache's `valid` mask hides the padding slots
+from every query. A batch without padding takes the plain causal path (fastlm.ops.attention).
+
+Sampling, per row (rows may carry different SamplingParams, as server requests do), in the order
+Hugging Face applies it: repetition penalty over prompt + generated ids (CTRL's rule: positive
+logits divided, negative multiplied), temperature (0 = greedy argmax), top-k, top-p (smallest
+set whose probability reaches p), min-p (drop tokens below min_p * the top probability). Each
+row owns a torch.Generator seeded from its `seed`, so the same seed gives the same text whatever
+else is in the batch.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import torch
+
+from fastlm import checkpoint as ckpt
+from fastlm.config import ConfigError, ModelConfig
+from fastlm.kv_cache import KVCache
+from fastlm.models.gpt import GPT
+from fastlm.tokenizer import Tokenizer
+
+
+@dataclass
+class SamplingParams:
+    max_new_tokens: int = 128
+    temperature: float = 1.0  # 0 = greedy
+    top_k: int = 0  # 0 = off
+    top_p: float = 1.0  # 1 = off
+    min_p: float = 0.0  # 0 = off
+    repetition_penalty: float = 1.0  # 1 = off
+    stop: tuple[str, ...] = ()
+    seed: int | None = None  # None = a fresh random seed
+
+    def validate(self) -> "SamplingParams":
+        """Raise ValueError naming the field that is out of range; returns self."""
+        checks = [("max_new_tokens", self.max_new_tokens >= 1, ">= 1"),
+                  ("temperature", self.temperature >= 0, ">= 0"),
+                  ("top_k", self.top_k >= 0, ">= 0"),
+                  ("top_p", 0 < self.top_p <= 1, "in (0, 1]"),
+                  ("min_p", 0 <= self.min_p < 1, "in [0, 1)"),
+                  ("repetition_penalty", self.repetition_penalty > 0, "> 0")]
+        for name, ok, rule in checks:
+            if not ok:
+                raise ValueError(f"{name} must be {rule}, got {getattr(self, name)!r}")
+        if any(not isinstance(s, str) or not s for s in self.stop):
+            raise ValueError(f"stop strings must be non-empty strings, got {list(self.stop)!r}")
+        return self
+
+
+# ---------------------------------------------------------------------------------------------
+# Sampling
+def _row_tensor(values: list[float], like: torch.Tensor) -> torch.Tensor:
+    return torch.tensor(values, dtype=torch.float32, device=like.device)[:, None]  # (B, 1)
+
+
+def next_tokens(logits: torch.Tensor, params: Sequence[SamplingParams],
+                generators: Sequence[torch.Generator], seen: torch.Tensor | None) -> torch.Tensor:
+    """logits (B, V) float32 -> next ids (B,) int64. seen (B, V) bool: ids already in each row
+    (for the repetition penalty; None when no row uses it)."""
+    if seen is not None:
+        rp = _row_tensor([p.repetition_penalty for p in params], logits)
+        penalised = torch.where(logits > 0, logits / rp, logits * rp)
+        logits = torch.where(seen, penalised, logits)
+    out = logits.argmax(dim=-1)  # (B,) greedy rows keep this
+    rows = [r for r, p in enumerate(params) if p.temperature > 0]
+    if not rows:
+        return out
+    ps = [params[r] for r in rows]
+    lg = logits[rows] / _row_tensor([p.temperature for p in ps], logits)  # (R, V)
+    V = lg.shape[-1]
+    lg, order = lg.sort(dim=-1, descending=True)  # sorted once; masks below work on ranks
+    rank = torch.arange(V, device=lg.device)[None, :]
+    ks = _row_tensor([p.top_k or V for p in ps], lg)
+    lg = lg.masked_fill(rank >= ks, float("-inf"))
+    probs = torch.softmax(lg, dim=-1)
+    before = probs.cumsum(dim=-1) - probs  # mass of the more likely tokens
+    lg = lg.masked_fill((before >= _row_tensor([p.top_p for p in ps], lg)) & (rank > 0),
+                        float("-inf"))
+    probs = torch.softmax(lg, dim=-1)
+    lg = lg.masked_fill(probs < _row_tensor([p.min_p for p in ps], lg) * probs[:, :1],
+                        float("-inf"))
+    probs = torch.softmax(lg, dim=-1)  # (R, V), sorted order
+    for i, r in enumerate(rows):
+        pick = torch.multinomial(probs[i], 1, generator=generators[r])
+        out[r] = order[i, pick[0]]
+    return out
+
+
+def _generator(seed: int | None, device: torch.device) -> torch.Generator:
+    g = torch.Generator(device=device)
+    if seed is None:
+        g.seed()
+    else:
+        g.manual_seed(seed)
+    return g
+
+
+# ---------------------------------------------------------------------------------------------
+# Batched decoding
+class BatchDecoder:
+    """Decodes a batch of token prompts together, one token per row per step().
+
+        dec = BatchDecoder(model, [[1, 2, 3], [4]], [SamplingParams(temperature=0)] * 2)
+        while not dec.done:
+            new = dec.step()  # list: the row's new id, or None for a row already finished
+
+    A row finishes with reason "stop" (a stop id was sampled; it is not kept), "length" (its
+    max_new_tokens, or the model's block_size, was reached) or whatever finish(row, reason)
+    was given (stop strings, a client that went away). Finished rows still ride along in the
+    batch (their tokens are ignored) until every row is done.
+    """
+
+    def __init__(self, model: GPT, prompts: Sequence[Sequence[int]],
+                 params: SamplingParams | Sequence[SamplingParams],
+                 stop_ids: Sequence[int] = ()):
+        cfg = model.config
+        if not prompts:
+            raise ValueError("generate: no prompts")
+        params = [params] * len(prompts) if isinstance(params, SamplingParams) else list(params)
+        if len(params) != len(prompts):
+            raise ValueError(f"generate: {len(prompts)} prompts but {len(params)} SamplingParams")
+        for p in params:
+            p.validate()
+        lens = [len(p) for p in prompts]
+        for i, (p, n) in enumerate(zip(prompts, lens)):
+            if n == 0:
+                raise ValueError(f"generate: prompt {i} is empty (give at least one token)")
+            if n > cfg.block_size:
+                raise ValueError(f"generate: prompt {i} has {n} tokens, more than the model's "
+                                 f"context of {cfg.block_size}")
+            if min(p) < 0 or max(p) >= cfg.vocab_size:
+                raise ValueError(f"generate: prompt {i} holds ids outside 0..{cfg.vocab_size - 1}")
+        self.model, self.params, self.stop_ids = model, params, set(stop_ids)
+        param = next(model.parameters())
+        device = self.device = param.device
+        B, L = len(prompts), max(lens)
+        self.cache = KVCache(cfg, B, min(cfg.block_size, L + max(p.max_new_tokens for p in params)),
+                             param.dtype, device)
+        idx = torch.zeros(B, L, dtype=torch.long)  # (B, L), left padded with id 0
+        for r, p in enumerate(prompts):
+            idx[r, L - len(p):] = torch.tensor(p, dtype=torch.long)
+        pad = torch.arange(L)[None, :] < torch.tensor([L - n for n in lens])[:, None]  # (B, L)
+        self._idx, self._pad = idx.to(device), pad.to(device)
+        self.padded = bool(pad.any())
+        # positions of the next token, per row: a row's first real token is position 0
+        self._next_pos = torch.tensor(lens, device=device)  # (B,)
+        self.generators = [_generator(p.seed, device) for p in params]
+        self.seen = None
+        if any(p.repetition_penalty != 1 for p in params):
+            self.seen = torch.zeros(B, cfg.vocab_size, dtype=torch.bool, device=device)
+            self.seen.scatter_(1, self._idx, ~self._pad)
+        self.tokens: list[list[int]] = [[] for _ in prompts]
+        self.finish_reason: list[str | None] = [None] * B
+        self.prompt_tokens = lens
+
+    @property
+    def done(self) -> bool:
+        return all(r is not None for r in self.finish_reason)
+
+    def finish(self, row: int, reason: str) -> None:
+        if self.finish_reason[row] is None:
+            self.finish_reason[row] = reason
+
+    @torch.no_grad()
+    def step(self) -> list[int | None]:
+        if self.done:
+            raise RuntimeError("BatchDecoder.step: every row has finished")
+        cache = self.cache
+        if cache.length == 0:  # prefill: the whole (padded) prompts at once
+            cache.set_padding(self._pad)
+            positions = ((~self._pad).cumsum(dim=1) - 1).clamp(min=0) if self.padded else None
+            logits = self.model.forward_cached(self._idx, cache, positions,
+                                               cache.mask(self._idx.shape[1]), last_only=True)
+        else:
+            positions = self._next_pos[:, None] if self.padded else None  # (B, 1)
+            logits = self.model.forward_cached(self._last[:, None], cache, positions,
+                                               cache.mask(1))
+            self._next_pos += 1
+        nxt = next_tokens(logits[:, -1].float(), self.params, self.generators, self.seen)  # (B,)
+        self._last = nxt
+        if self.seen is not None:
+            self.seen.scatter_(1, nxt[:, None], True)
+        out: list[int | None] = []
+        for r, t in enumerate(nxt.tolist()):
+            if self.finish_reason[r] is not None:
+                out.append(None)
+                continue
+            if t in self.stop_ids:
+                self.finish(r, "stop")
+                out.append(None)
+                continue
+            self.tokens[r].append(t)
+            out.append(t)
+            if len(self.tokens[r]) >= self.params[r].max_new_tokens or cache.length >= cache.max_len:
+                self.finish(r, "length")
+        return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Text: incremental detokenisation and stop strings
+class TextStream:
+    """Turns one row's ids into text deltas, holding back what may still become a stop string
+    or an unfinished UTF-8 sequence, and cutting the text before the first stop string."""
+
+    def __init__(self, tokenizer: Tokenizer, stop: Sequence[str] = ()):
+        self.tokenizer, self.stop = tokenizer, tuple(stop)
+        self.ids: list[int] = []
+        self.text = ""  # everything emitted so far
+        self.stopped = False
+
+    def push(self, token: int) -> str:
+        """Add one id; returns the new text that is safe to show ('' while held back)."""
+        self.ids.append(token)
+        full = self.tokenizer.decode(self.ids)
+        if self.stop:
+            hits = [i for i in (full.find(s, max(0, len(self.text) - len(s) + 1))
+                                for s in self.stop) if i >= 0]
+            if hits:
+                self.stopped = True
+                return self._emit(full[:min(hits)])
+        safe = len(full.rstrip("\ufffd"))  # an incomplete multi-byte character decodes to U+FFFD
+        hold = 0
+        for s in self.stop:  # longest tail of the text that starts a stop string
+            for k in range(min(len(s) - 1, safe), 0, -1):
+                if full[safe - k:safe] == s[:k]:
+                    hold = max(hold, k)
+                    break
+        return self._emit(full[:safe - hold])
+
+    def flush(self) -> str:
+        """The rest of the text when the row ends without a stop string."""
+        return "" if self.stopped else self._emit(self.tokenizer.decode(self.ids))
+
+    def _emit(self, upto: str) -> str:
+        delta = upto[len(self.text):] if len(upto) > len(self.text) else ""
+        self.text = max(self.text, upto, key=len)
+        return delta
+
+
+@dataclass
+class Event:
+    """One streamed piece of a row's answer; finish_reason is set on the row's last event."""
+    row: int
+    text: str
+    token: int | None = None
+    finish_reason: str | None = None
+
+
+def stop_ids_of(tokenizer: Tokenizer) -> list[int]:
+    """Ids that end a generation: <|endoftext|> when the tokenizer has it."""
+    return [] if tokenizer.eot_id is None else [tokenizer.eot_id]
+
+
+def stream(model: GPT, tokenizer: Tokenizer, prompts: Sequence[str | Sequence[int]],
+           params: SamplingParams | Sequence[SamplingParams],
+           decoder_hook=None) -> Iterator[Event]:
+    """Generate for every prompt together, yielding Events as text becomes safe to show.
+    decoder_hook(decoder) is called before each step (the server uses it to cancel rows)."""
+    ids = [tokenizer.encode(p, allowed_special="all") if isinstance(p, str) else list(p)
+           for p in prompts]
+    dec = BatchDecoder(model, ids, params, stop_ids_of(tokenizer))
+    texts = [TextStream(tokenizer, p.stop) for p in dec.params]
+    ended = [False] * len(ids)
+    while not dec.done:
+        if decoder_hook is not None:
+            decoder_hook(dec)
+            if dec.done:
+                break
+        for r, t in enumerate(dec.step()):
+            if t is not None:
+                delta = texts[r].push(t)
+                if texts[r].stopped:
+                    dec.finish(r, "stop")
+                if delta or dec.finish_reason[r] is None:
+                    yield Event(r, delta, t)
+            if dec.finish_reason[r] is not None and not ended[r]:
+                ended[r] = True
+                yield Event(r, texts[r].flush(), None, dec.finish_reason[r])
+    for r in range(len(ids)):  # rows finished by the hook
+        if not ended[r]:
+            yield Event(r, texts[r].flush(), None, dec.finish_reason[r])
+
+
+def generate(model: GPT, tokenizer: Tokenizer, prompt: str | Sequence[str],
+             **sampling) -> str | list[str]:
+    """The continuation of prompt (a str -> str; a list of str -> list of str, batched).
+    Keyword arguments are SamplingParams fields (max_new_tokens, temperature, top_k, top_p,
+    min_p, repetition_penalty, stop, seed)."""
+    prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+    if "stop" in sampling:
+        sampling["stop"] = tuple(sampling["stop"] or ())
+    params = SamplingParams(**sampling)
+    out = [""] * len(prompts)
+    for ev in stream(model, tokenizer, prompts, params):
+        out[ev.row] += ev.text
+    return out[0] if isinstance(prompt, str) else out
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading a trained model
+@dataclass
+class LoadedModel:
+    model: GPT
+    tokenizer: Tokenizer
+    name: str
+    path: Path
+    notes: list[str] = field(default_factory=list)
+
+
+def find_tokenizer(path: Path, vocab_size: int, explicit: str | None = None
+                   ) -> tuple[Tokenizer, str]:
+    """The tokenizer for a checkpoint: `explicit`, else tokenizer.json in the checkpoint or its
+    run directory, else the byte tokenizer (what fastlm.train's byte-level data uses)."""
+    candidates = [Path(explicit)] if explicit else [
+        path / "tokenizer.json", path.parent.parent / "tokenizer.json", path.parent / "tokenizer.json"]
+    for c in candidates:
+        if c.is_file():
+            tok = Tokenizer.load(c)
+            if tok.vocab_size > vocab_size:
+                raise ValueError(f"{c}: the tokenizer has {tok.vocab_size} ids but the model only "
+                                 f"{vocab_size}; pass the tokenizer it was trained with")
+            return tok, str(c)
+        if explicit:
+            raise FileNotFoundError(f"--tokenizer {explicit}: no such file")
+    if vocab_size < 256:
+        raise ValueError(f"{path}: no tokenizer.json found and the model's vocabulary "
+                         f"({vocab_size}) is too small for bytes; pass --tokenizer")
+    return Tokenizer.byte(), "byte tokenizer (no tokenizer.json next to the checkpoint)"
+
+
+def model_config_of(manifest: dict) -> ModelConfig:
+    raw = dict(manifest.get("config", {}).get("model", {}))
+    known = {f.name for f in dataclasses.fields(ModelConfig)}
+    unknown = sorted(set(raw) - known)
+    if unknown:
+        raise ckpt.CheckpointError(f"manifest model config has keys this fastlm does not know: "
+                                   f"{unknown} (saved by a newer version?)")
+    try:
+        cfg = ModelConfig(**raw)
+        cfg.validate()
+    except (TypeError, ConfigError) as exc:
+        raise ckpt.CheckpointError(f"manifest model config is invalid: {exc}") from None
+    return cfg
+
+
+def load(path: str | Path, device: str | torch.device = "cpu", tokenizer: str | None = None,
+         dtype: torch.dtype | None = None) -> LoadedModel:
+    """A checkpoint (step directory, or a run directory: its latest) ready for generation."""
+    c = ckpt.load(path)
+    cfg = model_config_of(c.manifest)
+    model = GPT(cfg)
+    c.load_model(model)
+    model.eval().to(device)
+    if dtype is not None:
+        model.to(dtype)
+    tok, source = find_tokenizer(c.path, cfg.vocab_size, tokenizer)
+    run = c.path.parent.parent.name if c.path.parent.name == "checkpoints" else c.path.name
+    return LoadedModel(model, tok, f"{run}-{c.path.name}", c.path, [f"tokenizer: {source}"])
+
+
+def add_model_args(ap: argparse.ArgumentParser) -> None:
+    ap.add_argument("--checkpoint", required=True, help="checkpoint or run directory")
+    ap.add_argument("--tokenizer", default=None, help="tokenizer JSON (default: found next to "
+                    "the checkpoint, else bytes)")
+    ap.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N")
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+
+
+def add_sampling_args(ap: argparse.ArgumentParser, max_new_tokens: int = 200) -> None:
+    ap.add_argument("--max-new-tokens", type=int, default=max_new_tokens)
+    ap.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
+    ap.add_argument("--top-k", type=int, default=0)
+    ap.add_argument("--top-p", type=float, default=1.0)
+    ap.add_argument("--min-p", type=float, default=0.0)
+    ap.add_argument("--repetition-penalty", type=float, default=1.0)
+    ap.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    ap.add_argument("--seed", type=int, default=None)
+
+
+def sampling_from_args(args: argparse.Namespace) -> SamplingParams:
+    return SamplingParams(args.max_new_tokens, args.temperature, args.top_k, args.top_p,
+                          args.min_p, args.repetition_penalty, tuple(args.stop),
+                          args.seed).validate()
+
+
+def load_from_args(args: argparse.Namespace) -> LoadedModel:
+    return load(args.checkpoint, args.device, args.tokenizer, getattr(torch, args.dtype))
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m fastlm.generate", description=__doc__.split(
+        "\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_model_args(ap)
+    ap.add_argument("--prompt", action="append", required=True,
+                    help="text to continue (repeat for a batch)")
+    add_sampling_args(ap)
+    args = ap.parse_args(argv)
+    try:
+        params = sampling_from_args(args)
+        lm = load_from_args(args)
+    except (ValueError, OSError, ckpt.CheckpointError) as exc:
+        print(f"fastlm.generate: {exc}", file=sys.stderr)
+        return 2
+    print(f"# {lm.name} ({', '.join(lm.notes)})", file=sys.stderr)
+    t0, n = time.perf_counter(), 0
+    single = len(args.prompt) == 1
+    outs = [""] * len(args.prompt)
+    if single:
+        print(args.prompt[0], end="")
+    try:
+        for ev in stream(lm.model, lm.tokenizer, args.prompt, params):
+            n += ev.token is not None
+            if single:
+                print(ev.text, end="", flush=True)
+            outs[ev.row] += ev.text
+    except ValueError as exc:
+        print(f"fastlm.generate: {exc}", file=sys.stderr)
+        return 2
+    if single:
+        print()
+    else:
+        for p, o in zip(args.prompt, outs):
+            print(f"--- {p!r}\n{p}{o}")
+    dt = time.perf_counter() - t0
+    print(f"# {n} tokens in {dt:.2f} s ({n / max(dt, 1e-9):.1f} tokens/s)", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

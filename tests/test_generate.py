@@ -1,0 +1,144 @@
+"""KV-cache generation: cached logits equal a full forward (both flavours), padded batches equal
+single prompts, sampling filters, seeds, stop strings and ids, limits, the CLI."""
+import pytest
+import torch
+
+from fastlm.generate import (BatchDecoder, SamplingParams, TextStream, generate, load, main,
+                             next_tokens)
+from fastlm.kv_cache import KVCache
+from fastlm.tokenizer import Tokenizer
+from tests.lm_fixtures import save_checkpoint, tiny_model
+
+ARCHS = ["gpt2", "llama"]
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_cached_logits_equal_full_forward(arch):
+    model = tiny_model(arch)
+    idx = torch.randint(0, 256, (3, 37))  # (B, T)
+    full, _ = model(idx)  # (B, T, V)
+    cache = KVCache(model.config, 3, 40)
+    k_ptr = cache.k.data_ptr()
+    chunks = [model.forward_cached(idx[:, :11], cache)]  # prefill
+    for t in range(11, 30):  # one token at a time
+        chunks.append(model.forward_cached(idx[:, t:t + 1], cache))
+    chunks.append(model.forward_cached(idx[:, 30:], cache))  # a chunk after decoding
+    torch.testing.assert_close(torch.cat(chunks, 1), full, rtol=1e-5, atol=1e-5)
+    assert cache.length == 37 and cache.k.data_ptr() == k_ptr  # written in place
+    with pytest.raises(ValueError, match="exceed the cache"):
+        model.forward_cached(idx[:, :4], cache)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_left_padded_batch_equals_single_prompts(arch):
+    model = tiny_model(arch)
+    prompts = [[5, 9, 200, 7, 7, 1, 30], [42], [3, 4, 5, 6]]
+    greedy = SamplingParams(max_new_tokens=12, temperature=0)
+    dec = BatchDecoder(model, prompts, greedy)
+    assert dec.padded
+    while not dec.done:
+        dec.step()
+    for r, p in enumerate(prompts):
+        alone = BatchDecoder(model, [p], greedy)
+        assert not alone.padded
+        while not alone.done:
+            alone.step()
+        assert dec.tokens[r] == alone.tokens[0]
+        # and both equal uncached greedy decoding with the plain forward
+        seq = torch.tensor([p])
+        for _ in range(12):
+            seq = torch.cat([seq, model(seq)[0][:, -1].argmax(-1, keepdim=True)], 1)
+        assert alone.tokens[0] == seq[0, len(p):].tolist()
+    assert dec.finish_reason == ["length"] * 3
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_padded_prefill_logits_match(arch):
+    model = tiny_model(arch)
+    long, short = torch.randint(0, 256, (9,)).tolist(), torch.randint(0, 256, (4,)).tolist()
+    dec = BatchDecoder(model, [long, short], SamplingParams(temperature=0, max_new_tokens=3))
+    cache = dec.cache
+    cache.set_padding(dec._pad)
+    pos = ((~dec._pad).cumsum(1) - 1).clamp(min=0)
+    logits = model.forward_cached(dec._idx, cache, pos, cache.mask(9))  # (2, 9, V)
+    torch.testing.assert_close(logits[1, 5:], model(torch.tensor([short]))[0][0],
+                               rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(logits[0], model(torch.tensor([long]))[0][0], rtol=1e-5, atol=1e-5)
+
+
+def test_same_seed_same_text_and_batch_independent():
+    model, tok = tiny_model("llama"), Tokenizer.byte()
+    kw = dict(max_new_tokens=20, temperature=1.0, top_k=50, top_p=0.9, seed=123)
+    a = generate(model, tok, "hello", **kw)
+    assert generate(model, tok, "hello", **kw) == a
+    assert generate(model, tok, "hello", **{**kw, "seed": 124}) != a
+    # a row's text depends on its own seed only, not on what else is in the batch
+    assert generate(model, tok, ["x", "hello", "a longer prompt"], **kw)[1] == a
+
+
+def test_filters():
+    logits = torch.randn(4, 50)
+    gens = [torch.Generator().manual_seed(i) for i in range(4)]
+    greedy = logits.argmax(-1)
+    for params in (SamplingParams(temperature=1, top_k=1), SamplingParams(temperature=5, top_p=1e-6),
+                   SamplingParams(temperature=1, min_p=0.999), SamplingParams(temperature=0)):
+        assert torch.equal(next_tokens(logits, [params] * 4, gens, None), greedy)
+    top5 = logits.topk(5).indices
+    for _ in range(20):
+        got = next_tokens(logits, [SamplingParams(temperature=2, top_k=5)] * 4, gens, None)
+        assert all(g in t for g, t in zip(got.tolist(), top5.tolist()))
+    # repetition penalty: a seen winner loses against a close unseen runner-up
+    lg = torch.tensor([[2.0, 1.9, -1.0]])
+    seen = torch.tensor([[True, False, False]])
+    p = SamplingParams(temperature=0, repetition_penalty=1.5)
+    assert next_tokens(lg, [p], gens, seen).item() == 1
+    assert next_tokens(lg, [SamplingParams(temperature=0)], gens, None).item() == 0
+
+
+def test_text_stream_stop_strings():
+    tok = Tokenizer.byte()
+    ts = TextStream(tok, stop=("END",))
+    out = "".join(ts.push(b) for b in b"abc EN")
+    assert out == "abc "  # "EN" held back: it may start "END"
+    assert ts.push(ord("D")) == "" and ts.stopped and ts.text == "abc "
+    ts = TextStream(tok, stop=("END",))
+    out = "".join(ts.push(b) for b in b"ENx") + ts.flush()
+    assert out == "ENx"
+    ts = TextStream(tok)  # a multi-byte character is shown only once complete
+    e = "é".encode()
+    assert ts.push(e[0]) == "" and ts.push(e[1]) == "é"
+
+
+def test_stop_ids_and_limits():
+    model = tiny_model("gpt2")
+    p = SamplingParams(temperature=0, max_new_tokens=8)
+    dec = BatchDecoder(model, [[1, 2, 3]], p)
+    while not dec.done:
+        dec.step()
+    first = dec.tokens[0][0]
+    dec = BatchDecoder(model, [[1, 2, 3]], p, stop_ids=[first])
+    assert dec.step() == [None] and dec.finish_reason == ["stop"] and dec.tokens == [[]]
+    # the context limit ends a row with "length" even below max_new_tokens
+    dec = BatchDecoder(model, [[1] * 60], SamplingParams(temperature=0, max_new_tokens=100))
+    while not dec.done:
+        dec.step()
+    assert dec.finish_reason == ["length"] and len(dec.tokens[0]) == 5
+    for bad, msg in (([[]], "empty"), ([[1] * 65], "context"), ([[300]], "outside")):
+        with pytest.raises(ValueError, match=msg):
+            BatchDecoder(model, bad, p)
+    with pytest.raises(ValueError, match="temperature"):
+        BatchDecoder(model, [[1]], SamplingParams(temperature=-1))
+
+
+def test_load_and_cli(tmp_path, capsys):
+    model = tiny_model("llama")
+    save_checkpoint(tmp_path / "run", model)
+    lm = load(tmp_path / "run")
+    assert "byte tokenizer" in lm.notes[0]
+    want = generate(model, Tokenizer.byte(), "ab", max_new_tokens=6, temperature=0)
+    assert generate(lm.model, lm.tokenizer, "ab", max_new_tokens=6, temperature=0) == want
+    assert main(["--checkpoint", str(tmp_path / "run"), "--prompt", "ab", "--temperature", "0",
+                 "--max-new-tokens", "6"]) == 0
+    assert capsys.readouterr().out == "ab" + want + "\n"
+    assert main(["--checkpoint", str(tmp_path / "nope"), "--prompt", "x"]) == 2
+    assert "not a checkpoint" in capsys.readouterr().err
