@@ -287,15 +287,16 @@ def stream(model: GPT, tokenizer: Tokenizer, prompts: Sequence[str | Sequence[in
             if dec.done:
                 break
         for r, t in enumerate(dec.step()):
-            if t is not None:
-                delta = texts[r].push(t)
-                if texts[r].stopped:
-                    dec.finish(r, "stop")
-                if delta or dec.finish_reason[r] is None:
-                    yield Event(r, delta, t)
-            if dec.finish_reason[r] is not None and not ended[r]:
+            if ended[r]:
+                continue
+            delta = "" if t is None else texts[r].push(t)
+            if texts[r].stopped:
+                dec.finish(r, "stop")
+            reason = dec.finish_reason[r]
+            if reason is not None:  # the row's last event carries its last token too
                 ended[r] = True
-                yield Event(r, texts[r].flush(), None, dec.finish_reason[r])
+                delta += texts[r].flush()
+            yield Event(r, delta, t, reason)
     for r in range(len(ids)):  # rows finished by the hook
         if not ended[r]:
             yield Event(r, texts[r].flush(), None, dec.finish_reason[r])

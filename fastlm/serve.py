@@ -1,0 +1,460 @@
+"""An OpenAI-compatible HTTP server with a web chat page (FastAPI + uvicorn).
+
+    python -m fastlm.serve --checkpoint RUN_DIR [--host 127.0.0.1 --port 8000 --api-key KEY
+        --max-concurrency 8 --max-queue 32 --max-tokens 512 --max-body-bytes 1000000]
+
+Endpoints: GET / (the chat page, fastlm/web/index.html), GET /health, GET /v1/models,
+POST /v1/completions and POST /v1/chat/completions (JSON, or server-sent events with
+"stream": true). The API key (--api-key or FASTLM_API_KEY) is checked on every /v1 endpoint as
+"Authorization: Bearer KEY"; / and /health stay open. It binds to 127.0.0.1 unless told otherwise.
+
+Batching: requests go into a bounded queue; one worker thread takes up to --max-concurrency of
+them at a time (waiting --batch-wait-ms for company when the queue is short) and decodes them as
+one left-padded batch (fastlm.generate.BatchDecoder), each row with its own sampling settings
+and seed, streaming every row's text back to its own client as it is produced. Requests arriving
+while a batch runs wait for the next batch (dynamic batching, not continuous batching: a new row
+does not join a running batch). When the queue is full the server answers 429 with Retry-After.
+A client that disconnects has its row stopped at the next step.
+
+Errors are JSON in OpenAI's shape: {"error": {"message", "type", "param", "code"}}.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import os
+import queue
+import sys
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from fastlm import checkpoint as ckpt
+from fastlm.chat import STOP as CHAT_STOP
+from fastlm.chat import format_chat
+from fastlm.generate import LoadedModel, SamplingParams, load, stream
+
+try:
+    import uvicorn
+    from fastapi import FastAPI, Request
+    from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
+except ImportError as _exc:  # the serve extra is optional
+    _IMPORT_ERROR: ImportError | None = _exc
+else:
+    _IMPORT_ERROR = None
+
+WEB_PAGE = Path(__file__).parent / "web" / "index.html"
+
+
+@dataclass
+class Limits:
+    max_concurrency: int = 8  # rows decoded together in one batch
+    max_queue: int = 32  # requests waiting for a batch; more get 429
+    max_tokens: int = 512  # cap on a request's max_tokens
+    max_body_bytes: int = 1_000_000
+    max_prompt_tokens: int = 0  # 0 = the model's block_size - 1
+    batch_wait_ms: float = 5.0
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, message: str, type_: str = "invalid_request_error",
+                 param: str | None = None, code: str | None = None,
+                 headers: dict[str, str] | None = None):
+        super().__init__(message)
+        self.status, self.message, self.type, self.param, self.code = status, message, type_, param, code
+        self.headers = headers or {}
+
+    def response(self) -> "JSONResponse":
+        return JSONResponse({"error": {"message": self.message, "type": self.type,
+                                       "param": self.param, "code": self.code}},
+                            status_code=self.status, headers=self.headers)
+
+
+# ---------------------------------------------------------------------------------------------
+# The engine: a bounded queue and one worker thread decoding batches
+@dataclass
+class Job:
+    prompt_ids: list[int]
+    params: SamplingParams
+    loop: asyncio.AbstractEventLoop
+    out: asyncio.Queue = field(default_factory=asyncio.Queue)  # Event, then None at the end
+    cancelled: bool = False
+
+
+class Engine:
+    def __init__(self, lm: LoadedModel, limits: Limits):
+        self.lm, self.limits = lm, limits
+        self.jobs: queue.Queue[Job] = queue.Queue(maxsize=limits.max_queue)
+        self.busy_rows = 0
+        self.tokens_out = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="fastlm-engine", daemon=True)
+        self._thread.start()
+
+    def submit(self, job: Job) -> None:
+        if not self._thread.is_alive():
+            raise ApiError(503, "the generation worker is not running", "server_error",
+                           headers={"Retry-After": "5"})
+        try:
+            self.jobs.put_nowait(job)
+        except queue.Full:
+            raise ApiError(429, f"server busy: {self.limits.max_queue} requests already "
+                           "waiting; retry later", "rate_limit_error", code="queue_full",
+                           headers={"Retry-After": "1"}) from None
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=10)
+
+    def _take_batch(self) -> list[Job]:
+        try:
+            batch = [self.jobs.get(timeout=0.1)]
+        except queue.Empty:
+            return []
+        deadline = time.monotonic() + self.limits.batch_wait_ms / 1000
+        while len(batch) < self.limits.max_concurrency:
+            left = deadline - time.monotonic()
+            try:
+                batch.append(self.jobs.get_nowait() if left <= 0 else self.jobs.get(timeout=left))
+            except queue.Empty:
+                break
+        return [j for j in batch if not j.cancelled]
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            batch = self._take_batch()
+            if batch:
+                self._decode(batch)
+
+    def _decode(self, batch: list[Job]) -> None:
+        def send(job: Job, item) -> None:
+            job.loop.call_soon_threadsafe(job.out.put_nowait, item)
+
+        def cancel_gone(dec) -> None:
+            for r, job in enumerate(batch):
+                if job.cancelled or self._stop.is_set():
+                    dec.finish(r, "cancelled")
+
+        self.busy_rows = len(batch)
+        try:
+            for ev in stream(self.lm.model, self.lm.tokenizer, [j.prompt_ids for j in batch],
+                             [j.params for j in batch], decoder_hook=cancel_gone):
+                self.tokens_out += ev.token is not None
+                send(batch[ev.row], ev)
+        except Exception as exc:  # a bug must reach the clients, not kill the worker silently
+            for job in batch:
+                send(job, exc)
+        finally:
+            self.busy_rows = 0
+            for job in batch:
+                send(job, None)
+
+
+# ---------------------------------------------------------------------------------------------
+# Request parsing: every bad field named
+def _get(body: dict, name: str, types, default, check=None, rule: str = ""):
+    value = body.get(name, default)
+    if value is None:
+        return default
+    if not isinstance(value, types) or isinstance(value, bool) and bool not in (
+            types if isinstance(types, tuple) else (types,)):
+        raise ApiError(400, f"'{name}' must be {rule or types}, got {value!r}", param=name)
+    if check is not None and not check(value):
+        raise ApiError(400, f"'{name}' must be {rule}, got {value!r}", param=name)
+    return value
+
+
+def sampling_from_body(body: dict, limits: Limits, extra_stop: tuple[str, ...] = ()
+                       ) -> SamplingParams:
+    num = (int, float)
+    max_tokens = _get(body, "max_completion_tokens", int, None) or _get(
+        body, "max_tokens", int, 16 if extra_stop == () else 256, lambda v: v >= 1, "an integer >= 1")
+    if max_tokens > limits.max_tokens:
+        raise ApiError(400, f"'max_tokens' is {max_tokens}, more than this server's limit of "
+                       f"{limits.max_tokens}", param="max_tokens", code="too_many_tokens")
+    stop = body.get("stop")
+    stop = [] if stop is None else [stop] if isinstance(stop, str) else stop
+    if not isinstance(stop, list) or len(stop) > 4 or not all(isinstance(s, str) and s for s in stop):
+        raise ApiError(400, "'stop' must be a non-empty string or a list of up to 4 of them",
+                       param="stop")
+    if _get(body, "n", int, 1) != 1:
+        raise ApiError(400, "'n' must be 1 (one choice per request)", param="n")
+    for unsupported in ("logprobs", "echo", "suffix", "tools", "functions", "best_of"):
+        if body.get(unsupported) not in (None, False, 1 if unsupported == "best_of" else None):
+            raise ApiError(400, f"'{unsupported}' is not supported by this server",
+                           param=unsupported)
+    params = SamplingParams(
+        max_new_tokens=max_tokens,
+        temperature=float(_get(body, "temperature", num, 1.0, lambda v: 0 <= v <= 2, "in [0, 2]")),
+        top_k=_get(body, "top_k", int, 0, lambda v: v >= 0, "an integer >= 0"),
+        top_p=float(_get(body, "top_p", num, 1.0, lambda v: 0 < v <= 1, "in (0, 1]")),
+        min_p=float(_get(body, "min_p", num, 0.0, lambda v: 0 <= v < 1, "in [0, 1)")),
+        repetition_penalty=float(_get(body, "repetition_penalty", num, 1.0, lambda v: v > 0,
+                                      "> 0")),
+        stop=tuple(stop) + extra_stop,
+        seed=_get(body, "seed", int, None))
+    return params
+
+
+def _usage(n_prompt: int, n_out: int) -> dict:
+    return {"prompt_tokens": n_prompt, "completion_tokens": n_out,
+            "total_tokens": n_prompt + n_out}
+
+
+def _sse(obj: Any) -> str:
+    return f"data: {json.dumps(obj)}\n\n"
+
+
+# ---------------------------------------------------------------------------------------------
+# The app
+def create_app(lm: LoadedModel, api_key: str | None = None, limits: Limits | None = None):
+    if _IMPORT_ERROR is not None:
+        raise RuntimeError(f"fastlm.serve needs fastapi and uvicorn ({_IMPORT_ERROR}); "
+                           "pip install 'fastlm[serve]'")
+    limits = limits or Limits()
+    max_prompt = limits.max_prompt_tokens or lm.model.config.block_size - 1
+    engine = Engine(lm, limits)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app):
+        yield
+        engine.close()
+
+    app = FastAPI(title="fastlm", docs_url=None, redoc_url=None, openapi_url=None,
+                  lifespan=lifespan)
+    app.state.engine = engine
+    started = int(time.time())
+
+    @app.exception_handler(ApiError)
+    async def _api_error(request: Request, exc: ApiError):
+        return exc.response()
+
+    @app.exception_handler(404)
+    async def _not_found(request: Request, exc):
+        return ApiError(404, f"no such endpoint: {request.method} {request.url.path}",
+                        code="not_found").response()
+
+    @app.exception_handler(405)
+    async def _bad_method(request: Request, exc):
+        return ApiError(405, f"{request.method} is not allowed on {request.url.path}",
+                        code="method_not_allowed").response()
+
+    def check_key(request: Request) -> None:
+        if api_key is None:
+            return
+        got = request.headers.get("authorization", "")
+        if got != f"Bearer {api_key}":
+            raise ApiError(401, "missing or wrong API key: send 'Authorization: Bearer KEY'",
+                           "authentication_error", code="invalid_api_key")
+
+    async def read_json(request: Request) -> dict:
+        size = request.headers.get("content-length")
+        if size is not None and size.isdigit() and int(size) > limits.max_body_bytes:
+            raise ApiError(413, f"request body of {size} bytes exceeds the limit of "
+                           f"{limits.max_body_bytes}", code="body_too_large")
+        data = bytearray()
+        async for chunk in request.stream():  # chunked bodies carry no length: count them
+            data += chunk
+            if len(data) > limits.max_body_bytes:
+                raise ApiError(413, f"request body exceeds the limit of {limits.max_body_bytes} "
+                               "bytes", code="body_too_large")
+        try:
+            body = json.loads(data)
+        except ValueError as exc:
+            raise ApiError(400, f"the body is not valid JSON: {exc}", code="invalid_json") from None
+        if not isinstance(body, dict):
+            raise ApiError(400, "the body must be a JSON object", code="invalid_json")
+        model = body.get("model")
+        if model is not None and model != lm.name:
+            raise ApiError(404, f"model {model!r} does not exist; this server has {lm.name!r}",
+                           param="model", code="model_not_found")
+        return body
+
+    def encode(text: str, param: str) -> list[int]:
+        ids = lm.tokenizer.encode(text, allowed_special="all")
+        if not ids:
+            raise ApiError(400, f"'{param}' is empty", param=param)
+        if len(ids) > max_prompt:
+            raise ApiError(400, f"'{param}' has {len(ids)} tokens; the limit is {max_prompt} "
+                           f"(model context {lm.model.config.block_size})", param=param,
+                           code="context_length_exceeded")
+        return ids
+
+    def submit(ids: list[int], params: SamplingParams) -> Job:
+        """Queue the request now, so a full queue is a 429 before any response starts."""
+        job = Job(ids, params, asyncio.get_running_loop())
+        engine.submit(job)
+        return job
+
+    async def results(job: Job):
+        """Async iterator over the job's Events."""
+        try:
+            while True:
+                item = await job.out.get()
+                if item is None:
+                    return
+                if isinstance(item, Exception):
+                    raise ApiError(500, f"generation failed: {item}", "server_error")
+                yield item
+        finally:  # also when the client went away and the response was cancelled
+            job.cancelled = True
+
+    def respond(body: dict, job: Job, chat: bool):
+        rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
+        created = int(time.time())
+        obj = "chat.completion" if chat else "text_completion"
+        base = {"id": rid, "created": created, "model": lm.name}
+
+        def choice(text: str | None, finish: str | None, first: bool = False) -> dict:
+            if not chat:
+                return {"index": 0, "text": text or "", "logprobs": None, "finish_reason": finish}
+            delta = {"role": "assistant"} if first else {}
+            if text:
+                delta["content"] = text
+            return {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
+
+        def finish_of(reason: str | None) -> str:
+            return "length" if reason == "length" else "stop"
+
+        if body.get("stream"):
+            opts = body.get("stream_options") or {}
+            include_usage = isinstance(opts, dict) and bool(opts.get("include_usage"))
+
+            async def events():
+                n_out, first = 0, chat
+                chunk_obj = obj + ".chunk" if chat else obj
+                if first:
+                    yield _sse({**base, "object": chunk_obj, "choices": [choice("", None, True)]})
+                try:
+                    async for ev in results(job):
+                        n_out += ev.token is not None
+                        fin = finish_of(ev.finish_reason) if ev.finish_reason else None
+                        if ev.text or fin:
+                            yield _sse({**base, "object": chunk_obj,
+                                        "choices": [choice(ev.text, fin)]})
+                except ApiError as exc:
+                    yield _sse({"error": {"message": exc.message, "type": exc.type}})
+                if include_usage:
+                    yield _sse({**base, "object": chunk_obj, "choices": [],
+                                "usage": _usage(len(job.prompt_ids), n_out)})
+                yield "data: [DONE]\n\n"
+            return events()
+
+        async def whole():
+            text, n_out, reason = "", 0, None
+            async for ev in results(job):
+                text += ev.text
+                n_out += ev.token is not None
+                reason = ev.finish_reason or reason
+            if chat:
+                ch = {"index": 0, "message": {"role": "assistant", "content": text},
+                      "logprobs": None, "finish_reason": finish_of(reason)}
+            else:
+                ch = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish_of(reason)}
+            return {**base, "object": obj, "choices": [ch], "usage": _usage(len(job.prompt_ids), n_out)}
+        return whole()
+
+    async def reply(request: Request, body: dict, ids, params, chat: bool):
+        result = respond(body, submit(ids, params), chat)
+        if body.get("stream"):
+            return StreamingResponse(result, media_type="text/event-stream",
+                                     headers={"Cache-Control": "no-cache"})
+        return JSONResponse(await result)
+
+    @app.get("/health")
+    async def health():
+        return {"status": "ok", "model": lm.name, "queued": engine.jobs.qsize(),
+                "decoding": engine.busy_rows}
+
+    @app.get("/", response_class=HTMLResponse)
+    async def page():
+        return HTMLResponse(WEB_PAGE.read_text(encoding="utf-8"))
+
+    @app.get("/v1/models")
+    async def models(request: Request):
+        check_key(request)
+        return {"object": "list", "data": [{"id": lm.name, "object": "model", "created": started,
+                                            "owned_by": "fastlm",
+                                            "context_length": lm.model.config.block_size}]}
+
+    @app.post("/v1/completions")
+    async def completions(request: Request):
+        check_key(request)
+        body = await read_json(request)
+        prompt = body.get("prompt")
+        if isinstance(prompt, list) and len(prompt) == 1:
+            prompt = prompt[0]
+        if not isinstance(prompt, str):
+            raise ApiError(400, "'prompt' must be a string (one prompt per request)",
+                           param="prompt")
+        params = sampling_from_body(body, limits)
+        return await reply(request, body, encode(prompt, "prompt"), params, chat=False)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request):
+        check_key(request)
+        body = await read_json(request)
+        messages = body.get("messages")
+        if not isinstance(messages, list):
+            raise ApiError(400, "'messages' must be a list of {role, content} objects",
+                           param="messages")
+        try:
+            prompt = format_chat(messages)
+        except ValueError as exc:
+            raise ApiError(400, str(exc), param="messages") from None
+        params = sampling_from_body(body, limits, CHAT_STOP)
+        return await reply(request, body, encode(prompt, "messages"), params, chat=True)
+
+    return app
+
+
+# ---------------------------------------------------------------------------------------------
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m fastlm.serve", description=__doc__.split("\n")[0])
+    ap.add_argument("--checkpoint", required=True, help="checkpoint or run directory")
+    ap.add_argument("--tokenizer", default=None)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--host", default="127.0.0.1", help="address to bind (default loopback only)")
+    ap.add_argument("--port", type=int, default=8000)
+    ap.add_argument("--api-key", default=os.environ.get("FASTLM_API_KEY"),
+                    help="required as 'Authorization: Bearer KEY' (default $FASTLM_API_KEY)")
+    d = Limits()
+    ap.add_argument("--max-concurrency", type=int, default=d.max_concurrency,
+                    help="requests decoded together in one batch")
+    ap.add_argument("--max-queue", type=int, default=d.max_queue,
+                    help="requests waiting for a batch before 429")
+    ap.add_argument("--max-tokens", type=int, default=d.max_tokens, help="cap on max_tokens")
+    ap.add_argument("--max-body-bytes", type=int, default=d.max_body_bytes)
+    ap.add_argument("--batch-wait-ms", type=float, default=d.batch_wait_ms)
+    args = ap.parse_args(argv)
+    for name in ("max_concurrency", "max_queue", "max_tokens", "max_body_bytes"):
+        if getattr(args, name) < 1:
+            ap.error(f"--{name.replace('_', '-')} must be >= 1")
+    if _IMPORT_ERROR is not None:
+        print(f"fastlm.serve: needs fastapi and uvicorn ({_IMPORT_ERROR}); "
+              "pip install 'fastlm[serve]'", file=sys.stderr)
+        return 2
+    try:
+        lm = load(args.checkpoint, args.device, args.tokenizer)
+    except (ValueError, OSError, ckpt.CheckpointError) as exc:
+        print(f"fastlm.serve: {exc}", file=sys.stderr)
+        return 2
+    if args.host not in ("127.0.0.1", "localhost", "::1") and not args.api_key:
+        print(f"fastlm.serve: warning: listening on {args.host} without --api-key: anyone who "
+              "can reach this port can use the model", file=sys.stderr)
+    limits = Limits(args.max_concurrency, args.max_queue, args.max_tokens, args.max_body_bytes,
+                    batch_wait_ms=args.batch_wait_ms)
+    app = create_app(lm, args.api_key, limits)
+    print(f"fastlm.serve: {lm.name} ({', '.join(lm.notes)}) on http://{args.host}:{args.port}/",
+          file=sys.stderr)
+    uvicorn.run(app, host=args.host, port=args.port, log_level="info")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,168 @@
+"""The OpenAI-compatible server, driven by the official openai client and by plain HTTP, on a
+real uvicorn server bound to 127.0.0.1 on a free port, with a tiny random model."""
+import concurrent.futures
+import json
+import socket
+import threading
+import time
+
+import pytest
+
+pytest.importorskip("fastapi", reason="the serve extra (fastapi, uvicorn) is not installed")
+uvicorn = pytest.importorskip("uvicorn")
+httpx = pytest.importorskip("httpx")
+
+from fastlm.generate import generate, load  # noqa: E402
+from fastlm.serve import Limits, create_app  # noqa: E402
+from tests.lm_fixtures import save_checkpoint, tiny_model  # noqa: E402
+
+KEY = "test-key"
+
+
+class Server:
+    """uvicorn in a thread on a socket we bound ourselves (so the port is known)."""
+
+    def __init__(self, app):
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
+        self.server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
+        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]},
+                                       daemon=True)
+        self.thread.start()
+        for _ in range(200):
+            if self.server.started:
+                return
+            time.sleep(0.02)
+        raise RuntimeError("uvicorn did not start")
+
+    def stop(self):
+        self.server.should_exit = True
+        self.thread.join(timeout=10)
+        self.sock.close()
+
+
+@pytest.fixture(scope="module")
+def lm(tmp_path_factory):
+    run = tmp_path_factory.mktemp("run")
+    save_checkpoint(run, tiny_model("llama", block_size=128))
+    return load(run)
+
+
+@pytest.fixture(scope="module")
+def server(lm):
+    srv = Server(create_app(lm, api_key=KEY, limits=Limits(max_concurrency=4, max_queue=16,
+                                                           max_tokens=64, max_body_bytes=20_000)))
+    yield srv
+    srv.stop()
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    openai = pytest.importorskip("openai")
+    return openai.OpenAI(base_url=server.url + "/v1", api_key=KEY, max_retries=0, timeout=60)
+
+
+def test_models_and_health(server, client, lm):
+    assert [m.id for m in client.models.list().data] == [lm.name]
+    r = httpx.get(server.url + "/health")  # no key needed
+    assert r.status_code == 200 and r.json()["status"] == "ok"
+    page = httpx.get(server.url + "/")
+    assert page.status_code == 200 and "/v1/chat/completions" in page.text
+
+
+def test_completion_matches_generate(client, lm):
+    want = generate(lm.model, lm.tokenizer, "def f(", max_new_tokens=10, temperature=0)
+    r = client.completions.create(model=lm.name, prompt="def f(", max_tokens=10, temperature=0)
+    assert r.choices[0].text == want and r.choices[0].finish_reason == "length"
+    assert r.usage.prompt_tokens == 6 and r.usage.completion_tokens == 10
+    chunks = list(client.completions.create(model=lm.name, prompt="def f(", max_tokens=10,
+                                            temperature=0, stream=True))
+    assert "".join(c.choices[0].text for c in chunks) == want
+    assert chunks[-1].choices[0].finish_reason == "length"
+
+
+def test_chat_stream_and_not(client, lm):
+    msgs = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "hi"}]
+    r = client.chat.completions.create(model=lm.name, messages=msgs, max_tokens=12,
+                                       temperature=0.7, seed=5)
+    text = r.choices[0].message.content
+    assert r.choices[0].message.role == "assistant" and r.object == "chat.completion"
+    stream = client.chat.completions.create(model=lm.name, messages=msgs, max_tokens=12,
+                                            temperature=0.7, seed=5, stream=True,
+                                            stream_options={"include_usage": True})
+    chunks = list(stream)
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == text
+    assert chunks[-1].usage.completion_tokens == r.usage.completion_tokens
+    assert "\nUser:" not in text  # the transcript's stop string ends the reply
+
+
+def post(server, path, body, key=KEY, **kw):
+    headers = {"Authorization": f"Bearer {key}"} if key else {}
+    if isinstance(body, (dict, list)):
+        body = json.dumps(body)
+    return httpx.post(server.url + path, content=body, headers=headers, timeout=30, **kw)
+
+
+@pytest.mark.parametrize("path,body,key,status,code", [
+    ("/v1/completions", "{not json", KEY, 400, "invalid_json"),
+    ("/v1/completions", [1, 2], KEY, 400, "invalid_json"),
+    ("/v1/completions", {"model": "gpt-4", "prompt": "x"}, KEY, 404, "model_not_found"),
+    ("/v1/completions", {"prompt": "x", "max_tokens": 65}, KEY, 400, "too_many_tokens"),
+    ("/v1/completions", {"prompt": "x" * 200}, KEY, 400, "context_length_exceeded"),
+    ("/v1/completions", {"prompt": "x" * 30_000}, KEY, 413, "body_too_large"),
+    ("/v1/completions", {"prompt": "x"}, "wrong", 401, "invalid_api_key"),
+    ("/v1/completions", {"prompt": "x"}, None, 401, "invalid_api_key"),
+    ("/v1/completions", {"prompt": "x", "temperature": 5}, KEY, 400, None),
+    ("/v1/completions", {"prompt": 3}, KEY, 400, None),
+    ("/v1/chat/completions", {"messages": [{"role": "robot", "content": "x"}]}, KEY, 400, None),
+    ("/v1/chat/completions", {"messages": "hi"}, KEY, 400, None),
+    ("/v1/nothing", {}, KEY, 404, "not_found"),
+])
+def test_errors(server, path, body, key, status, code):
+    r = post(server, path, body, key)
+    assert r.status_code == status, r.text
+    err = r.json()["error"]
+    assert err["message"] and (code is None or err["code"] == code)
+
+
+def test_key_required_on_models(server):
+    assert httpx.get(server.url + "/v1/models").status_code == 401
+
+
+def test_concurrent_clients_all_complete(server, lm):
+    """8 streaming clients at once (more than a batch): every answer complete, equal to what the
+    same request gives alone (greedy), nothing lost or mixed between clients."""
+    prompts = [f"client {i}: " + "ab" * i for i in range(8)]
+    want = {p: generate(lm.model, lm.tokenizer, p, max_new_tokens=16, temperature=0)
+            for p in prompts}
+
+    def one(p):
+        body = {"prompt": p, "max_tokens": 16, "temperature": 0, "stream": True}
+        with httpx.stream("POST", server.url + "/v1/completions", json=body,
+                          headers={"Authorization": f"Bearer {KEY}"}, timeout=60) as r:
+            assert r.status_code == 200
+            events = [ln[6:] for ln in r.iter_lines() if ln.startswith("data: ")]
+        assert events[-1] == "[DONE]"
+        return p, "".join(json.loads(e)["choices"][0]["text"] for e in events[:-1])
+
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        got = dict(pool.map(one, prompts))
+    assert got == want
+
+
+def test_full_queue_is_429(lm):
+    srv = Server(create_app(lm, limits=Limits(max_concurrency=1, max_queue=1, max_tokens=64,
+                                              batch_wait_ms=0)))
+    try:
+        body = {"prompt": "x", "max_tokens": 60, "temperature": 0}
+        with concurrent.futures.ThreadPoolExecutor(6) as pool:
+            codes = list(pool.map(lambda _: post(srv, "/v1/completions", body, None), range(6)))
+        statuses = sorted(r.status_code for r in codes)
+        assert 200 in statuses and 429 in statuses, statuses
+        rejected = next(r for r in codes if r.status_code == 429)
+        assert rejected.headers["retry-after"] == "1"
+        assert rejected.json()["error"]["code"] == "queue_full"
+    finally:
+        srv.stop()
