@@ -4,8 +4,9 @@
   llama  RoPE, RMSNorm, SwiGLU MLP, grouped-query attention with n_kv_head heads (Llama 2/3)
 
 Every norm goes through fastlm.ops.layer_norm / rms_norm, attention through fastlm.ops.attention
-and the loss through fastlm.ops.cross_entropy, so a backend switch (ops.set_backend, the
-FASTLM_BACKEND variable or the kernels.backend config) changes every hot path of the model.
+and the head + loss through fastlm.ops.linear_cross_entropy (chunked, no full logits), so a
+backend switch (ops.set_backend, the FASTLM_BACKEND variable or the kernels.backend config)
+changes every hot path of the model.
 
 Shapes: B batch, T sequence, C = n_embd, H query heads, Hkv key/value heads, D = C // H head
 size, V vocabulary.
@@ -232,12 +233,16 @@ class GPT(nn.Module):
         return 6 * n + 12 * self.config.n_layer * T * self.config.n_embd
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None,
-                last_only: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+                last_only: bool = False, return_logits: bool | None = None,
+                ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """idx (B, T) int64 -> (logits, loss).
 
         logits: (B, T, V) in float32-or-model dtype; (B, 1, V) with last_only (generation needs
         only the last position). loss: mean cross-entropy against targets (B, T) (entries equal
         to -100 are ignored), or None without targets.
+        With targets, the loss comes from fastlm.ops.linear_cross_entropy, which never forms the
+        (B*T, V) logits, and logits is None unless return_logits=True (default: logits only
+        without targets).
         """
         T = idx.shape[1]  # idx: (B, T)
         if T > self.config.block_size:
@@ -252,11 +257,15 @@ class GPT(nn.Module):
         x = self.norm_f(x)
         if last_only:
             x = x[:, -1:]  # (B, 1, C)
-        logits = self.lm_head(x)  # (B, T, V)
+        if return_logits is None:
+            return_logits = targets is None
+        logits = self.lm_head(x) if return_logits else None  # (B, T, V)
         loss = None
         if targets is not None:
-            V = logits.shape[-1]
-            loss = ops.cross_entropy(logits.reshape(-1, V), targets.reshape(-1))
+            # The head's matmul fused with the loss, chunk by chunk: the (B*T, V) float32
+            # logits are the largest activation of a small model and are never needed whole.
+            loss = ops.linear_cross_entropy(x.reshape(-1, x.shape[-1]), self.lm_head.weight,
+                                            targets.reshape(-1))
         return logits, loss
 
     @torch.no_grad()
