@@ -181,19 +181,21 @@ def load_examples(args: Args, task: str) -> tuple[list[Example], list[Example]]:
     return split(train, args.finetune.val_fraction)
 
 
-def with_chat_tokens(model: GPT, tokenizer: Tokenizer, spec: dict) -> tuple[GPT, Tokenizer, dict]:
-    """Add the chat template's special tokens (as new ids) when the tokenizer lacks them."""
+def with_chat_tokens(model: GPT, tokenizer: Tokenizer) -> tuple[GPT, Tokenizer]:
+    """Add the chat template's special tokens (as new ids after the vocabulary) when the
+    tokenizer lacks them, growing the embedding and head when the model has no spare ids."""
     missing = [t for t in SPECIAL_TOKENS if t not in tokenizer.special_tokens]
     if not missing:
-        return model, tokenizer, spec
-    if spec.get("kind", "byte") != "byte":
-        raise SetupError("sft: adding chat special tokens is implemented for byte-level "
-                         "tokenizers; this checkpoint uses a tokenizer file")
-    specials = list(spec.get("special_tokens", [])) + missing
-    tokenizer = Tokenizer.byte(specials)
+        return model, tokenizer
+    specials = tokenizer.special_tokens
+    tokens = tokenizer.tokens
+    for t in missing:
+        specials[t] = len(tokens)
+        tokens.append(t.encode("utf-8"))
+    tokenizer = Tokenizer(tokens, specials, tokenizer.pattern, tokenizer.merges)
     old = model.config
     if tokenizer.vocab_size <= old.vocab_size:  # spare ids in the embedding already
-        return model, tokenizer, {"kind": "byte", "special_tokens": specials}
+        return model, tokenizer
     cfg = dataclasses.replace(old, vocab_size=tokenizer.vocab_size)
     bigger = GPT(cfg).to(next(model.parameters()).device)
     state = model.state_dict()
@@ -202,11 +204,23 @@ def with_chat_tokens(model: GPT, tokenizer: Tokenizer, spec: dict) -> tuple[GPT,
             src = state[name]
             if p.shape == src.shape:
                 p.copy_(src)
-            else:  # wte / lm_head: old rows kept, new rows near the mean of the old ones
+            else:  # wte / lm_head: old rows kept; new rows near the mean of the old ones, with
+                # noise so the new tokens differ even when LoRA keeps the embedding frozen
                 p[:old.vocab_size] = src
                 mean = src.mean(0, keepdim=True)
                 p[old.vocab_size:] = mean + 0.02 * torch.randn_like(p[old.vocab_size:])
-    return bigger, tokenizer, {"kind": "byte", "special_tokens": specials}
+    return bigger, tokenizer
+
+
+def tokenizer_spec(tokenizer: Tokenizer, run_dir: Path) -> dict:
+    """How restore() finds the tokenizer: byte tokens + specials in the manifest, otherwise
+    RUN_DIR/tokenizer.json (written here)."""
+    if tokenizer.pattern == "none" and tokenizer.tokens[:256] == [bytes([b]) for b in range(256)] \
+            and tokenizer.vocab_size == 256 + len(tokenizer.special_tokens):
+        return {"kind": "byte", "special_tokens": sorted(tokenizer.special_tokens,
+                                                         key=tokenizer.special_tokens.get)}
+    tokenizer.save(run_dir / "tokenizer.json")
+    return {"kind": "file", "path": "tokenizer.json"}
 
 
 def classify_batches(tokenizer, examples: list[Example], targets: list[int], max_len: int,
@@ -285,7 +299,6 @@ def finetune(args: Args) -> dict:
                          "language-model checkpoint")
     torch.manual_seed(cfg.train.seed)
     gpt, tokenizer = base.model, base.tokenizer
-    spec = base.config.get("tokenizer") or {"kind": "byte", "special_tokens": []}
     max_len = args.finetune.max_len or gpt.config.block_size
     if max_len > gpt.config.block_size:
         raise ConfigError(f"finetune.max_len ({max_len}) exceeds the model's block_size "
@@ -305,7 +318,7 @@ def finetune(args: Args) -> dict:
         make = lambda ex, y, order: classify_batches(tokenizer, ex, y, max_len,
                                                      cfg.train.batch_size, order)
     else:
-        gpt, tokenizer, spec = with_chat_tokens(gpt, tokenizer, spec)
+        gpt, tokenizer = with_chat_tokens(gpt, tokenizer)
         model = gpt
         train_pairs = sft_tensors(tokenizer, train_ex, max_len)
         val_pairs = sft_tensors(tokenizer, val_ex, max_len)
@@ -326,6 +339,7 @@ def finetune(args: Args) -> dict:
     run_dir = Path(args.out)
     run_dir.mkdir(parents=True, exist_ok=True)
     metrics = MetricsLog(run_dir / "metrics.jsonl")
+    spec = tokenizer_spec(tokenizer, run_dir)
     saved_config = {**to_dict(cfg), "model": dataclasses.asdict(gpt.config), "tokenizer": spec,
                     "finetune": {"task": args.task, "base": str(base.path), "data": args.data,
                                  "lora": dataclasses.asdict(lora),

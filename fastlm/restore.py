@@ -8,8 +8,8 @@ optional sections written by fastlm.finetune say more:
     "finetune":  {"task": "classify", "labels": [...]}        a Classifier and its label order
                  {"task": "sft", ...}                          a chat-tuned language model
 
-Without a "tokenizer" section the model is taken to use byte tokens (all fastlm.train runs do
-today; a run trained with a BPE file records it there once the data pipeline passes it on).
+Without a "tokenizer" section the tokenizer is the checkpoint's tokenizer.json (fastlm.train
+copies the run's tokenizer into each checkpoint), or byte tokens when there is none.
 """
 from __future__ import annotations
 
@@ -58,12 +58,21 @@ def model_config(saved: dict[str, Any], where: str) -> ModelConfig:
     return cfg.model
 
 
-def tokenizer_for(config: dict[str, Any], where: str) -> Tokenizer:
-    spec = config.get("tokenizer") or {"kind": "byte", "special_tokens": []}
+def tokenizer_for(config: dict[str, Any], ckpt_path: Path) -> Tokenizer:
+    """The checkpoint's tokenizer: the manifest's "tokenizer" spec (fine-tunes), else a
+    tokenizer.json inside the checkpoint (fastlm.train copies it there), else byte tokens."""
+    spec = config.get("tokenizer")
+    where = ckpt_path / "manifest.json"
+    if spec is None:
+        file = ckpt_path / "tokenizer.json"
+        return Tokenizer.load(file) if file.is_file() else Tokenizer.byte()
     if spec.get("kind") == "byte":
         return Tokenizer.byte(spec.get("special_tokens", []))
-    if spec.get("kind") == "file":
-        return Tokenizer.load(spec["path"])
+    if spec.get("kind") == "file":  # relative to the run directory
+        file = ckpt_path.parent.parent / spec["path"]
+        if not file.is_file():
+            raise CheckpointError(f"{where}: its tokenizer file {file} is missing")
+        return Tokenizer.load(file)
     raise CheckpointError(f"{where}: unknown tokenizer spec {spec!r}")
 
 
@@ -85,7 +94,7 @@ def restore(path: str | Path, device: str | torch.device = "cpu") -> Restored:
     if "model" not in config:
         raise CheckpointError(f"{where}: no model config in the manifest")
     gpt = GPT(model_config(config["model"], where))
-    tokenizer = tokenizer_for(config, where)
+    tokenizer = tokenizer_for(config, ckpt.path)
     if tokenizer.vocab_size > gpt.config.vocab_size:
         raise CheckpointError(f"{where}: the tokenizer has {tokenizer.vocab_size} ids but "
                               f"model.vocab_size is {gpt.config.vocab_size}")

@@ -211,3 +211,21 @@ def test_bad_inputs_name_file_and_line(tmp_path):
               "--out", str(tmp_path / "x")])
     with pytest.raises(SystemExit, match="is a classifier"):
         eval_main(["--checkpoint", str(clf_run), "--no-progress"])
+
+
+def test_sft_from_a_bpe_checkpoint_keeps_its_tokenizer(tmp_path):
+    tok = Tokenizer.train(iter(["def add(a, b):\n    return a + b\n"] * 20), vocab_size=270,
+                          pattern="gpt4", special_tokens=["<|endoftext|>"])
+    base = save_base(tmp_path, tiny(vocab=272))  # 2 spare ids: the embedding must grow by 2
+    ckpt_dir = checkpoint.latest(base)
+    tok.save(ckpt_dir / "tokenizer.json")  # as fastlm.train stores a run's tokenizer
+    assert restore(base).tokenizer == tok
+    data = tmp_path / "sft.jsonl"
+    write_jsonl(data, [{"prompt": "add", "response": "a + b"}] * 4)
+    out = tmp_path / "sft"
+    main(["--checkpoint", base, "--task", "sft", "--data", str(data), "--out", str(out),
+          "--train.max_steps=2", "--train.progress=false"])
+    r = restore(out)
+    assert r.model.config.vocab_size == 270 + len(SPECIAL_TOKENS)
+    assert r.tokenizer.tokens[:270] == tok.tokens  # the BPE vocabulary is kept, specials appended
+    assert r.tokenizer.encode_ordinary("return a + b") == tok.encode_ordinary("return a + b")
