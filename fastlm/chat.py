@@ -98,7 +98,8 @@ def main(argv: list[str] | None = None) -> int:
             history.pop()
             continue
         dt = time.perf_counter() - t0
-        print(f"\n  [{n} tokens, {n / max(dt, 1e-9):.1f} tokens/s]", file=sys.stderr)
+        print()
+        print(f"  [{n} tokens, {n / max(dt, 1e-9):.1f} tokens/s]", file=sys.stderr)
         history.append({"role": "assistant", "content": reply.strip()})
 
 

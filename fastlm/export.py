@@ -126,7 +126,7 @@ def export_hf(model: GPT, out_dir: str | Path, tokenizer: Tokenizer | None = Non
         if tokenizer.eot_id is not None:
             tc.update(eos_token="<|endoftext|>", bos_token="<|endoftext|>")
         (out / "tokenizer_config.json").write_text(json.dumps(tc, indent=2) + "\n")
-    gen = {"do_sample": False, "max_length": cfg.block_size}
+    gen = {"do_sample": False}
     if tokenizer is not None and tokenizer.eot_id is not None:
         gen.update(eos_token_id=tokenizer.eot_id, bos_token_id=tokenizer.eot_id)
     (out / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")

@@ -142,3 +142,23 @@ def test_load_and_cli(tmp_path, capsys):
     assert capsys.readouterr().out == "ab" + want + "\n"
     assert main(["--checkpoint", str(tmp_path / "nope"), "--prompt", "x"]) == 2
     assert "not a checkpoint" in capsys.readouterr().err
+
+
+def test_chat_format_and_terminal_chat(tmp_path, monkeypatch, capsys):
+    from fastlm import chat
+    assert chat.format_chat([{"role": "system", "content": "Be kind."},
+                             {"role": "user", "content": " hi "}]) == \
+        "Be kind.\n\nUser: hi\nAssistant:"
+    with pytest.raises(ValueError, match=r"messages\[0\].role"):
+        chat.format_chat([{"role": "bot", "content": "x"}])
+    model = tiny_model("gpt2")
+    save_checkpoint(tmp_path / "run", model)
+    lines = iter(["hello", "/reset", "again", ""])
+    monkeypatch.setattr("builtins.input", lambda prompt="": next(lines))
+    assert chat.main(["--checkpoint", str(tmp_path / "run"), "--temperature", "0",
+                      "--max-new-tokens", "8"]) == 0
+    out = capsys.readouterr()
+    want = generate(model, Tokenizer.byte(), "User: again\nAssistant:", max_new_tokens=8,
+                    temperature=0, stop=chat.STOP)
+    assert out.out.count("bot> ") == 2 and out.out.endswith("bot> " + want + "\n")
+    assert "tokens/s" in out.err
