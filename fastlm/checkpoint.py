@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_model, save_model
+from safetensors.torch import load_model, save_file, save_model
 from torch import nn
 
 FORMAT = "fastlm-checkpoint"
@@ -52,6 +52,14 @@ class Checkpoint:
             raise CheckpointError(f"{self.path / 'model.safetensors'} does not fit the model: "
                                   f"missing {sorted(missing)}, unexpected {sorted(unexpected)} "
                                   "(was it saved with another model config?)")
+
+    def model_state(self) -> dict[str, torch.Tensor]:
+        """The saved weights as a state dict on CPU (each tied tensor once)."""
+        from safetensors.torch import load_file
+        return load_file(str(self.path / "model.safetensors"))
+
+    def optimizer_state(self) -> dict[str, Any]:
+        return self._torch_load("optimizer.pt")
 
     def load_optimizer(self, optimizer: torch.optim.Optimizer) -> None:
         optimizer.load_state_dict(self._torch_load("optimizer.pt"))
@@ -83,10 +91,16 @@ def checkpoint_dir(run_dir: str | Path) -> Path:
     return Path(run_dir) / "checkpoints"
 
 
-def save(run_dir: str | Path, step: int, model: nn.Module, optimizer: torch.optim.Optimizer,
+def save(run_dir: str | Path, step: int, model: nn.Module | dict[str, torch.Tensor],
+         optimizer: torch.optim.Optimizer | dict[str, Any],
          train_state: dict[str, Any], config: dict[str, Any],
-         metrics: dict[str, Any] | None = None, keep_last: int = 3) -> Path:
-    """Write checkpoint `step` atomically and prune old ones; returns its directory."""
+         metrics: dict[str, Any] | None = None, keep_last: int = 3,
+         extra_files: dict[str, Path] | None = None) -> Path:
+    """Write checkpoint `step` atomically and prune old ones; returns its directory.
+
+    model and optimizer may be given as (full) state dicts instead (FSDP gathers them); the
+    model's then holds each tensor once (no tied duplicates). extra_files {name: source} are
+    copied in and checksummed like the rest (e.g. the tokenizer, so a checkpoint is whole)."""
     root = checkpoint_dir(run_dir)
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step_{step:06d}"
@@ -94,11 +108,19 @@ def save(run_dir: str | Path, step: int, model: nn.Module, optimizer: torch.opti
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir()
-    save_model(model, str(tmp / "model.safetensors"))
-    torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+    if isinstance(model, dict):
+        save_file({k: v.contiguous() for k, v in model.items()}, str(tmp / "model.safetensors"))
+    else:
+        save_model(model, str(tmp / "model.safetensors"))
+    opt_state = optimizer if isinstance(optimizer, dict) else optimizer.state_dict()
+    torch.save(opt_state, tmp / "optimizer.pt")
     torch.save(train_state, tmp / "train_state.pt")
+    names = ["model.safetensors", "optimizer.pt", "train_state.pt"]
+    for name, source in (extra_files or {}).items():
+        shutil.copyfile(source, tmp / name)
+        names.append(name)
     files = {}
-    for name in ("model.safetensors", "optimizer.pt", "train_state.pt"):
+    for name in names:
         _fsync(tmp / name)
         files[name] = {"sha256": _sha256(tmp / name), "bytes": (tmp / name).stat().st_size}
     manifest = {"format": FORMAT, "version": VERSION, "step": step, "config": config,
@@ -150,15 +172,26 @@ def latest(run_dir: str | Path) -> Path | None:
     return steps[-1][1] if steps else None
 
 
-def load(path: str | Path) -> Checkpoint:
-    """Open a checkpoint directory (or a run directory: its latest) and verify its checksums."""
+def load(path: str | Path, warn=print) -> Checkpoint:
+    """Open a checkpoint directory and verify its checksums; or, given a run directory, its
+    newest checkpoint that verifies (each corrupt newer one is reported through `warn`)."""
     path = Path(path)
     if not (path / "manifest.json").exists():
-        newest = latest(path)
-        if newest is None:
+        steps = _steps(checkpoint_dir(path))
+        if not steps:
             raise CheckpointError(f"{path}: not a checkpoint directory (no manifest.json) and "
                                   f"no checkpoints under {checkpoint_dir(path)}")
-        path = newest
+        for _, candidate in reversed(steps):
+            try:
+                return _load_dir(candidate)
+            except CheckpointError as exc:
+                if candidate == steps[0][1]:
+                    raise CheckpointError(f"{exc} (and no older checkpoint verifies)") from None
+                warn(f"fastlm.checkpoint: {exc}; falling back to the previous checkpoint")
+    return _load_dir(path)
+
+
+def _load_dir(path: Path) -> Checkpoint:
     try:
         manifest = json.loads((path / "manifest.json").read_text())
     except ValueError as exc:

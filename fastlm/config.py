@@ -93,8 +93,12 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    """What text to train on (fastlm.data.text)."""
-    path: str = _f("", "text file, folder or glob; '' = the Python standard library's .py files")
+    """What to train on (fastlm.train_data): raw text or prepared shards, and the tokenizer."""
+    path: str = _f("", "text file, folder or glob ('' = the Python standard library's .py "
+                       "files), or prepared shards: a `python -m fastlm.data prepare` folder "
+                       "or an llm.c folder/glob of .bin files")
+    tokenizer: str = _f("byte", "'byte' or a fastlm tokenizer file (tokenizer.json); "
+                                "model.vocab_size follows it")
     max_bytes: int = _f(8_000_000, "read at most this many training bytes (0 = all)", min=0)
     val_fraction: float = _f(0.1, "share of files (by hash of their path) held out for "
                                   "validation", gt=0.0, max=0.5)
@@ -109,25 +113,47 @@ class TrainConfig:
     max_steps: int = _f(1500, "optimizer steps", min=1)
     batch_size: int = _f(16, "sequences per micro-batch", min=1)
     seq_len: int = _f(0, "tokens per sequence (0 = model.block_size)", min=0)
-    grad_accum: int = _f(1, "micro-batches per optimizer step", min=1)
-    grad_clip: float = _f(1.0, "clip the global gradient norm to this (0 = off)", min=0.0)
+    grad_accum: int = _f(1, "micro-batches per optimizer step (per process)", min=1)
+    tokens_per_step: int = _f(0, "target tokens per optimizer step over all processes; sets "
+                                 "grad_accum = tokens_per_step / (batch_size * seq_len * "
+                                 "processes), which must divide exactly (0 = use grad_accum)",
+                              min=0)
+    grad_clip: float = _f(1.0, "clip the global gradient norm to this (0 = off; the norm is "
+                               "logged either way)", min=0.0)
+    precision: str = _f("fp32", "fp32; bf16 (autocast); fp16 (autocast + gradient scaler)",
+                        choices=("fp32", "bf16", "fp16"))
+    compile: str = _f("auto", "torch.compile the model: auto = on on GPU, off on CPU",
+                      choices=("auto", "true", "false"))
+    activation_checkpointing: bool = _f(False, "recompute each block's activations in the "
+                                               "backward instead of keeping them (less memory)")
+    parallel: str = _f("ddp", "under torchrun: ddp (replicated weights) or fsdp (FSDP2 "
+                              "fully_shard per block)", choices=("ddp", "fsdp"))
+    max_bad_steps: int = _f(5, "a step whose loss or gradient norm is NaN/inf is skipped; stop "
+                               "after this many in a row", min=1)
     log_interval: int = _f(10, "steps between training-loss lines in metrics.jsonl", min=1)
     progress: bool = _f(True, "show a tqdm progress bar")
 
 
 @dataclass
 class OptimConfig:
-    """AdamW (fastlm.optim) and the learning-rate schedule."""
+    """The optimizer (fastlm.optim) and the learning-rate schedule (fastlm.schedule)."""
+    name: str = _f("adamw", "adamw or sgd", choices=("adamw", "sgd"))
     lr: float = _f(3e-3, "peak learning rate (tuned for the tiny default run; ~6e-4 suits "
                          "gpt2-124m)", gt=0.0)
     min_lr: float = _f(3e-4, "learning rate at the end of the cosine decay", min=0.0)
     warmup_steps: int = _f(100, "linear warmup steps from 0 to lr", min=0)
-    schedule: str = _f("cosine", "decay after warmup", choices=("cosine", "constant"))
+    schedule: str = _f("cosine", "after warmup: cosine or linear decay to min_lr, constant, "
+                                 "or wsd (stable, then linear decay over the last "
+                                 "decay_fraction of the steps)",
+                       choices=("cosine", "linear", "constant", "wsd"))
+    decay_fraction: float = _f(0.2, "wsd: share of max_steps spent decaying", min=0.0, max=1.0)
     betas: tuple[float, float] = _f((0.9, 0.95), "AdamW betas, e.g. --optim.betas=0.9,0.95",
                                     min=0.0, max=0.999999)
     eps: float = _f(1e-8, "AdamW epsilon", gt=0.0)
     weight_decay: float = _f(0.1, "decoupled weight decay (not on norms, biases, embeddings)",
                              min=0.0)
+    momentum: float = _f(0.9, "sgd momentum (0 = plain SGD)", min=0.0, max=0.999999)
+    nesterov: bool = _f(False, "sgd: Nesterov momentum")
 
 
 @dataclass
@@ -142,7 +168,8 @@ class CheckpointConfig:
     """Checkpoints under RUN_DIR/checkpoints (fastlm.checkpoint)."""
     interval: int = _f(0, "steps between checkpoints (0 = only at the end and on Ctrl-C)", min=0)
     keep_last: int = _f(3, "keep this many most recent checkpoints (plus the best)", min=1)
-    resume: str = _f("", "checkpoint directory (or run directory: its latest) to resume from")
+    resume: str = _f("", "checkpoint directory (or run directory: its latest) to resume from; "
+                         "'latest' = train.out_dir's latest checkpoint, if any")
 
 
 @dataclass
@@ -185,6 +212,8 @@ class Config:
         if self.optim.min_lr > self.optim.lr:
             raise ConfigError(f"optim.min_lr ({self.optim.min_lr}) must be <= optim.lr "
                               f"({self.optim.lr})")
+        if self.optim.nesterov and self.optim.name == "sgd" and self.optim.momentum == 0:
+            raise ConfigError("optim.nesterov needs optim.momentum > 0")
         dev = self.train.device
         if not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", dev):
             raise ConfigError(f"train.device: must be auto, cpu, cuda, cuda:N or mps; got '{dev}'")
@@ -405,17 +434,24 @@ def load_config(config_file: str | Path | None = None,
     for section, values in raw.items():
         _apply(getattr(cfg, section), section, values)
     cfg.validate()
+    # Keys set by a file or the command line (not defaults or presets): a derived value such
+    # as model.vocab_size (from the tokenizer) may replace only what nobody asked for.
+    cfg.explicit = frozenset(f"{s}.{k}" for s, values in raw.items() for k in values)
     return cfg
 
 
 # ---------------------------------------------------------------------------------------------
 # Command line
 USAGE = """usage: python -m fastlm.train [--config FILE.toml] [--data PATH] [--out RUN_DIR]
-                             [--section.key=value ...]
+                             [--tokenizer byte|FILE] [--resume [PATH]] [--section.key=value ...]
+       torchrun --nproc_per_node=N -m fastlm.train ...   (DDP or FSDP2: --train.parallel)
 
   --config FILE.toml  settings file ([section] tables of key = value)
-  --data PATH         text file, folder or glob (same as --data.path)
+  --data PATH         text file, folder or glob, or prepared shards (same as --data.path)
   --out RUN_DIR       run directory (same as --train.out_dir)
+  --tokenizer T       byte or a tokenizer file (same as --data.tokenizer)
+  --resume [PATH]     continue from PATH (a checkpoint or run directory); bare: from --out's
+                      latest checkpoint if it has one (same as --checkpoint.resume)
   --section.key=V     any key below; precedence: defaults < preset < --config < command line
 """
 
@@ -436,7 +472,8 @@ def help_text() -> str:
     return "\n".join(lines)
 
 
-ALIASES = {"--data": "data.path", "--out": "train.out_dir"}
+ALIASES = {"--data": "data.path", "--out": "train.out_dir", "--tokenizer": "data.tokenizer",
+           "--resume": "checkpoint.resume"}
 
 
 def parse_args(argv: list[str]) -> Config:
@@ -455,6 +492,8 @@ def parse_args(argv: list[str]) -> Config:
             raise ConfigError(f"unexpected argument '{arg}'; options look like "
                               "--section.key=value (see --help)")
         name, eq, value = arg[2:].partition("=")
+        if name == "resume" and not eq and (i + 1 >= len(argv) or argv[i + 1].startswith("--")):
+            value, eq = "latest", "="  # bare --resume: the run directory's latest checkpoint
         if not eq:
             if i + 1 >= len(argv):
                 raise ConfigError(f"--{name} needs a value")
@@ -468,8 +507,8 @@ def parse_args(argv: list[str]) -> Config:
         elif "." in name:
             overrides[name] = value
         else:
-            raise ConfigError(f"unknown option '--{name}'; options are --config, --data, --out "
-                              "and --section.key=value (see --help)")
+            raise ConfigError(f"unknown option '--{name}'; options are --config, --data, --out, "
+                              "--tokenizer, --resume and --section.key=value (see --help)")
     return load_config(config_file, overrides)
 
 

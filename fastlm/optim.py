@@ -1,4 +1,5 @@
-"""AdamW whose update runs through fastlm.ops.adamw_step, and the weight-decay parameter groups.
+"""AdamW whose update runs through fastlm.ops.adamw_step, the weight-decay parameter groups, and
+build_optimizer (AdamW or torch SGD with momentum/Nesterov, chosen by name).
 
 The per-parameter state uses torch.optim.AdamW's keys and layout ("step" as a float32 scalar
 tensor, "exp_avg", "exp_avg_sq" shaped like the parameter), so state dicts load both ways
@@ -60,13 +61,19 @@ class AdamW(torch.optim.Optimizer):
                 state["step"] += 1
                 lists = buckets[(p.device, int(state["step"].item()))]
                 for lst, t in zip(lists, (p, p.grad, state["exp_avg"], state["exp_avg_sq"])):
-                    lst.append(t)
+                    lst.append(_local(t))
             beta1, beta2 = group["betas"]
             for (_, step), (params, grads, exp_avgs, exp_avg_sqs) in buckets.items():
                 ops.adamw_step(params, grads, exp_avgs, exp_avg_sqs, step, lr=group["lr"],
                                beta1=beta1, beta2=beta2, eps=group["eps"],
                                weight_decay=group["weight_decay"])
         return loss
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    """The shard this process holds of an FSDP2 (DTensor) tensor; the update is elementwise,
+    so each rank updates its shard in place. Plain tensors pass through."""
+    return t.to_local() if hasattr(t, "to_local") else t
 
 
 _NO_DECAY_MODULES = (nn.Embedding, nn.LayerNorm, nn.RMSNorm)
@@ -93,3 +100,20 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
         (no_decay if id(p) in no_decay_ids else decay).append(p)
     return [{"params": decay, "weight_decay": weight_decay},
             {"params": no_decay, "weight_decay": 0.0}]
+
+
+def build_optimizer(model: nn.Module, name: str, lr: float, weight_decay: float,
+                    betas: tuple[float, float] = (0.9, 0.95), eps: float = 1e-8,
+                    momentum: float = 0.9, nesterov: bool = False) -> torch.optim.Optimizer:
+    """The optimizer `name` ("adamw" or "sgd") over param_groups(model, weight_decay).
+
+    SGD is torch.optim.SGD (its weight decay is L2, added to the gradient); Nesterov needs a
+    momentum > 0."""
+    groups = param_groups(model, weight_decay)
+    if name == "adamw":
+        return AdamW(groups, lr=lr, betas=betas, eps=eps)
+    if name == "sgd":
+        if nesterov and momentum <= 0:
+            raise ValueError("SGD: nesterov needs momentum > 0")
+        return torch.optim.SGD(groups, lr=lr, momentum=momentum, nesterov=nesterov)
+    raise ValueError(f"optimizer must be adamw or sgd, got {name!r}")

@@ -1,26 +1,36 @@
 """The training loop: `python -m fastlm.train [--config FILE.toml] [--data PATH] [--out RUN_DIR]
-[--section.key=value ...]` (all keys: `--help`).
+[--tokenizer byte|FILE] [--resume [PATH]] [--section.key=value ...]` (all keys: `--help`), or
+`torchrun --nproc_per_node=N -m fastlm.train ...` for DDP / FSDP2 (fastlm.distributed).
 
 With no arguments it trains the tiny preset on the Python standard library's sources (byte
 tokens), on the GPU if there is one, else the CPU, in about 3 minutes on a 2-core CPU. A run
-directory (default runs/<timestamp>) receives:
+directory (default runs/<timestamp>), written by rank 0 only, receives:
 
   config.toml     the resolved config; `--config RUN_DIR/config.toml` repeats the run
+  tokenizer.json  the run's tokenizer (also copied into every checkpoint)
   metrics.jsonl   one JSON object per line: {"kind": "train", step, loss, lr, grad_norm,
-                  tokens_per_s, time_s} every log_interval steps and {"kind": "val", step,
-                  val_loss, val_bpb, time_s} at step 0, every eval.interval steps and the end
-  checkpoints/    fastlm.checkpoint directories (at the end, every checkpoint.interval, Ctrl-C)
+                  tokens_per_s, time_s, skipped} every log_interval steps and {"kind": "val",
+                  step, val_loss, val_bpb, time_s} at step 0, every eval.interval steps and the end
+  loss.png        train/val loss and lr (fastlm.plot; needs matplotlib)
+  checkpoints/    fastlm.checkpoint directories (at the end, every checkpoint.interval, on
+                  Ctrl-C / SIGTERM)
   sample.txt      the text sampled at the end
 
-Ctrl-C stops at the end of the current step and saves a checkpoint (a second Ctrl-C aborts at
-once); `--checkpoint.resume=RUN_DIR` continues from the latest checkpoint. Warmup + cosine
-learning rate, global gradient-norm clipping, float32 (mixed precision, compile and DDP come
-with their own issue).
+Ctrl-C or SIGTERM stops at the end of the current step and saves a checkpoint (a second one
+aborts at once); `--resume RUN_DIR` continues from the latest checkpoint that verifies, with the
+model, optimizer, RNG states and data position, so the loss curve continues bit for bit on CPU.
+A step whose loss or gradient norm is NaN/inf is skipped (and counted); train.max_bad_steps in a
+row stop the run, keeping the last good checkpoint. Schedules: fastlm.schedule; precision
+bf16/fp16 through autocast (fp16 with a gradient scaler); torch.compile and activation
+checkpointing by flag.
 """
 from __future__ import annotations
 
+import contextlib
+import functools
 import json
 import math
+import random
 import signal
 import sys
 import threading
@@ -29,14 +39,16 @@ from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 
+import numpy as np
 import torch
 from tqdm import tqdm
 
-from fastlm import checkpoint, ops
+from fastlm import checkpoint, distributed, ops
 from fastlm.config import Config, ConfigError, parse_args, to_dict, to_toml
-from fastlm.data.text import TextData, load_text
 from fastlm.models.gpt import GPT
-from fastlm.optim import AdamW, param_groups
+from fastlm.optim import build_optimizer
+from fastlm.schedule import lr_at as schedule_lr
+from fastlm.train_data import DataError, load_data
 
 
 @dataclass
@@ -45,29 +57,19 @@ class TrainResult:
     step: int
     val_loss: float | None
     interrupted: bool
+    skipped_steps: int = 0
 
 
 class SetupError(Exception):
     """Anything wrong before training starts: reported as one line, no traceback."""
 
 
+class TrainingDiverged(Exception):
+    """Too many NaN/inf steps in a row; the message says what to try."""
+
+
 # ---------------------------------------------------------------------------------------------
-# Pieces of the loop, each small enough to swap (the tokenizer and shard loader issues replace
-# load_data; mixed precision wraps the step)
-def load_data(cfg: Config) -> TextData:
-    """The corpus as an object with train_batch, val_batches, encode, decode, vocab_size and
-    bytes_per_token."""
-    try:
-        data = load_text(cfg.data.path, cfg.data.max_bytes, cfg.data.val_fraction,
-                         min_len=cfg.seq_len + 1)
-    except (OSError, ValueError) as exc:
-        raise SetupError(str(exc)) from None
-    if data.vocab_size > cfg.model.vocab_size:
-        raise SetupError(f"model.vocab_size ({cfg.model.vocab_size}) is smaller than the data's "
-                         f"vocabulary ({data.vocab_size})")
-    return data
-
-
+# Pieces of the loop
 def pick_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -89,68 +91,147 @@ def check_backends(device: torch.device) -> dict[str, str]:
 
 
 def lr_at(step: int, cfg: Config) -> float:
-    """Learning rate for optimizer step `step` (0-based): linear warmup, then cosine decay to
-    min_lr at max_steps (or constant)."""
-    o, total = cfg.optim, cfg.train.max_steps
-    if step < o.warmup_steps:
-        return o.lr * (step + 1) / o.warmup_steps
-    if o.schedule == "constant" or total <= o.warmup_steps:
-        return o.lr
-    progress = min(1.0, (step - o.warmup_steps) / (total - o.warmup_steps))
-    return o.min_lr + 0.5 * (o.lr - o.min_lr) * (1 + math.cos(math.pi * progress))
+    """Learning rate of optimizer step `step` under cfg.optim (fastlm.schedule)."""
+    o = cfg.optim
+    return schedule_lr(step, lr=o.lr, min_lr=o.min_lr, warmup=o.warmup_steps,
+                       total=cfg.train.max_steps, schedule=o.schedule,
+                       decay_fraction=o.decay_fraction)
+
+
+def grad_accum_steps(cfg: Config, world_size: int) -> int:
+    """Micro-batches per optimizer step: train.grad_accum, or what train.tokens_per_step asks."""
+    if not cfg.train.tokens_per_step:
+        return cfg.train.grad_accum
+    per_micro = cfg.train.batch_size * cfg.seq_len * world_size
+    accum, rest = divmod(cfg.train.tokens_per_step, per_micro)
+    if rest or not accum:
+        raise SetupError(f"train.tokens_per_step ({cfg.train.tokens_per_step:,}) must be a "
+                         f"multiple of batch_size * seq_len * processes = {per_micro:,}; e.g. "
+                         f"{max(1, round(cfg.train.tokens_per_step / per_micro)) * per_micro:,}")
+    return accum
+
+
+def resolve_vocab(cfg: Config, vocab: int) -> None:
+    """model.vocab_size follows the tokenizer unless set explicitly (then it must fit)."""
+    explicit = "model.vocab_size" in getattr(cfg, "explicit", ())
+    if explicit and cfg.model.vocab_size < vocab:
+        raise SetupError(f"model.vocab_size ({cfg.model.vocab_size}) is smaller than the data's "
+                         f"vocabulary ({vocab}); leave it unset to follow the tokenizer")
+    if not explicit:
+        cfg.model.vocab_size = vocab
+
+
+def checkpoint_blocks(model: GPT) -> None:
+    """Activation checkpointing: each block recomputes its activations in the backward. The
+    forward is wrapped per instance, so parameter names and checkpoints do not change."""
+    from torch.utils.checkpoint import checkpoint as recompute
+
+    for block in model.blocks:
+        block.forward = functools.partial(recompute, block.forward, use_reentrant=False)
+
+
+def precision_context(precision: str, device: torch.device):
+    """Autocast for bf16/fp16; a no-op context for fp32."""
+    if precision == "fp32":
+        return torch.autocast(device.type, enabled=False)
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+    return torch.autocast(device.type, dtype=dtype)
 
 
 @torch.no_grad()
-def evaluate(model: GPT, batches: list[tuple[torch.Tensor, torch.Tensor]],
-             device: torch.device) -> float:
+def evaluate(model, batches: list[tuple[torch.Tensor, torch.Tensor]],
+             device: torch.device, autocast) -> float:
     """Mean loss (nats per token) over the fixed validation batches."""
     was_training = model.training
     model.eval()
     total = torch.zeros((), device=device)
     for x, y in batches:
-        total += model(x.to(device), y.to(device))[1]
+        with autocast():
+            total += model(x.to(device), y.to(device))[1].float()
     model.train(was_training)
     return (total / len(batches)).item()
 
 
 class MetricsLog:
-    """Appends one JSON object per line to RUN_DIR/metrics.jsonl. Each write opens and closes
-    the file (a few writes per second at most), so a crash never loses a line or a handle."""
+    """Appends one JSON object per line to RUN_DIR/metrics.jsonl (rank 0; others pass None).
+    Each write opens and closes the file, so a crash never loses a line or a handle."""
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path | None):
         self.path = path
 
     def write(self, **row) -> None:
-        with open(self.path, "a") as f:
-            f.write(json.dumps(row) + "\n")
+        if self.path is not None:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(row) + "\n")
 
 
 class StopFlag:
-    """First Ctrl-C asks the loop to stop at the end of the step; the second one aborts."""
+    """The first Ctrl-C or SIGTERM asks the loop to stop at the end of the step (and save);
+    the second one aborts."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
     def __init__(self):
         self.requested = False
-        self._previous = None
+        self._previous = {}
 
     def __enter__(self):
         if threading.current_thread() is threading.main_thread():
-            self._previous = signal.signal(signal.SIGINT, self._handle)
+            for sig in self.SIGNALS:
+                self._previous[sig] = signal.signal(sig, self._handle)
         return self
 
     def _handle(self, signum, frame):
         if self.requested:
             raise KeyboardInterrupt
         self.requested = True
-        tqdm.write("\nCtrl-C: stopping after this step and saving a checkpoint "
-                   "(press again to abort without saving)")
+        tqdm.write(f"\n{signal.Signals(signum).name}: stopping after this step and saving a "
+                   "checkpoint (send it again to abort without saving)")
 
     def __exit__(self, *exc):
-        if self._previous is not None:
-            signal.signal(signal.SIGINT, self._previous)
+        for sig, previous in self._previous.items():
+            signal.signal(sig, previous)
 
 
 def default_run_dir() -> Path:
     return Path("runs") / datetime.now().strftime("%Y%m%d-%H%M%S")
+
+
+def rng_state(device: torch.device) -> dict:
+    """Every global RNG, in types torch.load(weights_only=True) accepts (no numpy arrays)."""
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    return {"torch_rng": torch.get_rng_state(), "python_rng": random.getstate(),
+            "numpy_rng": (kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss),
+            "cuda_rng": torch.cuda.get_rng_state_all() if device.type == "cuda" else []}
+
+
+def set_rng_state(state: dict, device: torch.device) -> None:
+    torch.set_rng_state(state["torch_rng"])
+    if "python_rng" in state:
+        random.setstate(state["python_rng"])
+        kind, keys, pos, has_gauss, gauss = state["numpy_rng"]
+        np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
+    if device.type == "cuda" and state.get("cuda_rng"):
+        torch.cuda.set_rng_state_all(state["cuda_rng"])
+
+
+def open_resume(cfg: Config):
+    """The checkpoint to resume from (None: start fresh)."""
+    spec = cfg.checkpoint.resume
+    if not spec:
+        return None
+    if spec == "latest":  # bare --resume: this run directory's checkpoints, if any
+        if not cfg.train.out_dir:
+            raise SetupError("--resume without a path needs --out RUN_DIR (whose latest "
+                             "checkpoint to continue from)")
+        if checkpoint.latest(cfg.train.out_dir) is None:
+            print(f"fastlm.train: no checkpoint in {cfg.train.out_dir} yet; starting fresh")
+            return None
+        spec = cfg.train.out_dir
+    try:
+        return checkpoint.load(spec, warn=tqdm.write)
+    except checkpoint.CheckpointError as exc:
+        raise SetupError(f"checkpoint.resume: {exc}") from None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -161,13 +242,24 @@ def train(cfg: Config) -> TrainResult:
     except ValueError as exc:
         raise SetupError(f"kernels.backend: {exc}") from None
     device = pick_device(cfg.train.device)
+    dist = distributed.init_from_env(device.type)
+    try:
+        return _train(cfg, distributed.device_for(dist, device), dist)
+    finally:
+        distributed.shutdown(dist)
+
+
+def _train(cfg: Config, device: torch.device, dist: distributed.DistInfo) -> TrainResult:
     backends = check_backends(device)
-    resume = None
-    if cfg.checkpoint.resume:
-        try:
-            resume = checkpoint.load(cfg.checkpoint.resume)
-        except checkpoint.CheckpointError as exc:
-            raise SetupError(f"checkpoint.resume: {exc}") from None
+    main_rank = dist.is_main
+    log = print if main_rank else (lambda *a, **k: None)
+    resume = open_resume(cfg)
+    try:
+        data, tok_spec = load_data(cfg, dist.rank, dist.world_size)
+    except DataError as exc:
+        raise SetupError(str(exc)) from None
+    resolve_vocab(cfg, data.vocab_size)
+    if resume is not None:
         saved_model = resume.manifest["config"].get("model", {})
         diff = [k for k, v in to_dict(cfg)["model"].items()
                 if k != "preset" and saved_model.get(k, v) != v]
@@ -177,64 +269,107 @@ def train(cfg: Config) -> TrainResult:
                 f"checkpoint.resume: {resume.path} was trained with other model settings "
                 f"({', '.join(f'model.{k}={saved_model[k]!r}' for k in diff)}); add "
                 f"--config {saved_run / 'config.toml'} to reuse that run's settings")
-    data = load_data(cfg)
+    accum = grad_accum_steps(cfg, dist.world_size)
 
     torch.manual_seed(cfg.train.seed)
-    model = GPT(cfg.model).to(device)
-    optimizer = AdamW(param_groups(model, cfg.optim.weight_decay), lr=cfg.optim.lr,
-                      betas=cfg.optim.betas, eps=cfg.optim.eps)
+    random.seed(cfg.train.seed)
+    np.random.seed(cfg.train.seed)
+    raw_model = GPT(cfg.model).to(device)
+    if cfg.train.activation_checkpointing:
+        checkpoint_blocks(raw_model)
+    fsdp = dist.enabled and cfg.train.parallel == "fsdp"
+    if resume is not None and not fsdp:
+        resume.load_model(raw_model)
+    model = distributed.wrap(raw_model, dist, cfg.train.parallel, device)
+    o = cfg.optim
+    optimizer = build_optimizer(raw_model, o.name, o.lr, o.weight_decay, o.betas, o.eps,
+                                o.momentum, o.nesterov)
     data_gen = torch.Generator().manual_seed(cfg.train.seed)
     step = 0
     if resume is not None:
-        resume.load_model(model)
-        resume.load_optimizer(optimizer)
+        if fsdp:
+            distributed.load_full_state(raw_model, optimizer, resume.model_state(),
+                                        resume.optimizer_state())
+        else:
+            resume.load_optimizer(optimizer)
         state = resume.train_state()
         step = state["step"]
-        torch.set_rng_state(state["torch_rng"])
+        set_rng_state(state, device)
         data_gen.set_state(state["data_rng"])
-        if device.type == "cuda" and state.get("cuda_rng"):
-            torch.cuda.set_rng_state_all(state["cuda_rng"])
+        data.load_state_dict(state.get("data", {}))
+        if state.get("tokenizer") not in (None, tok_spec.tok.hash()):
+            raise SetupError(f"checkpoint.resume: {resume.path} was trained with another "
+                             f"tokenizer ({state['tokenizer']}); data.tokenizer="
+                             f"{cfg.data.tokenizer} is {tok_spec.tok.hash()}")
+    compile_on = cfg.train.compile == "true" or (cfg.train.compile == "auto"
+                                                 and device.type == "cuda")
+    if compile_on:
+        model = torch.compile(model)
+    scaler = torch.amp.GradScaler(device.type, enabled=cfg.train.precision == "fp16")
+    autocast = functools.partial(precision_context, cfg.train.precision, device)
 
     run_dir = Path(cfg.train.out_dir) if cfg.train.out_dir else (
         resume.path.parent.parent if resume is not None else default_run_dir())
-    run_dir.mkdir(parents=True, exist_ok=True)
     cfg.train.out_dir = str(run_dir)
-    (run_dir / "config.toml").write_text(to_toml(cfg))
     config_dict = to_dict(cfg)
-    metrics = MetricsLog(run_dir / "metrics.jsonl")
+    tok_file = run_dir / "tokenizer.json"
+    if main_rank:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.toml").write_text(to_toml(cfg))
+        tok_spec.tok.save(tok_file)
+    metrics = MetricsLog(run_dir / "metrics.jsonl" if main_rank else None)
 
-    T, B, accum = cfg.seq_len, cfg.train.batch_size, cfg.train.grad_accum
-    tokens_per_step = B * T * accum
+    T, B = cfg.seq_len, cfg.train.batch_size
+    tokens_per_step = B * T * accum * dist.world_size
     val_batches = data.val_batches(cfg.eval.batches, B, T)
-    print(f"fastlm.train: run directory {run_dir}")
-    print(f"  data    {data.description}")
-    print(f"  model   {cfg.model.preset or 'custom'} ({cfg.model.arch}), "
-          f"{model.num_params() / 1e6:.2f}M parameters, context {T}")
-    print(f"  device  {device}, ops: " + ", ".join(f"{k}={v}" for k, v in backends.items()))
-    print(f"  steps   {step} -> {cfg.train.max_steps}, {tokens_per_step:,} tokens/step "
-          f"({B} x {T} x {accum})", flush=True)
+    log(f"fastlm.train: run directory {run_dir}")
+    log(f"  data    {data.description}")
+    log(f"  tokens  {tok_spec.name}, vocab {data.vocab_size}, "
+        f"{data.bytes_per_token:.3f} bytes/token (val)")
+    log(f"  model   {cfg.model.preset or 'custom'} ({cfg.model.arch}), "
+        f"{raw_model.num_params() / 1e6:.2f}M parameters, context {T}")
+    log(f"  device  {device}, ops: " + ", ".join(f"{k}={v}" for k, v in backends.items()))
+    log(f"  train   {o.name}, {o.schedule} lr {o.lr:g}, {cfg.train.precision}"
+        + (", compiled" if compile_on else "")
+        + (", activation checkpointing" if cfg.train.activation_checkpointing else "")
+        + (f", {cfg.train.parallel} x {dist.world_size} processes" if dist.enabled else ""))
+    log(f"  steps   {step} -> {cfg.train.max_steps}, {tokens_per_step:,} tokens/step "
+        f"({B} x {T} x {accum}" + (f" x {dist.world_size})" if dist.enabled else ")"),
+        flush=True)
 
-    def save_checkpoint(val_loss: float | None) -> Path:
-        state = {"step": step, "torch_rng": torch.get_rng_state(),
-                 "data_rng": data_gen.get_state(),  # the data position: next random windows
-                 "cuda_rng": torch.cuda.get_rng_state_all() if device.type == "cuda" else []}
-        return checkpoint.save(run_dir, step, model, optimizer, state, config_dict,
-                               {"val_loss": val_loss}, cfg.checkpoint.keep_last)
+    def save_checkpoint(val_loss: float | None) -> Path | None:
+        model_sd, optim_sd = distributed.full_state(raw_model, optimizer, fsdp)  # collective
+        path = None
+        if main_rank:
+            if fsdp:
+                keep = {n for n, _ in raw_model.named_parameters()} | {
+                    n for n, _ in raw_model.named_buffers()}
+                model_sd = {k: v for k, v in model_sd.items() if k in keep}
+            state = {"step": step, "data_rng": data_gen.get_state(),  # next random windows
+                     "data": data.state_dict(), "tokenizer": tok_spec.tok.hash(),
+                     "skipped_steps": skipped_total, **rng_state(device)}
+            path = checkpoint.save(run_dir, step, model_sd if fsdp else raw_model, optim_sd,
+                                   state, config_dict, {"val_loss": val_loss},
+                                   cfg.checkpoint.keep_last, {"tokenizer.json": tok_file})
+        distributed.barrier(dist)
+        return path
 
     def run_eval() -> float:
-        val_loss = evaluate(model, val_batches, device)
+        val_loss = evaluate(model, val_batches, device, autocast)
         bpb = val_loss / math.log(2) / data.bytes_per_token
         metrics.write(kind="val", step=step, val_loss=val_loss, val_bpb=bpb,
                       time_s=round(time.perf_counter() - t_start, 3))
-        tqdm.write(f"step {step:>6}: val loss {val_loss:.4f}, {bpb:.3f} bits/byte")
+        if main_rank:
+            tqdm.write(f"step {step:>6}: val loss {val_loss:.4f}, {bpb:.3f} bits/byte")
         return val_loss
 
     t_start = time.perf_counter()
     val_loss = run_eval() if resume is None else resume.manifest["metrics"].get("val_loss")
     model.train()
-    interrupted = False
+    interrupted, diverged = False, None
+    skipped_total, bad_in_row = (state.get("skipped_steps", 0) if resume is not None else 0), 0
     bar = tqdm(total=cfg.train.max_steps, initial=step, unit="step", dynamic_ncols=True,
-               mininterval=1.0, disable=not cfg.train.progress, file=sys.stderr)
+               mininterval=1.0, disable=not (cfg.train.progress and main_rank), file=sys.stderr)
     loss_sum, loss_count = torch.zeros((), device=device), 0
     t_interval, interval_tokens = time.perf_counter(), 0
     with StopFlag() as stop:
@@ -242,29 +377,61 @@ def train(cfg: Config) -> TrainResult:
             lr = lr_at(step, cfg)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            for _ in range(accum):
+            step_loss = torch.zeros((), device=device)
+            for micro in range(accum):
                 x, y = data.train_batch(B, T, data_gen)
-                _, loss = model(x.to(device, non_blocking=True), y.to(device, non_blocking=True))
-                (loss / accum).backward()
-                loss_sum += loss.detach()
-                loss_count += 1
+                x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+                sync = micro == accum - 1 or not dist.enabled or fsdp
+                with (model.no_sync() if not sync and hasattr(model, "no_sync")
+                      else contextlib.nullcontext()):
+                    with autocast():
+                        _, loss = model(x, y)
+                    scaler.scale(loss / accum).backward()
+                step_loss += loss.detach().float() / accum
+            scaler.unscale_(optimizer)
             grad_norm = torch.nn.utils.clip_grad_norm_(
-                model.parameters(), cfg.train.grad_clip or float("inf"))
-            optimizer.step()
+                raw_model.parameters(), cfg.train.grad_clip or float("inf"))
+            if hasattr(grad_norm, "full_tensor"):  # FSDP2: a DTensor of the global norm
+                grad_norm = grad_norm.full_tensor()
+            distributed.all_reduce_mean(step_loss, dist)
+            finite = bool(torch.isfinite(step_loss) & torch.isfinite(grad_norm))
+            if finite or scaler.is_enabled():  # fp16: the scaler skips inf steps itself
+                scaler.step(optimizer)
+            scaler.update()
             optimizer.zero_grad(set_to_none=True)
+            if not finite:
+                skipped_total += 1
+                bad_in_row += 1
+                if main_rank:
+                    tqdm.write(f"step {step + 1}: loss {step_loss.item():.4g}, grad norm "
+                               f"{grad_norm.item():.4g}: not finite, update skipped "
+                               f"({bad_in_row} in a row)")
+                if bad_in_row >= cfg.train.max_bad_steps:
+                    diverged = (f"{bad_in_row} steps in a row had a NaN/inf loss or gradient; "
+                                "stopping (the last good checkpoint is kept). Try a lower "
+                                "--optim.lr, more --optim.warmup_steps, --train.grad_clip=1 or "
+                                "--train.precision=bf16 instead of fp16")
+                    break
+            else:
+                bad_in_row = 0
+                loss_sum += step_loss
+                loss_count += 1
             step += 1
             interval_tokens += tokens_per_step
             bar.update(1)
 
             last = step == cfg.train.max_steps
-            if step % cfg.train.log_interval == 0 or last or stop.requested:
+            if (step % cfg.train.log_interval == 0 or last or stop.requested) and loss_count:
                 train_loss = (loss_sum / loss_count).item()
                 elapsed = time.perf_counter() - t_interval
                 tok_s = interval_tokens / elapsed
                 metrics.write(kind="train", step=step, loss=train_loss, lr=lr,
                               grad_norm=grad_norm.item(), tokens_per_s=round(tok_s, 1),
-                              time_s=round(time.perf_counter() - t_start, 3))
-                bar.set_postfix(loss=f"{train_loss:.3f}", tok_s=f"{tok_s:,.0f}", refresh=False)
+                              time_s=round(time.perf_counter() - t_start, 3),
+                              skipped=skipped_total)
+                bar.set_postfix(loss=f"{train_loss:.3f}", lr=f"{lr:.2e}",
+                                gnorm=f"{grad_norm.item():.2f}", tok_s=f"{tok_s:,.0f}",
+                                refresh=False)
                 loss_sum.zero_()
                 loss_count, interval_tokens = 0, 0
             if step % cfg.eval.interval == 0 or last or stop.requested:
@@ -274,24 +441,40 @@ def train(cfg: Config) -> TrainResult:
                 path = save_checkpoint(val_loss)
                 if stop.requested:
                     interrupted = True
-                    tqdm.write(f"saved {path}; resume with --checkpoint.resume={run_dir}")
+                    if main_rank:
+                        tqdm.write(f"saved {path}; resume with --resume {run_dir}")
                     break
             if step % cfg.train.log_interval == 0:
                 t_interval = time.perf_counter()  # tokens/s leaves out eval and saving time
     bar.close()
+    data.close()
     wall = time.perf_counter() - t_start
-    print(f"fastlm.train: {'stopped' if interrupted else 'done'} at step {step} in {wall:.1f} s"
-          + (f", val loss {val_loss:.4f}" if val_loss is not None else ""))
+    if diverged:
+        raise TrainingDiverged(diverged)
+    log(f"fastlm.train: {'stopped' if interrupted else 'done'} at step {step} in {wall:.1f} s"
+        + (f", val loss {val_loss:.4f}" if val_loss is not None else "")
+        + (f", {skipped_total} steps skipped (NaN/inf)" if skipped_total else ""))
+    if main_rank:
+        _write_plot(run_dir)
 
-    if cfg.sample.tokens and not interrupted:
-        sample = generate_sample(model, data, cfg, device)
+    if cfg.sample.tokens and not interrupted and main_rank and not fsdp:
+        sample = generate_sample(raw_model, data, cfg, device)
         (run_dir / "sample.txt").write_text(sample)
         print(f"--- sample ({cfg.sample.tokens} tokens, temperature {cfg.sample.temperature}) "
               f"---\n{sample}\n---")
-    return TrainResult(run_dir, step, val_loss, interrupted)
+    return TrainResult(run_dir, step, val_loss, interrupted, skipped_total)
 
 
-def generate_sample(model: GPT, data: TextData, cfg: Config, device: torch.device) -> str:
+def _write_plot(run_dir: Path) -> None:
+    from fastlm import plot
+    try:
+        path = plot.plot_run(run_dir)
+        print(f"  plot    {path}")
+    except plot.PlotUnavailable as exc:
+        print(f"  plot    skipped: {exc}")
+
+
+def generate_sample(model: GPT, data, cfg: Config, device: torch.device) -> str:
     prompt = data.encode(cfg.sample.prompt) or [0]
     idx = torch.tensor([prompt], dtype=torch.long, device=device)  # (1, T0)
     gen = torch.Generator(device=device).manual_seed(cfg.train.seed)
@@ -301,12 +484,21 @@ def generate_sample(model: GPT, data: TextData, cfg: Config, device: torch.devic
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Command-line entry point; returns the exit status (0, or 130 after Ctrl-C)."""
+    """Command-line entry point; returns the exit status (0, 130 after Ctrl-C/SIGTERM, 3 when
+    training diverged)."""
     try:
         cfg = parse_args(sys.argv[1:] if argv is None else list(argv))
         result = train(cfg)
     except (ConfigError, SetupError) as exc:
         raise SystemExit(f"fastlm.train: error: {exc}") from None
+    except TrainingDiverged as exc:
+        print(f"fastlm.train: {exc}", file=sys.stderr)
+        return 3
+    except torch.OutOfMemoryError as exc:
+        raise SystemExit(f"fastlm.train: error: out of memory ({exc}). Try a smaller "
+                         "--train.batch_size (keep the tokens per step with --train.grad_accum "
+                         "or --train.tokens_per_step), --train.activation_checkpointing=true, "
+                         "--train.precision=bf16 or --train.parallel=fsdp") from None
     return 130 if result.interrupted else 0
 
 

@@ -54,7 +54,11 @@ def test_train_smoke_overfits_and_writes_run_dir(tmp_path, corpus, capsys):
     # One checkpoint at the end, checksummed.
     ckpt = checkpoint.load(run_dir)
     assert ckpt.step == 60 and ckpt.path.name == "step_000060"
-    assert set(ckpt.manifest["files"]) == {"model.safetensors", "optimizer.pt", "train_state.pt"}
+    assert set(ckpt.manifest["files"]) == {"model.safetensors", "optimizer.pt", "train_state.pt",
+                                           "tokenizer.json"}  # the checkpoint is self-contained
+    from fastlm.tokenizer import Tokenizer
+    assert Tokenizer.load(ckpt.path / "tokenizer.json") == Tokenizer.byte()
+    assert (run_dir / "loss.png").stat().st_size > 0
     assert ckpt.manifest["config"]["model"]["n_embd"] == 32
     assert ckpt.manifest["metrics"]["val_loss"] == val_rows[-1]["val_loss"]
     assert not [p for p in (run_dir / "checkpoints").iterdir() if p.name.startswith(".")]

@@ -264,8 +264,13 @@ class GPT(nn.Module):
         if targets is not None:
             # The head's matmul fused with the loss, chunk by chunk: the (B*T, V) float32
             # logits are the largest activation of a small model and are never needed whole.
-            loss = ops.linear_cross_entropy(x.reshape(-1, x.shape[-1]), self.lm_head.weight,
-                                            targets.reshape(-1))
+            h, w = x.reshape(-1, x.shape[-1]), self.lm_head.weight  # (B*T, C), (V, C)
+            dev = x.device.type
+            if torch.is_autocast_enabled(dev):  # the op takes one dtype: autocast's, made here
+                dtype = torch.get_autocast_dtype(dev)
+                h, w = h.to(dtype), w.to(dtype)
+            with torch.autocast(dev, enabled=False):  # its inner matmuls keep that dtype
+                loss = ops.linear_cross_entropy(h, w, targets.reshape(-1))
         return logits, loss
 
     @torch.no_grad()
