@@ -27,8 +27,8 @@ import json
 import math
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -40,9 +40,20 @@ from fastlm.metrics import accuracy, bleu, macro_f1
 from fastlm.restore import Restored, restore
 from fastlm.tasks import Example, TaskError, read_jsonl
 
-__all__ = ["token_nll", "perplexity", "bits_per_byte", "score_text", "loglikelihood",
-           "multiple_choice_accuracy", "classify", "classification_scores", "generate_greedy",
-           "generation_scores", "bleu", "main"]
+__all__ = [
+    "bits_per_byte",
+    "bleu",
+    "classification_scores",
+    "classify",
+    "generate_greedy",
+    "generation_scores",
+    "loglikelihood",
+    "main",
+    "multiple_choice_accuracy",
+    "perplexity",
+    "score_text",
+    "token_nll",
+]
 
 
 def _bar(total: int, desc: str, progress: bool) -> tqdm:
@@ -120,7 +131,8 @@ def score_text(model, tokenizer, text: str, context: int | None = None,
     nll = token_nll(model, ids, context, stride, batch_size, progress)
     n_bytes = sum(len(tokenizer.token_bytes(t)) for t in ids[1:])
     total = nll.sum().item()
-    return {"perplexity": math.exp(total / len(nll)), "bits_per_byte": total / math.log(2) / n_bytes,
+    return {"perplexity": math.exp(total / len(nll)),
+            "bits_per_byte": total / math.log(2) / n_bytes,
             "nll_per_token": total / len(nll), "tokens": len(nll), "bytes": n_bytes}
 
 
@@ -194,7 +206,8 @@ def multiple_choice_accuracy(model, tokenizer, examples: Sequence, batch_size: i
 
 # ---------------------------------------------------------------------------------------------
 # Classification
-def encode_batch(tokenizer, texts: Sequence[str], max_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+def encode_batch(tokenizer, texts: Sequence[str],
+                 max_len: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Right-padded ids (B, T) with pad 0 and lengths (B,); texts longer than max_len tokens keep
     their beginning; an empty text becomes one pad token."""
     encoded = [tokenizer.encode_ordinary(t)[:max_len] or [0] for t in texts]
@@ -249,7 +262,8 @@ def classification_scores(restored: Restored, examples: Sequence[Example], batch
 # Generation
 @torch.no_grad()
 def generate_greedy(model, prompt: list[int], max_new_tokens: int, stop: set[int],
-                    temperature: float = 0.0, generator: torch.Generator | None = None) -> list[int]:
+                    temperature: float = 0.0,
+                    generator: torch.Generator | None = None) -> list[int]:
     """New tokens after prompt: argmax each step (temperature 0) or sampled; ends before a stop
     token. No KV cache: each step re-runs the last block_size tokens."""
     device = _device(model)
@@ -303,7 +317,8 @@ def read_text(spec: str, max_bytes: int) -> tuple[str, str]:
     from fastlm.data.text import SEPARATOR, expand_paths
     _, files = expand_paths(spec)
     data = SEPARATOR.join(f.read_bytes() for f in files)[:max_bytes or None]
-    return data.decode("utf-8", errors="replace"), f"{spec} ({len(files)} files, {len(data):,} bytes)"
+    desc = f"{spec} ({len(files)} files, {len(data):,} bytes)"
+    return data.decode("utf-8", errors="replace"), desc
 
 
 def run_validation_text(restored: Restored, max_bytes: int) -> tuple[str, str]:
@@ -313,9 +328,9 @@ def run_validation_text(restored: Restored, max_bytes: int) -> tuple[str, str]:
     data = load_text(data_cfg.get("path", ""), data_cfg.get("max_bytes", 0),
                      data_cfg.get("val_fraction", 0.1))
     val = bytes(data.val.numpy())[:max_bytes or None]
-    return (val.decode("utf-8", errors="replace"),
-            f"validation split of {data_cfg.get('path') or 'the default corpus'} "
+    desc = (f"validation split of {data_cfg.get('path') or 'the default corpus'} "
             f"({len(val):,} bytes)")
+    return val.decode("utf-8", errors="replace"), desc
 
 
 def print_table(results: dict) -> None:

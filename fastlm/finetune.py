@@ -43,7 +43,8 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from fastlm import checkpoint, config as config_mod, ops
+from fastlm import checkpoint, ops
+from fastlm import config as config_mod
 from fastlm.chat_template import IGNORE, SPECIAL_TOKENS, messages_of, sft_example
 from fastlm.checkpoint import CheckpointError
 from fastlm.classifier import Classifier
@@ -413,9 +414,10 @@ def finetune(args: Args) -> dict:
                "steps": step, "stopped_early": stopped_early, "best": best_row,
                "time_s": round(time.perf_counter() - t0, 1), **extra}
     (run_dir / "finetune.json").write_text(json.dumps(summary, indent=2) + "\n")
-    print(f"fastlm.finetune: {'early stop' if stopped_early else 'done'} at step {step}; best "
-          f"{', '.join(f'{k} {v:.4f}' if isinstance(v, float) else f'{k} {v}' for k, v in best_row.items())}"
-          f" -> {best_path}")
+    shown = ", ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}"
+                      for k, v in best_row.items())
+    print(f"fastlm.finetune: {'early stop' if stopped_early else 'done'} at step {step}; "
+          f"best {shown} -> {best_path}")
     if "majority_baseline" in extra:
         print(f"  majority-class baseline on the validation split: "
               f"{extra['majority_baseline']:.4f}")

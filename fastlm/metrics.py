@@ -7,7 +7,7 @@ so numbers are comparable with published ones.
 from __future__ import annotations
 
 from collections import Counter
-from typing import Sequence
+from collections.abc import Sequence
 
 
 def accuracy(predictions: Sequence, golds: Sequence) -> float:

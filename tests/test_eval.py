@@ -13,8 +13,16 @@ import torch.nn.functional as F
 from fastlm import checkpoint
 from fastlm.checkpoint import CheckpointError
 from fastlm.config import ModelConfig
-from fastlm.eval import (bits_per_byte, bleu, loglikelihood, main, multiple_choice_accuracy,
-                         perplexity, token_nll, windows)
+from fastlm.eval import (
+    bits_per_byte,
+    bleu,
+    loglikelihood,
+    main,
+    multiple_choice_accuracy,
+    perplexity,
+    token_nll,
+    windows,
+)
 from fastlm.metrics import accuracy, macro_f1, majority_baseline
 from fastlm.models.gpt import GPT
 from fastlm.optim import AdamW

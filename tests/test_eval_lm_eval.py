@@ -5,7 +5,6 @@ import math
 from types import SimpleNamespace
 
 import pytest
-import torch
 
 from fastlm import checkpoint
 from fastlm.config import ModelConfig
@@ -31,7 +30,7 @@ def req(*args):
 def test_requests_match_fastlm_eval(run):
     path, model = run
     lm = FastLM(checkpoint=str(path), batch_size=4)
-    (ll, greedy), = lm.loglikelihood([req("import ", "os")])
+    (ll, _greedy), = lm.loglikelihood([req("import ", "os")])
     assert ll == pytest.approx(loglikelihood(model, [(list(b"import "), list(b"os"))])[0][0])
     text = "print('hello')\n" * 4
     rolling, = lm.loglikelihood_rolling([req(text)])
