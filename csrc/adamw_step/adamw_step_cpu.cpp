@@ -14,6 +14,7 @@
 
 #include "adamw_step/adamw_step_math.h"
 #include "common/checks.h"
+#include "common/cpu_math.h"
 #include "common/dispatch.h"
 
 namespace fastlm {
@@ -61,26 +62,20 @@ inline void adamw_range(P* __restrict__ p, const P* __restrict__ g, S* __restric
   }
 }
 
-// The loop again for AVX2 + FMA, picked at run time (the build targets baseline x86-64). The
-// wrapper only inlines adamw_range, so the math is the same code, 8 floats per vector.
-#if defined(__GNUC__) && defined(__x86_64__)
+// The loop again for AVX2 + FMA (see cpu_math.h, "Runtime ISA choice"), 8 floats per vector.
+#ifdef FASTLM_HAVE_AVX2_CLONES
 template <typename P, typename S>
-__attribute__((target("avx2,fma"))) void adamw_range_avx2(P* __restrict__ p,
-                                                          const P* __restrict__ g,
-                                                          S* __restrict__ m, S* __restrict__ v,
-                                                          int64_t n, const AdamWConsts c) {
+FASTLM_TARGET_AVX2 void adamw_range_avx2(P* __restrict__ p, const P* __restrict__ g,
+                                         S* __restrict__ m, S* __restrict__ v, int64_t n,
+                                         const AdamWConsts c) {
   adamw_range(p, g, m, v, n, c);
-}
-bool has_avx2() {
-  static const bool yes = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-  return yes;
 }
 #endif
 
 template <typename P, typename S>
 void adamw_range_best(P* p, const P* g, S* m, S* v, int64_t n, const AdamWConsts& c) {
-#if defined(__GNUC__) && defined(__x86_64__)
-  if (has_avx2()) return adamw_range_avx2(p, g, m, v, n, c);
+#ifdef FASTLM_HAVE_AVX2_CLONES
+  if (cpu::cpu_has_avx2()) return adamw_range_avx2(p, g, m, v, n, c);
 #endif
   adamw_range(p, g, m, v, n, c);
 }

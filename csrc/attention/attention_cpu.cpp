@@ -16,6 +16,7 @@
 #include <torch/library.h>
 
 #include "common/checks.h"
+#include "common/cpu_math.h"
 
 // One copy of the kernels per instruction set (see attention_tiles.h): SSE2 (any x86-64 or other
 // CPU), AVX2+FMA and AVX-512, chosen at run time. Builds stay portable (no -march=native) and
@@ -93,7 +94,7 @@ const Kernels& kernels() {
           },
           "avx512"};
     }
-    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) {
+    if (cpu::cpu_has_avx2()) {
       return Kernels{
           [](const float* q, const float* k, const float* v, float* o, float* l, int64_t D,
              float s, const attention_generic::Mask& m) {

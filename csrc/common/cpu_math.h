@@ -12,6 +12,22 @@ namespace cpu {
 
 constexpr int kLanes = 16;
 
+// Runtime ISA choice. The build targets baseline x86-64 (SSE2, 4 floats per vector: wheels must
+// run everywhere); a hot row function is compiled a second time for AVX2 + FMA by a wrapper marked
+// FASTLM_TARGET_AVX2 that only calls (and so inlines: a callee with fewer ISA features may be
+// inlined) the generic one, and cpu_has_avx2() picks between them once per call. Same code, same
+// math, 8 floats per vector.
+#if defined(__GNUC__) && defined(__x86_64__)
+#define FASTLM_HAVE_AVX2_CLONES 1
+#define FASTLM_TARGET_AVX2 __attribute__((target("avx2,fma")))
+inline bool cpu_has_avx2() {
+  static const bool yes = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  return yes;
+}
+#else
+inline bool cpu_has_avx2() { return false; }
+#endif
+
 // Pointer to row `src` as float32: the row itself when T is float, else converted into `buf`.
 template <typename T>
 inline const float* as_float(const T* src, float* buf, int64_t n) {

@@ -92,32 +92,24 @@ inline void ce_row_backward(const float* x, int64_t V, int64_t target, float lse
   g[target] -= dloss * (1.0f - prm.label_smoothing);
 }
 
-// The same two row functions compiled for AVX2 + FMA and picked at run time: the build targets
-// baseline x86-64 (SSE2, 4 floats per vector; wheels must run everywhere), and the row loops
-// above are bandwidth- and exp-bound, so 8-float vectors nearly halve their time. The wrappers
-// only inline the functions above (a callee with fewer ISA features may be inlined), so the
-// math is the same code.
-#if defined(__GNUC__) && defined(__x86_64__)
-#define FASTLM_CE_AVX2 1
-__attribute__((target("avx2,fma"))) inline void ce_row_forward_avx2(
+// The same two row functions compiled for AVX2 + FMA (see cpu_math.h, "Runtime ISA choice"): the
+// row loops are bandwidth- and exp-bound, so 8-float vectors nearly halve their time.
+#ifdef FASTLM_HAVE_AVX2_CLONES
+FASTLM_TARGET_AVX2 inline void ce_row_forward_avx2(
     const float* x, int64_t V, int64_t target, const CeParams& prm, float* loss, float* lse) {
   ce_row_forward(x, V, target, prm, loss, lse);
 }
-__attribute__((target("avx2,fma"))) inline void ce_row_backward_avx2(
+FASTLM_TARGET_AVX2 inline void ce_row_backward_avx2(
     const float* x, int64_t V, int64_t target, float lse, float dloss, const CeParams& prm,
     float* g) {
   ce_row_backward(x, V, target, lse, dloss, prm, g);
-}
-inline bool cpu_has_avx2() {
-  static const bool yes = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-  return yes;
 }
 #endif
 
 // Row functions at the best ISA this CPU has.
 inline void ce_row_forward_best(const float* x, int64_t V, int64_t target, const CeParams& prm,
                                 float* loss, float* lse) {
-#ifdef FASTLM_CE_AVX2
+#ifdef FASTLM_HAVE_AVX2_CLONES
   if (cpu_has_avx2()) return ce_row_forward_avx2(x, V, target, prm, loss, lse);
 #endif
   ce_row_forward(x, V, target, prm, loss, lse);
@@ -125,7 +117,7 @@ inline void ce_row_forward_best(const float* x, int64_t V, int64_t target, const
 
 inline void ce_row_backward_best(const float* x, int64_t V, int64_t target, float lse,
                                  float dloss, const CeParams& prm, float* g) {
-#ifdef FASTLM_CE_AVX2
+#ifdef FASTLM_HAVE_AVX2_CLONES
   if (cpu_has_avx2()) return ce_row_backward_avx2(x, V, target, lse, dloss, prm, g);
 #endif
   ce_row_backward(x, V, target, lse, dloss, prm, g);

@@ -22,38 +22,93 @@ constexpr const char* kOp = "layer_norm";
 // Rows per task: enough work (~32K elements) to amortise the scheduling of a task.
 int64_t row_grain(int64_t C) { return std::max<int64_t>(1, 32768 / C); }
 
+// One row: y = (x - mean) * rstd * w + b. buf holds C floats (x as float32, then y).
+template <typename T>
+inline void forward_row(const T* x, const float* __restrict__ w, const float* __restrict__ b, T* y,
+                        float* mean, float* rstd, int64_t C, float eps, float* xbuf,
+                        float* __restrict__ ybuf) {
+  const float* __restrict__ xr = cpu::as_float(x, xbuf, C);
+  const float mu = cpu::lane_sum(C, [&](int64_t i) { return xr[i]; }) / C;
+  const float var = cpu::lane_sum(C, [&](int64_t i) {
+                      const float d = xr[i] - mu;
+                      return d * d;
+                    }) / C;
+  const float rs = 1.0f / std::sqrt(var + eps);
+  if (b != nullptr) {
+    for (int64_t i = 0; i < C; ++i) ybuf[i] = (xr[i] - mu) * rs * w[i] + b[i];
+  } else {
+    for (int64_t i = 0; i < C; ++i) ybuf[i] = (xr[i] - mu) * rs * w[i];
+  }
+  cpu::store_row(ybuf, y, C);
+  *mean = mu;
+  *rstd = rs;
+}
+
+// One row of the backward: dx = rstd * (g - mean(g) - xhat * mean(g * xhat)), g = dy * w, and
+// the row's dy * xhat and dy added into the slice's partial dw (pw) and db (pb).
+template <typename T>
+inline void backward_row(const T* dy, const T* x, const float* __restrict__ w, float mu, float rs,
+                         T* dx, float* __restrict__ pw, float* __restrict__ pb, int64_t C,
+                         float* xbuf, float* dybuf, float* __restrict__ dxbuf) {
+  // __restrict__: the gradient rows never alias the inputs, which lets gcc vectorise the loop
+  // below without run-time overlap checks.
+  const float* __restrict__ xr = cpu::as_float(x, xbuf, C);
+  const float* __restrict__ dyr = cpu::as_float(dy, dybuf, C);
+  const float c_g = cpu::lane_sum(C, [&](int64_t i) { return dyr[i] * w[i]; }) / C;
+  const float c_gx = cpu::lane_sum(C, [&](int64_t i) {
+                       return dyr[i] * w[i] * ((xr[i] - mu) * rs);
+                     }) / C;
+  for (int64_t i = 0; i < C; ++i) {
+    const float xhat = (xr[i] - mu) * rs;
+    dxbuf[i] = rs * (dyr[i] * w[i] - c_g - xhat * c_gx);
+    pw[i] += dyr[i] * xhat;
+    pb[i] += dyr[i];
+  }
+  cpu::store_row(dxbuf, dx, C);
+}
+
+#ifdef FASTLM_HAVE_AVX2_CLONES
+template <typename T>
+FASTLM_TARGET_AVX2 void forward_row_avx2(const T* x, const float* w, const float* b, T* y,
+                                         float* mean, float* rstd, int64_t C, float eps,
+                                         float* xbuf, float* ybuf) {
+  forward_row(x, w, b, y, mean, rstd, C, eps, xbuf, ybuf);
+}
+template <typename T>
+FASTLM_TARGET_AVX2 void backward_row_avx2(const T* dy, const T* x, const float* w, float mu,
+                                          float rs, T* dx, float* pw, float* pb, int64_t C,
+                                          float* xbuf, float* dybuf, float* dxbuf) {
+  backward_row(dy, x, w, mu, rs, dx, pw, pb, C, xbuf, dybuf, dxbuf);
+}
+#endif
+
 template <typename T>
 void forward_rows(const T* x, const float* w, const float* b, T* y, float* mean, float* rstd,
                   int64_t N, int64_t C, float eps) {
+  const bool avx2 = cpu::cpu_has_avx2();
   at::parallel_for(0, N, row_grain(C), [&](int64_t begin, int64_t end) {
     std::vector<float> xbuf(C), ybuf(C);
     for (int64_t r = begin; r < end; ++r) {
-      const float* xr = cpu::as_float(x + r * C, xbuf.data(), C);
-      const float mu = cpu::lane_sum(C, [&](int64_t i) { return xr[i]; }) / C;
-      const float var = cpu::lane_sum(C, [&](int64_t i) {
-                          const float d = xr[i] - mu;
-                          return d * d;
-                        }) / C;
-      const float rs = 1.0f / std::sqrt(var + eps);
-      float* yr = ybuf.data();
-      if (b != nullptr) {
-        for (int64_t i = 0; i < C; ++i) yr[i] = (xr[i] - mu) * rs * w[i] + b[i];
-      } else {
-        for (int64_t i = 0; i < C; ++i) yr[i] = (xr[i] - mu) * rs * w[i];
+#ifdef FASTLM_HAVE_AVX2_CLONES
+      if (avx2) {
+        forward_row_avx2(x + r * C, w, b, y + r * C, mean + r, rstd + r, C, eps, xbuf.data(),
+                         ybuf.data());
+        continue;
       }
-      cpu::store_row(yr, y + r * C, C);
-      mean[r] = mu;
-      rstd[r] = rs;
+#endif
+      forward_row(x + r * C, w, b, y + r * C, mean + r, rstd + r, C, eps, xbuf.data(),
+                  ybuf.data());
     }
   });
+  (void)avx2;
 }
 
-// dx = rstd * (g - mean(g) - xhat * mean(g * xhat)), g = dy * w; dw = sum dy * xhat; db = sum dy.
 // Weight gradients: each of `parts` row slices sums into its own float32 row of `partial`
 // (parts x 2C), then the slices are added in order, so the result does not depend on timing.
 template <typename T>
 void backward_rows(const T* dy, const T* x, const float* w, const float* mean, const float* rstd,
                    T* dx, float* dw, float* db, int64_t N, int64_t C) {
+  const bool avx2 = cpu::cpu_has_avx2();
   const int64_t parts = std::max<int64_t>(1, std::min<int64_t>(N, at::get_num_threads()));
   std::vector<float> partial(parts * 2 * C, 0.0f);
   at::parallel_for(0, parts, 1, [&](int64_t kbegin, int64_t kend) {
@@ -64,25 +119,19 @@ void backward_rows(const T* dy, const T* x, const float* w, const float* mean, c
       int64_t begin, end;
       cpu::slice_rows(N, parts, k, &begin, &end);
       for (int64_t r = begin; r < end; ++r) {
-        const float* xr = cpu::as_float(x + r * C, xbuf.data(), C);
-        const float* dyr = cpu::as_float(dy + r * C, dybuf.data(), C);
-        const float mu = mean[r], rs = rstd[r];
-        const float sum_g = cpu::lane_sum(C, [&](int64_t i) { return dyr[i] * w[i]; });
-        const float sum_gx = cpu::lane_sum(C, [&](int64_t i) {
-          return dyr[i] * w[i] * ((xr[i] - mu) * rs);
-        });
-        const float c_g = sum_g / C, c_gx = sum_gx / C;
-        float* dxr = dxbuf.data();
-        for (int64_t i = 0; i < C; ++i) {
-          const float xhat = (xr[i] - mu) * rs;
-          dxr[i] = rs * (dyr[i] * w[i] - c_g - xhat * c_gx);
-          pw[i] += dyr[i] * xhat;
-          pb[i] += dyr[i];
+#ifdef FASTLM_HAVE_AVX2_CLONES
+        if (avx2) {
+          backward_row_avx2(dy + r * C, x + r * C, w, mean[r], rstd[r], dx + r * C, pw, pb, C,
+                            xbuf.data(), dybuf.data(), dxbuf.data());
+          continue;
         }
-        cpu::store_row(dxr, dx + r * C, C);
+#endif
+        backward_row(dy + r * C, x + r * C, w, mean[r], rstd[r], dx + r * C, pw, pb, C,
+                     xbuf.data(), dybuf.data(), dxbuf.data());
       }
     }
   });
+  (void)avx2;
   for (int64_t i = 0; i < C; ++i) {
     float sw = 0.f, sb = 0.f;
     for (int64_t k = 0; k < parts; ++k) {

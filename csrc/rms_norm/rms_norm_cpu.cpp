@@ -19,28 +19,73 @@ constexpr const char* kOp = "rms_norm";
 
 int64_t row_grain(int64_t C) { return std::max<int64_t>(1, 32768 / C); }
 
+// One row: y = x * rstd * w. (__restrict__ as in layer_norm_cpu.cpp: lets gcc vectorise.)
+template <typename T>
+inline void forward_row(const T* x, const float* __restrict__ w, T* y, float* rstd, int64_t C,
+                        float eps, float* xbuf, float* __restrict__ ybuf) {
+  const float* __restrict__ xr = cpu::as_float(x, xbuf, C);
+  const float ms = cpu::lane_sum(C, [&](int64_t i) { return xr[i] * xr[i]; }) / C;
+  const float rs = 1.0f / std::sqrt(ms + eps);
+  for (int64_t i = 0; i < C; ++i) ybuf[i] = xr[i] * rs * w[i];
+  cpu::store_row(ybuf, y, C);
+  *rstd = rs;
+}
+
+// One row of the backward: dx = rstd * (g - xhat * mean(g * xhat)), g = dy * w, xhat = x * rstd,
+// and the row's dy * xhat added into the slice's partial dw (pw).
+template <typename T>
+inline void backward_row(const T* dy, const T* x, const float* __restrict__ w, float rs, T* dx,
+                         float* __restrict__ pw, int64_t C, float* xbuf, float* dybuf,
+                         float* __restrict__ dxbuf) {
+  const float* __restrict__ xr = cpu::as_float(x, xbuf, C);
+  const float* __restrict__ dyr = cpu::as_float(dy, dybuf, C);
+  const float c_gx = cpu::lane_sum(C, [&](int64_t i) { return dyr[i] * w[i] * (xr[i] * rs); }) / C;
+  for (int64_t i = 0; i < C; ++i) {
+    const float xhat = xr[i] * rs;
+    dxbuf[i] = rs * (dyr[i] * w[i] - xhat * c_gx);
+    pw[i] += dyr[i] * xhat;
+  }
+  cpu::store_row(dxbuf, dx, C);
+}
+
+#ifdef FASTLM_HAVE_AVX2_CLONES
+template <typename T>
+FASTLM_TARGET_AVX2 void forward_row_avx2(const T* x, const float* w, T* y, float* rstd,
+                                         int64_t C, float eps, float* xbuf, float* ybuf) {
+  forward_row(x, w, y, rstd, C, eps, xbuf, ybuf);
+}
+template <typename T>
+FASTLM_TARGET_AVX2 void backward_row_avx2(const T* dy, const T* x, const float* w, float rs,
+                                          T* dx, float* pw, int64_t C, float* xbuf,
+                                          float* dybuf, float* dxbuf) {
+  backward_row(dy, x, w, rs, dx, pw, C, xbuf, dybuf, dxbuf);
+}
+#endif
+
 template <typename T>
 void forward_rows(const T* x, const float* w, T* y, float* rstd, int64_t N, int64_t C,
                   float eps) {
+  const bool avx2 = cpu::cpu_has_avx2();
   at::parallel_for(0, N, row_grain(C), [&](int64_t begin, int64_t end) {
     std::vector<float> xbuf(C), ybuf(C);
     for (int64_t r = begin; r < end; ++r) {
-      const float* xr = cpu::as_float(x + r * C, xbuf.data(), C);
-      const float ms = cpu::lane_sum(C, [&](int64_t i) { return xr[i] * xr[i]; }) / C;
-      const float rs = 1.0f / std::sqrt(ms + eps);
-      float* yr = ybuf.data();
-      for (int64_t i = 0; i < C; ++i) yr[i] = xr[i] * rs * w[i];
-      cpu::store_row(yr, y + r * C, C);
-      rstd[r] = rs;
+#ifdef FASTLM_HAVE_AVX2_CLONES
+      if (avx2) {
+        forward_row_avx2(x + r * C, w, y + r * C, rstd + r, C, eps, xbuf.data(), ybuf.data());
+        continue;
+      }
+#endif
+      forward_row(x + r * C, w, y + r * C, rstd + r, C, eps, xbuf.data(), ybuf.data());
     }
   });
+  (void)avx2;
 }
 
-// dx = rstd * (g - xhat * mean(g * xhat)), g = dy * w, xhat = x * rstd; dw = sum dy * xhat,
-// summed per row slice in float32 then across slices in order (deterministic).
+// Weight gradient summed per row slice in float32, then across slices in order (deterministic).
 template <typename T>
 void backward_rows(const T* dy, const T* x, const float* w, const float* rstd, T* dx, float* dw,
                    int64_t N, int64_t C) {
+  const bool avx2 = cpu::cpu_has_avx2();
   const int64_t parts = std::max<int64_t>(1, std::min<int64_t>(N, at::get_num_threads()));
   std::vector<float> partial(parts * C, 0.0f);
   at::parallel_for(0, parts, 1, [&](int64_t kbegin, int64_t kend) {
@@ -50,21 +95,19 @@ void backward_rows(const T* dy, const T* x, const float* w, const float* rstd, T
       int64_t begin, end;
       cpu::slice_rows(N, parts, k, &begin, &end);
       for (int64_t r = begin; r < end; ++r) {
-        const float* xr = cpu::as_float(x + r * C, xbuf.data(), C);
-        const float* dyr = cpu::as_float(dy + r * C, dybuf.data(), C);
-        const float rs = rstd[r];
-        const float c_gx =
-            cpu::lane_sum(C, [&](int64_t i) { return dyr[i] * w[i] * (xr[i] * rs); }) / C;
-        float* dxr = dxbuf.data();
-        for (int64_t i = 0; i < C; ++i) {
-          const float xhat = xr[i] * rs;
-          dxr[i] = rs * (dyr[i] * w[i] - xhat * c_gx);
-          pw[i] += dyr[i] * xhat;
+#ifdef FASTLM_HAVE_AVX2_CLONES
+        if (avx2) {
+          backward_row_avx2(dy + r * C, x + r * C, w, rstd[r], dx + r * C, pw, C, xbuf.data(),
+                            dybuf.data(), dxbuf.data());
+          continue;
         }
-        cpu::store_row(dxr, dx + r * C, C);
+#endif
+        backward_row(dy + r * C, x + r * C, w, rstd[r], dx + r * C, pw, C, xbuf.data(),
+                     dybuf.data(), dxbuf.data());
       }
     }
   });
+  (void)avx2;
   for (int64_t i = 0; i < C; ++i) {
     float s = 0.f;
     for (int64_t k = 0; k < parts; ++k) s += partial[k * C + i];
