@@ -19,8 +19,8 @@ import tempfile
 
 import torch
 import torch.nn.functional as F
-
 from fastlm.bench import utils
+
 from fastlm.config import model_preset
 from fastlm.eval import token_nll
 from fastlm.models.gpt import GPT
@@ -67,8 +67,9 @@ def run(args) -> list[dict]:
     for name, fn in providers.items():
         if not utils.wanted(name):
             continue
-        timing = utils.time_call(lambda i: fn(), device, warmup_s=0.0, budget_s=args.budget
-                                 if getattr(args, "budget", None) else 3.0, min_runs=3)
+        budget = getattr(args, "budget", None) or 3.0
+        timing = utils.time_call(lambda i, fn=fn: fn(), device, warmup_s=0.0, budget_s=budget,
+                                 min_runs=3)
         nll = fn()
         tokens = len(nll)
         rows.append({**env, "op": OP, "provider": name, "preset": preset, "shape": [batch, T],
@@ -84,8 +85,9 @@ def run(args) -> list[dict]:
 
 
 def format_table(rows: list[dict]) -> str:
-    lines = [f"{'provider':<14}{'preset':<12}{'tokens':>8}{'median ms':>12}{'tokens/s':>12}"
-             f"{'perplexity':>12}"]
+    header = (f"{'provider':<14}{'preset':<12}{'tokens':>8}{'median ms':>12}{'tokens/s':>12}"
+              f"{'perplexity':>12}")
+    lines = [header]
     for r in rows:
         if "skipped" in r:
             lines.append(f"{r['provider']:<14}{r['preset']:<12}  skipped: {r['skipped']}")
