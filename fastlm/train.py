@@ -140,8 +140,10 @@ def precision_context(precision: str, device: torch.device):
 
 @torch.no_grad()
 def evaluate(model, batches: list[tuple[torch.Tensor, torch.Tensor]],
-             device: torch.device, autocast) -> float:
-    """Mean loss (nats per token) over the fixed validation batches."""
+             device: torch.device, autocast,
+             dist: distributed.DistInfo | None = None) -> float:
+    """Mean loss (nats per token) over the fixed validation batches (each rank holds its rows
+    of them; the mean is over ranks too)."""
     was_training = model.training
     model.eval()
     total = torch.zeros((), device=device)
@@ -149,7 +151,8 @@ def evaluate(model, batches: list[tuple[torch.Tensor, torch.Tensor]],
         with autocast():
             total += model(x.to(device), y.to(device))[1].float()
     model.train(was_training)
-    return (total / len(batches)).item()
+    total /= len(batches)
+    return distributed.all_reduce_mean(total, dist or distributed.DistInfo()).item()
 
 
 class MetricsLog:
@@ -337,25 +340,27 @@ def _train(cfg: Config, device: torch.device, dist: distributed.DistInfo) -> Tra
         f"({B} x {T} x {accum}" + (f" x {dist.world_size})" if dist.enabled else ")"),
         flush=True)
 
+    cpu_copy: list[GPT] = []  # FSDP: rank 0's unsharded model for writing checkpoints
+
     def save_checkpoint(val_loss: float | None) -> Path | None:
         model_sd, optim_sd = distributed.full_state(raw_model, optimizer, fsdp)  # collective
         path = None
         if main_rank:
-            if fsdp:
-                keep = {n for n, _ in raw_model.named_parameters()} | {
-                    n for n, _ in raw_model.named_buffers()}
-                model_sd = {k: v for k, v in model_sd.items() if k in keep}
+            if fsdp:  # the gathered weights into a plain CPU model: the same file as DDP writes
+                if not cpu_copy:
+                    cpu_copy.append(GPT(cfg.model))
+                cpu_copy[0].load_state_dict(model_sd)
             state = {"step": step, "data_rng": data_gen.get_state(),  # next random windows
                      "data": data.state_dict(), "tokenizer": tok_spec.tok.hash(),
                      "skipped_steps": skipped_total, **rng_state(device)}
-            path = checkpoint.save(run_dir, step, model_sd if fsdp else raw_model, optim_sd,
+            path = checkpoint.save(run_dir, step, cpu_copy[0] if fsdp else raw_model, optim_sd,
                                    state, config_dict, {"val_loss": val_loss},
                                    cfg.checkpoint.keep_last, {"tokenizer.json": tok_file})
         distributed.barrier(dist)
         return path
 
     def run_eval() -> float:
-        val_loss = evaluate(model, val_batches, device, autocast)
+        val_loss = evaluate(model, val_batches, device, autocast, dist)
         bpb = val_loss / math.log(2) / data.bytes_per_token
         metrics.write(kind="val", step=step, val_loss=val_loss, val_bpb=bpb,
                       time_s=round(time.perf_counter() - t_start, 3))

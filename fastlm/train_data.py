@@ -15,7 +15,8 @@ bytes per token of the validation text, for bits per byte), description, and sta
 load_state_dict (the data position beyond the loop's own RNG; empty for in-memory text).
 
 Distributed runs: rank r of W takes rows r*B .. r*B + B - 1 of the global batch of B*W windows
-that a 1-process run with batch B*W draws, so the global batch does not depend on W.
+that a 1-process run with batch B*W draws, so the global batch does not depend on W; the same
+holds for the validation batches (the loop averages the ranks' losses).
 """
 from __future__ import annotations
 
@@ -103,7 +104,10 @@ class TextCorpus(_Slicing):
         return x[rows], y[rows]  # (B, T) each
 
     def val_batches(self, n_batches: int, batch_size: int, seq_len: int):
-        return self.data.val_batches(n_batches, batch_size, seq_len)
+        """This rank's rows of the fixed validation batches (the loop averages over ranks)."""
+        rows = slice(self.rank * batch_size, (self.rank + 1) * batch_size)
+        return [(x[rows], y[rows]) for x, y in
+                self.data.val_batches(n_batches, batch_size * self.world_size, seq_len)]
 
     def encode(self, text: str) -> list[int]:
         return self.tok.encode_ordinary(text)
@@ -140,7 +144,8 @@ class ShardCorpus(_Slicing):
                             f"tokens but data.tokenizer={spec.name} has {spec.tok.vocab_size}")
         self.train_loader = BatchLoader(train, batch_size, seq_len, seed=seed, rank=rank,
                                         world_size=world_size)
-        self.val_loader = BatchLoader(val, batch_size, seq_len, shuffle=False,
+        self.val_loader = BatchLoader(val, batch_size, seq_len, rank=rank,
+                                      world_size=world_size, shuffle=False,
                                       max_batches=n_val_batches, prefetch=0)
         self.vocab_size = spec.tok.vocab_size
         sample = np.asarray(val.shards[0][:_STATS_TOKENS])
