@@ -132,7 +132,7 @@ class BatchDecoder:
 
     def __init__(self, model: GPT, prompts: Sequence[Sequence[int]],
                  params: SamplingParams | Sequence[SamplingParams],
-                 stop_ids: Sequence[int] = ()):
+                 stop_ids: Sequence[int] = (), vocab_limit: int | None = None):
         cfg = model.config
         if not prompts:
             raise ValueError("generate: no prompts")
@@ -151,6 +151,9 @@ class BatchDecoder:
             if min(p) < 0 or max(p) >= cfg.vocab_size:
                 raise ValueError(f"generate: prompt {i} holds ids outside 0..{cfg.vocab_size - 1}")
         self.model, self.params, self.stop_ids = model, params, set(stop_ids)
+        # ids >= vocab_limit are never sampled: a model whose vocabulary was padded past its
+        # tokenizer's (a multiple of 64 for speed) must not emit ids nothing can decode
+        self.vocab_limit = vocab_limit if vocab_limit and vocab_limit < cfg.vocab_size else None
         param = next(model.parameters())
         device = self.device = param.device
         B, L = len(prompts), max(lens)
@@ -196,7 +199,10 @@ class BatchDecoder:
             logits = self.model.forward_cached(self._last[:, None], cache, positions,
                                                cache.mask(1))
             self._next_pos += 1
-        nxt = next_tokens(logits[:, -1].float(), self.params, self.generators, self.seen)  # (B,)
+        logits = logits[:, -1].float()  # (B, V)
+        if self.vocab_limit is not None:
+            logits[:, self.vocab_limit:] = float("-inf")
+        nxt = next_tokens(logits, self.params, self.generators, self.seen)  # (B,)
         self._last = nxt
         if self.seen is not None:
             self.seen.scatter_(1, nxt[:, None], True)
@@ -278,7 +284,7 @@ def stream(model: GPT, tokenizer: Tokenizer, prompts: Sequence[str | Sequence[in
     decoder_hook(decoder) is called before each step (the server uses it to cancel rows)."""
     ids = [tokenizer.encode(p, allowed_special="all") if isinstance(p, str) else list(p)
            for p in prompts]
-    dec = BatchDecoder(model, ids, params, stop_ids_of(tokenizer))
+    dec = BatchDecoder(model, ids, params, stop_ids_of(tokenizer), tokenizer.vocab_size)
     texts = [TextStream(tokenizer, p.stop) for p in dec.params]
     ended = [False] * len(ids)
     while not dec.done:

@@ -162,3 +162,19 @@ def test_chat_format_and_terminal_chat(tmp_path, monkeypatch, capsys):
                     temperature=0, stop=chat.STOP)
     assert out.out.count("bot> ") == 2 and out.out.endswith("bot> " + want + "\n")
     assert "tokens/s" in out.err
+
+
+def test_padded_vocab_never_emits_undecodable_ids():
+    model = tiny_model("gpt2", vocab_size=320, tie_embeddings=False)  # 64 ids past 256 bytes
+    head = torch.nn.Linear(32, 320)
+    with torch.no_grad():
+        head.weight.copy_(model.lm_head.weight)
+        head.bias.zero_()
+        head.bias[256:] = 100.0  # make the padding ids the likeliest
+    model.lm_head = head
+    dec = BatchDecoder(model, [[1, 2]], SamplingParams(temperature=0, max_new_tokens=4))
+    while not dec.done:
+        dec.step()
+    assert max(dec.tokens[0]) >= 256  # unconstrained, the padding ids win
+    text = generate(model, Tokenizer.byte(), "ab", max_new_tokens=4, temperature=1.0, seed=0)
+    assert len(text.encode("utf-8", "surrogateescape")) >= 1
