@@ -281,3 +281,40 @@ def test_plot_cli(tmp_path, corpus, capsys):
     assert "no such file" in capsys.readouterr().err
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert {"step", "loss", "lr", "tokens_per_s", "grad_norm"} <= set(rows[1])
+
+
+def test_kill_9_then_resume_reproduces_the_uninterrupted_run(tmp_path, corpus):
+    """SIGKILL mid-run (no handler runs), resume from the newest complete checkpoint: the weights
+    and every loss row after it equal an uninterrupted run's bit for bit. A constant lr makes
+    max_steps irrelevant to the steps, so the victim can be started with a huge one."""
+    import os
+    import subprocess
+    import sys
+    import time
+
+    common = [f"--data={corpus}", *QUIET, "--optim.schedule=constant", "--eval.interval=10",
+              "--train.log_interval=1", "--checkpoint.interval=10", "--checkpoint.keep_last=100"]
+    straight, victim = tmp_path / "straight", tmp_path / "victim"
+    main([*common, "--out", str(straight), "--train.max_steps=60"])
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.getcwd()}
+    proc = subprocess.Popen([sys.executable, "-m", "fastlm.train", *common, "--out", str(victim),
+                             "--train.max_steps=1000000"],
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    metrics = victim / "metrics.jsonl"
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline:  # kill between checkpoints, 3 steps after the first
+            if metrics.exists() and '"step": 13,' in metrics.read_text():
+                break
+            time.sleep(0.005)
+    finally:
+        proc.kill()  # SIGKILL
+        proc.wait()
+    killed_at = checkpoint.load(victim).step
+    assert 10 <= killed_at < 60
+    assert main([*common, "--out", str(victim), "--train.max_steps=60", "--resume"]) == 0
+    assert_same_weights(straight, victim)
+    a, b = read_metrics(straight)[0], read_metrics(victim)[0]
+    resumed = b[-(60 - killed_at):]  # the resumed run's rows come last
+    key = lambda rows: [(r["step"], r["loss"], r["grad_norm"], r["lr"]) for r in rows]
+    assert key(resumed) == key([r for r in a if r["step"] > killed_at])
