@@ -26,8 +26,8 @@ import tempfile
 import time
 
 import torch
-
 from fastlm.bench import utils
+
 from fastlm.config import model_preset
 from fastlm.export import export_hf
 from fastlm.generate import BatchDecoder, SamplingParams

@@ -19,11 +19,17 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from typing import Sequence
+from collections.abc import Sequence
 
 from fastlm import checkpoint as ckpt
-from fastlm.generate import (SamplingParams, add_model_args, add_sampling_args, load_from_args,
-                             sampling_from_args, stream)
+from fastlm.generate import (
+    SamplingParams,
+    add_model_args,
+    add_sampling_args,
+    load_from_args,
+    sampling_from_args,
+    stream,
+)
 
 ROLES = {"user": "User", "assistant": "Assistant"}
 STOP = ("\nUser:",)
@@ -37,7 +43,7 @@ def format_chat(messages: Sequence[dict]) -> str:
     parts = []
     for i, m in enumerate(messages):
         if not isinstance(m, dict) or not isinstance(m.get("content"), str):
-            raise ValueError(f"messages[{i}]: needs a 'role' and a string 'content'")
+            raise ValueError(f"messages[{i}]: needs a 'role' and a string 'content'")  # noqa: TRY004 -- a request error (HTTP 400), like the others here
         role = m.get("role")
         if role == "system":
             parts.append(m["content"].strip() + "\n\n")

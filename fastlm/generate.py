@@ -27,9 +27,9 @@ import argparse
 import dataclasses
 import sys
 import time
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator, Sequence
 
 import torch
 
@@ -51,7 +51,7 @@ class SamplingParams:
     stop: tuple[str, ...] = ()
     seed: int | None = None  # None = a fresh random seed
 
-    def validate(self) -> "SamplingParams":
+    def validate(self) -> SamplingParams:
         """Raise ValueError naming the field that is out of range; returns self."""
         checks = [("max_new_tokens", self.max_new_tokens >= 1, ">= 1"),
                   ("temperature", self.temperature >= 0, ">= 0"),

@@ -69,7 +69,7 @@ class ApiError(Exception):
         self.status, self.message, self.type, self.param, self.code = status, message, type_, param, code
         self.headers = headers or {}
 
-    def response(self) -> "JSONResponse":
+    def response(self) -> JSONResponse:
         return JSONResponse({"error": {"message": self.message, "type": self.type,
                                        "param": self.param, "code": self.code}},
                             status_code=self.status, headers=self.headers)
@@ -146,7 +146,7 @@ class Engine:
                              [j.params for j in batch], decoder_hook=cancel_gone):
                 self.tokens_out += ev.token is not None
                 send(batch[ev.row], ev)
-        except Exception as exc:  # a bug must reach the clients, not kill the worker silently
+        except Exception as exc:  # noqa: BLE001 -- a bug must reach the clients, not kill the worker
             for job in batch:
                 send(job, exc)
         finally:

@@ -13,8 +13,8 @@ from fastlm.optim import AdamW
 
 def tiny_config(arch: str = "gpt2", vocab_size: int = 256, block_size: int = 64,
                 **over) -> ModelConfig:
-    kw = dict(preset="", arch=arch, vocab_size=vocab_size, block_size=block_size, n_layer=2,
-              n_head=4, n_embd=32)
+    kw = {"preset": "", "arch": arch, "vocab_size": vocab_size, "block_size": block_size,
+          "n_layer": 2, "n_head": 4, "n_embd": 32}
     if arch == "llama":
         kw.update(n_kv_head=2, bias=False, tie_embeddings=False, mlp_hidden=64)
     kw.update(over)

@@ -3,8 +3,15 @@ single prompts, sampling filters, seeds, stop strings and ids, limits, the CLI."
 import pytest
 import torch
 
-from fastlm.generate import (BatchDecoder, SamplingParams, TextStream, generate, load, main,
-                             next_tokens)
+from fastlm.generate import (
+    BatchDecoder,
+    SamplingParams,
+    TextStream,
+    generate,
+    load,
+    main,
+    next_tokens,
+)
 from fastlm.kv_cache import KVCache
 from fastlm.tokenizer import Tokenizer
 from tests.lm_fixtures import save_checkpoint, tiny_model
@@ -68,7 +75,7 @@ def test_padded_prefill_logits_match(arch):
 
 def test_same_seed_same_text_and_batch_independent():
     model, tok = tiny_model("llama"), Tokenizer.byte()
-    kw = dict(max_new_tokens=20, temperature=1.0, top_k=50, top_p=0.9, seed=123)
+    kw = {"max_new_tokens": 20, "temperature": 1.0, "top_k": 50, "top_p": 0.9, "seed": 123}
     a = generate(model, tok, "hello", **kw)
     assert generate(model, tok, "hello", **kw) == a
     assert generate(model, tok, "hello", **{**kw, "seed": 124}) != a

@@ -12,9 +12,9 @@ pytest.importorskip("fastapi", reason="the serve extra (fastapi, uvicorn) is not
 uvicorn = pytest.importorskip("uvicorn")
 httpx = pytest.importorskip("httpx")
 
-from fastlm.generate import generate, load  # noqa: E402
-from fastlm.serve import Limits, create_app  # noqa: E402
-from tests.lm_fixtures import save_checkpoint, tiny_model  # noqa: E402
+from fastlm.generate import generate, load
+from fastlm.serve import Limits, create_app
+from tests.lm_fixtures import save_checkpoint, tiny_model
 
 KEY = "test-key"
 

@@ -15,11 +15,11 @@ if not CHROMIUM:
     pytest.skip("no chromium executable (apt-get install chromium, or set FASTLM_CHROMIUM)",
                 allow_module_level=True)
 
-from fastlm.chat import STOP, format_chat  # noqa: E402
-from fastlm.generate import generate, load  # noqa: E402
-from fastlm.serve import Limits, create_app  # noqa: E402
-from tests.lm_fixtures import save_checkpoint, tiny_model  # noqa: E402
-from tests.test_serve import Server  # noqa: E402
+from fastlm.chat import STOP, format_chat
+from fastlm.generate import generate, load
+from fastlm.serve import Limits, create_app
+from tests.lm_fixtures import save_checkpoint, tiny_model
+from tests.test_serve import Server
 
 KEY = "web-key"
 
