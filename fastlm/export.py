@@ -1,6 +1,7 @@
 """Export to and import from Hugging Face transformers' layout (safetensors + config.json).
 
     python -m fastlm.export --checkpoint RUN_DIR --format hf --out DIR
+    python -m fastlm.export --checkpoint RUN_DIR --format gguf --out DIR  (fastlm.gguf_export)
     python -m fastlm.export --from-hf HF_DIR --out RUN_DIR     (a fastlm checkpoint to generate,
                                                                serve, evaluate or fine-tune)
     from fastlm.export import export_hf, import_hf
@@ -275,7 +276,9 @@ def main(argv: list[str] | None = None) -> int:
     src = ap.add_mutually_exclusive_group(required=True)
     src.add_argument("--checkpoint", help="fastlm checkpoint or run directory to export")
     src.add_argument("--from-hf", help="Hugging Face model directory to import")
-    ap.add_argument("--format", default="hf", choices=["hf"], help="export format")
+    ap.add_argument("--format", default="hf", choices=["hf", "gguf"], help="export format")
+    ap.add_argument("--gguf-dtype", default="f32", choices=["f32", "f16"],
+                    help="gguf: matrix precision (norms and biases stay f32)")
     ap.add_argument("--tokenizer", default=None, help="tokenizer JSON (default: found next to "
                     "the checkpoint, else bytes)")
     ap.add_argument("--block-size", type=int, default=None, help="import: cap the context")
@@ -285,6 +288,11 @@ def main(argv: list[str] | None = None) -> int:
         if args.checkpoint:
             from fastlm.generate import load
             lm = load(args.checkpoint, tokenizer=args.tokenizer)
+            if args.format == "gguf":
+                from fastlm.gguf_export import export_gguf
+                path = export_gguf(lm.model, args.out, lm.tokenizer, args.gguf_dtype, lm.name)
+                print(f"fastlm.export: {lm.name} -> {path} ({lm.model.config.arch})")
+                return 0
             export_hf(lm.model, args.out, lm.tokenizer)
             print(f"fastlm.export: {lm.name} -> {args.out} ({lm.model.config.arch}: "
                   f"{_hf_config(lm.model.config, None)['architectures'][0]})")
