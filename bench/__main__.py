@@ -135,6 +135,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "(default: all; keep torch for the speed-up column)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--budget", type=float, default=1.0, help="seconds of timed runs per row")
+    p.add_argument("--threads", type=int, default=None,
+                   help="CPU threads for every provider (torch.set_num_threads; recorded in the "
+                        "rows). On a shared machine 1 thread gives the steadiest ratios")
     p.add_argument("--json", default=None, help="where to write the rows")
     p.add_argument("--plot", default=None, metavar="DIR",
                    help="write PNG plots (time vs size per provider) into DIR (needs matplotlib)")
@@ -237,6 +240,11 @@ def main(argv=None) -> int:
     if argv and argv[0] in SUBCOMMANDS:
         return subcommand(argv[0], argv[1:])
     args = parse_args(argv)
+    if args.threads is not None:
+        if args.threads < 1:
+            print("--threads: must be >= 1", file=sys.stderr)
+            return 2
+        torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     rows = []
     for op in args.ops:
