@@ -9,8 +9,9 @@ directory (default runs/<timestamp>), written by rank 0 only, receives:
   config.toml     the resolved config; `--config RUN_DIR/config.toml` repeats the run
   tokenizer.json  the run's tokenizer (also copied into every checkpoint)
   metrics.jsonl   one JSON object per line: {"kind": "train", step, loss, lr, grad_norm,
-                  tokens_per_s, time_s, skipped} every log_interval steps and {"kind": "val",
-                  step, val_loss, val_bpb, time_s} at step 0, every eval.interval steps and the end
+                  tokens_per_s, mfu (GPU; null = unknown), time_s, skipped} every log_interval
+                  steps and {"kind": "val", step, val_loss, val_bpb, time_s} at step 0, every
+                  eval.interval steps and the end
   loss.png        train/val loss and lr (fastlm.plot; needs matplotlib)
   checkpoints/    fastlm.checkpoint directories (at the end, every checkpoint.interval, on
                   Ctrl-C / SIGTERM)
@@ -128,6 +129,18 @@ def checkpoint_blocks(model: GPT) -> None:
 
     for block in model.blocks:
         block.forward = functools.partial(recompute, block.forward, use_reentrant=False)
+
+
+def gpu_peak_flops(device: torch.device, precision: str) -> float | None:
+    """Dense 16-bit tensor-core peak of this GPU (fastlm.profile's table), the denominator of
+    MFU = tokens/s * flops_per_token / peak, where flops_per_token = 6 N + 12 L T C
+    (GPT.flops_per_token). None on CPUs and unknown GPUs: MFU is reported as unknown, never
+    against a guessed peak. fp32 runs are measured against the bf16 peak (what they forgo)."""
+    if device.type != "cuda":
+        return None
+    from fastlm.profile import peak_flops
+    return peak_flops(torch.cuda.get_device_name(device),
+                      "float16" if precision == "fp16" else "bfloat16")
 
 
 def precision_context(precision: str, device: torch.device):
@@ -324,6 +337,8 @@ def _train(cfg: Config, device: torch.device, dist: distributed.DistInfo) -> Tra
 
     T, B = cfg.seq_len, cfg.train.batch_size
     tokens_per_step = B * T * accum * dist.world_size
+    peak = gpu_peak_flops(device, cfg.train.precision)  # per GPU; None: MFU unknown
+    flops_per_token = raw_model.flops_per_token(T)
     val_batches = data.val_batches(cfg.eval.batches, B, T)
     log(f"fastlm.train: run directory {run_dir}")
     log(f"  data    {data.description}")
@@ -430,12 +445,15 @@ def _train(cfg: Config, device: torch.device, dist: distributed.DistInfo) -> Tra
                 train_loss = (loss_sum / loss_count).item()
                 elapsed = time.perf_counter() - t_interval
                 tok_s = interval_tokens / elapsed
+                mfu = (tok_s * flops_per_token / (peak * dist.world_size)) if peak else None
                 metrics.write(kind="train", step=step, loss=train_loss, lr=lr,
                               grad_norm=grad_norm.item(), tokens_per_s=round(tok_s, 1),
+                              mfu=None if mfu is None else round(mfu, 4),
                               time_s=round(time.perf_counter() - t_start, 3),
                               skipped=skipped_total)
                 bar.set_postfix(loss=f"{train_loss:.3f}", lr=f"{lr:.2e}",
                                 gnorm=f"{grad_norm.item():.2f}", tok_s=f"{tok_s:,.0f}",
+                                **({"mfu": f"{mfu:.1%}"} if mfu is not None else {}),
                                 refresh=False)
                 loss_sum.zero_()
                 loss_count, interval_tokens = 0, 0
