@@ -43,13 +43,20 @@ def corpus(tmp_path):
     return path
 
 
-@pytest.mark.parametrize("parallel, port", [
-    ("ddp", 29611), pytest.param("fsdp", 29612, marks=pytest.mark.slow)])
-def test_two_ranks_match_one_rank_at_the_same_global_batch(tmp_path, corpus, parallel, port):
+@pytest.mark.parametrize("parallel, per_rank, port", [
+    ("ddp", ["--train.batch_size=4"], 29611),
+    # 2 ranks x 2 micro-batches of 2 (DDP syncs only the last one: no_sync) = 1 rank x 8;
+    # validation takes eval.batches of batch_size x ranks windows: 4 x 4 = 2 x 8, the same ones
+    pytest.param("ddp", ["--train.batch_size=2", "--train.grad_accum=2", "--eval.batches=4"],
+                 29613,
+                 marks=pytest.mark.slow),
+    pytest.param("fsdp", ["--train.batch_size=4"], 29612, marks=pytest.mark.slow)])
+def test_two_ranks_match_one_rank_at_the_same_global_batch(tmp_path, corpus, parallel, per_rank,
+                                                           port):
     one, two = tmp_path / "one", tmp_path / "two"
     assert main([f"--data={corpus}", "--out", str(one), *ARGS, "--train.batch_size=8"]) == 0
-    proc = torchrun(tmp_path, 2, [f"--data={corpus}", "--out", str(two), *ARGS,
-                                  "--train.batch_size=4", f"--train.parallel={parallel}"], port)
+    proc = torchrun(tmp_path, 2, [f"--data={corpus}", "--out", str(two), *ARGS, *per_rank,
+                                  f"--train.parallel={parallel}"], port)
     assert f"{parallel} x 2 processes" in proc.stdout
     assert proc.stdout.count("fastlm.train: run directory") == 1  # rank 0 alone prints
     (t1, v1), (t2, v2) = read_metrics(one), read_metrics(two)

@@ -281,6 +281,7 @@ def test_plot_cli(tmp_path, corpus, capsys):
     assert "no such file" in capsys.readouterr().err
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert {"step", "loss", "lr", "tokens_per_s", "grad_norm"} <= set(rows[1])
+    assert rows[1]["mfu"] is None  # no GPU peak to measure against: unknown, not a guess
 
 
 def test_kill_9_then_resume_reproduces_the_uninterrupted_run(tmp_path, corpus):
