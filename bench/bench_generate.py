@@ -5,8 +5,8 @@ streaming throughput.
     python -m fastlm.bench.bench_generate [--preset gpt2-124m] [--batches 1,8] [--prompt 64]
         [--new 32] [--server-clients 16] [--json PATH]
 
-Weights are random (speed does not depend on them); both sides run greedy in float32 on the same
-device with the same thread count. Method, identical for both providers: time a generation of 1
+Weights are random (speed does not depend on them); both sides run greedy in the same --dtype on
+the same device with the same thread count, their runs interleaved. Method, identical for both providers: time a generation of 1
 new token (= prefill + one sampling step) and one of 1 + N new tokens, each the median of
 --repeats runs; prefill tokens/s = B * prompt / t(1), decode tokens/s = B * N / (t(1 + N) - t(1)).
 Subtracting t(1) leaves only the N cached decode steps. transformers runs with
@@ -34,14 +34,10 @@ from fastlm.generate import BatchDecoder, SamplingParams
 from fastlm.models.gpt import GPT
 
 
-def _median_s(fn, repeats: int) -> float:
-    fn()  # warm-up (allocator, first-call dispatch)
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+def _seconds(fn) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
 
 
 def fastlm_run(model: GPT, prompts: torch.Tensor, new: int):
@@ -63,14 +59,26 @@ def hf_run(hf, prompts: torch.Tensor, new: int):
     return run
 
 
-def measure(name: str, make, prompts: torch.Tensor, new: int, repeats: int) -> dict:
+def measure(makers: dict, prompts: torch.Tensor, new: int, repeats: int) -> list[dict]:
+    """One row per provider. The providers' runs are interleaved (A1 B1 AN BN, repeated) so a
+    load change on a shared machine hits every provider alike; the first round is warm-up."""
     B, P = prompts.shape
-    t1 = _median_s(make(prompts, 1), repeats)
-    tn = _median_s(make(prompts, 1 + new), repeats)
-    return {"provider": name, "batch": B, "prompt": P, "new_tokens": new,
-            "prefill_tokens_per_s": B * P / t1,
-            "decode_tokens_per_s": B * new / (tn - t1) if tn > t1 else float("nan"),  # noise
-            "t_first_s": t1, "t_total_s": tn}
+    runs = {name: (make(prompts, 1), make(prompts, 1 + new)) for name, make in makers.items()}
+    times: dict[str, tuple[list, list]] = {name: ([], []) for name in makers}
+    for r in range(repeats + 1):
+        for name, (first, total) in runs.items():
+            t1, tn = _seconds(first), _seconds(total)
+            if r:
+                times[name][0].append(t1)
+                times[name][1].append(tn)
+    rows = []
+    for name, (t1s, tns) in times.items():
+        t1, tn = statistics.median(t1s), statistics.median(tns)
+        rows.append({"provider": name, "batch": B, "prompt": P, "new_tokens": new,
+                     "prefill_tokens_per_s": B * P / t1,
+                     "decode_tokens_per_s": B * new / (tn - t1) if tn > t1 else float("nan"),
+                     "t_first_s": t1, "t_total_s": tn})
+    return rows
 
 
 def server_throughput(model: GPT, clients: int, new: int) -> dict:
@@ -128,6 +136,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--server-clients", type=int, default=16, help="0 = skip the server row")
     ap.add_argument("--no-hf", action="store_true", help="skip transformers")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+                    help="weights and activations of both providers")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
     ap.add_argument("--backend", default="", help="fastlm.ops backend spec for fastlm's rows, "
                     "e.g. attention=torch (default: the dispatch table)")
@@ -140,8 +150,10 @@ def main(argv: list[str] | None = None) -> int:
         ops.set_backend(args.backend)
     device = torch.device(args.device)
     torch.manual_seed(0)
+    dtype = getattr(torch, args.dtype)
     model = GPT(model_preset(args.preset)).eval().to(device)
-    env = {**utils.environment(device), "preset": args.preset, "fastlm_backend": args.backend}
+    env = {**utils.environment(device), "preset": args.preset, "fastlm_backend": args.backend,
+           "dtype": args.dtype}
     hf = None
     if not args.no_hf:
         try:
@@ -152,19 +164,19 @@ def main(argv: list[str] | None = None) -> int:
             with tempfile.TemporaryDirectory() as d:
                 export_hf(model, d)
                 hf = transformers.AutoModelForCausalLM.from_pretrained(
-                    d, local_files_only=True).eval().to(device)
+                    d, local_files_only=True).eval().to(device, dtype)
+    model.to(dtype)
     rows = []
     for B in (int(b) for b in args.batches.split(",")):
         prompts = torch.randint(0, model.config.vocab_size, (B, args.prompt))
-        row = measure("fastlm", lambda p, n: fastlm_run(model, p, n), prompts, args.new,
-                      args.repeats)
-        rows.append(row)
+        makers = {"fastlm": lambda p, n: fastlm_run(model, p, n)}
         if hf is not None:
-            peer = measure("transformers", lambda p, n: hf_run(hf, p.to(device), n), prompts,
-                           args.new, args.repeats)
-            row["decode_speedup_vs_transformers"] = (row["decode_tokens_per_s"]
-                                                     / peer["decode_tokens_per_s"])
-            rows.append(peer)
+            makers["transformers"] = lambda p, n: hf_run(hf, p.to(device), n)
+        pair = measure(makers, prompts, args.new, args.repeats)
+        if hf is not None:
+            pair[0]["decode_speedup_vs_transformers"] = (pair[0]["decode_tokens_per_s"]
+                                                         / pair[1]["decode_tokens_per_s"])
+        rows += pair
     for r in rows:
         extra = (f"  {r['decode_speedup_vs_transformers']:.2f}x transformers decode"
                  if "decode_speedup_vs_transformers" in r else "")

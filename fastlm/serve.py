@@ -16,6 +16,12 @@ while a batch runs wait for the next batch (dynamic batching, not continuous bat
 does not join a running batch). When the queue is full the server answers 429 with Retry-After.
 A client that disconnects has its row stopped at the next step.
 
+Limits: a prompt may fill the context but one position (block_size - 1 tokens, else 400
+context_length_exceeded); max_tokens at most --max-tokens (else 400 too_many_tokens); an answer
+that reaches the end of the context stops with finish_reason "length". Sampling fields:
+temperature, top_p, seed, stop (up to 4 strings), max_tokens / max_completion_tokens, and the
+extensions top_k, min_p, repetition_penalty; n must be 1; logprobs, echo, tools are refused.
+
 Errors are JSON in OpenAI's shape: {"error": {"message", "type", "param", "code"}}.
 """
 from __future__ import annotations
@@ -172,8 +178,9 @@ def _get(body: dict, name: str, types, default, check=None, rule: str = ""):
 def sampling_from_body(body: dict, limits: Limits, extra_stop: tuple[str, ...] = ()
                        ) -> SamplingParams:
     num = (int, float)
+    default = min(limits.max_tokens, 16 if extra_stop == () else 256)  # OpenAI's: 16 / open
     max_tokens = _get(body, "max_completion_tokens", int, None) or _get(
-        body, "max_tokens", int, 16 if extra_stop == () else 256, lambda v: v >= 1, "an integer >= 1")
+        body, "max_tokens", int, default, lambda v: v >= 1, "an integer >= 1")
     if max_tokens > limits.max_tokens:
         raise ApiError(400, f"'max_tokens' is {max_tokens}, more than this server's limit of "
                        f"{limits.max_tokens}", param="max_tokens", code="too_many_tokens")

@@ -166,3 +166,12 @@ def test_full_queue_is_429(lm):
         assert rejected.json()["error"]["code"] == "queue_full"
     finally:
         srv.stop()
+
+
+def test_defaults_within_limits(server):
+    r = post(server, "/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}],
+                                              "temperature": 0})
+    assert r.status_code == 200, r.text
+    assert 1 <= r.json()["usage"]["completion_tokens"] <= 64  # the server's cap, not 256
+    r = post(server, "/v1/completions", {"prompt": "x", "max_tokens": True})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "max_tokens"

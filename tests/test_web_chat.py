@@ -4,11 +4,13 @@ conversation, shows tokens/s and stops a generation. Skipped with a reason when 
 chromium is absent (FASTLM_CHROMIUM overrides where chromium is looked for)."""
 import os
 import shutil
+import time
 
 import pytest
 
 pytest.importorskip("fastapi", reason="the serve extra (fastapi, uvicorn) is not installed")
 sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed")
+httpx = pytest.importorskip("httpx")
 CHROMIUM = os.environ.get("FASTLM_CHROMIUM") or shutil.which("chromium") or shutil.which(
     "chromium-browser")
 if not CHROMIUM:
@@ -32,6 +34,16 @@ def setup(tmp_path_factory):
     srv = Server(create_app(lm, api_key=KEY, limits=Limits(max_tokens=200)))
     yield lm, srv
     srv.stop()
+
+
+def slow_down(model, seconds):
+    """Make each decode step take `seconds` more (the tiny model answers faster than a click)."""
+    fast = model.forward_cached
+
+    def slow(*args, **kwargs):
+        time.sleep(seconds)
+        return fast(*args, **kwargs)
+    model.forward_cached = slow
 
 
 def answer_text(page, i):
@@ -69,13 +81,19 @@ def test_chat_page(setup):
                      {"role": "user", "content": "and again"}]
             assert second == generate(lm.model, lm.tokenizer, format_chat(msgs),
                                       max_new_tokens=24, temperature=0, stop=STOP)
-            # stop: a long answer ends early and the page is ready for the next message
+            # stop: a long answer ends early, the server drops the row, the page is ready again
+            slow_down(lm.model, 0.05)  # 200 tokens would take 10 s
             page.fill("#max_tokens", "200")
             page.fill("#input", "tell me everything")
             page.click("#send")
-            page.wait_for_function("!document.getElementById('stop').disabled")
+            page.wait_for_function("document.querySelectorAll('.msg.assistant')[2]"
+                                   ".textContent.length > 0", timeout=20_000)
+            t0 = time.monotonic()
             page.click("#stop")
             answer_text(page, 2)
             assert not page.is_disabled("#send") and page.is_disabled("#stop")
+            while httpx.get(srv.url + "/health").json()["decoding"]:
+                assert time.monotonic() - t0 < 3, "the server kept decoding a stopped answer"
+                time.sleep(0.05)
         finally:
             browser.close()
