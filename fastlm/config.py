@@ -3,7 +3,8 @@
     python -m fastlm.train --config run.toml --model.preset=tiny-llama --optim.lr=1e-3
 
 Precedence, lowest first: the dataclass defaults below, the model preset (fastlm/configs/NAME.toml,
-chosen by model.preset from wherever it is set), the TOML file given with --config, then
+chosen by model.preset from wherever it is set; a preset holds a [model] table and may hold other
+sections, e.g. a recipe's [train] and [optim]), the TOML file given with --config, then
 `--section.key=value` on the command line. Every value is checked once, after merging: unknown
 sections or keys, wrong types, values out of range and unknown choices raise ConfigError with a
 message naming the key (`section.key`), where the value came from and what is allowed, so a run
@@ -336,7 +337,9 @@ def list_presets() -> list[str]:
     return sorted(p.name[:-5] for p in root.iterdir() if p.name.endswith(".toml"))
 
 
-def _preset_values(name: str) -> dict[str, Any]:
+def _preset_data(name: str) -> dict[str, Any]:
+    """The tables of preset `name`: a [model] table, and optionally other sections (a recipe
+    such as shakespeare_char_cpu also sets [train], [optim], ...)."""
     presets = list_presets()
     if name not in presets:
         raise ConfigError(f"model.preset: unknown preset '{name}'; presets are "
@@ -344,12 +347,29 @@ def _preset_values(name: str) -> dict[str, Any]:
     source = f"fastlm/configs/{name}.toml"
     text = (importlib.resources.files("fastlm") / "configs" / f"{name}.toml").read_text()
     data = _parse_toml(text, source)
-    if set(data) != {"model"}:
-        raise ConfigError(f"{source}: a preset holds exactly one [model] table, "
-                          f"found {sorted(data)}")
+    if not isinstance(data.get("model"), dict):
+        raise ConfigError(f"{source}: a preset needs a [model] table, found {sorted(data)}")
     if "preset" in data["model"]:
         raise ConfigError(f"{source}: a preset cannot name another preset")
-    return data["model"]
+    return data
+
+
+def _preset_values(name: str) -> dict[str, Any]:
+    return _preset_data(name)["model"]
+
+
+def _preset_sections(name: str) -> Raw:
+    """The preset's tables other than [model], checked like a --config file's."""
+    raw: Raw = {}
+    source = f"fastlm/configs/{name}.toml"
+    for section, table in _preset_data(name).items():
+        if section == "model":
+            continue
+        if not isinstance(table, dict):
+            raise ConfigError(f"{source}: '{section}' must be a [section] table of keys")
+        for key, value in table.items():
+            _add_raw(raw, section, key, value, source)
+    return raw
 
 
 def model_preset(name: str) -> ModelConfig:
@@ -431,6 +451,8 @@ def load_config(config_file: str | Path | None = None,
         cfg.model.preset = _convert("model.preset", value, str, source)
     if cfg.model.preset:
         cfg.model = model_preset(cfg.model.preset)
+        for section, values in _preset_sections(cfg.model.preset).items():
+            _apply(getattr(cfg, section), section, values)
     for section, values in raw.items():
         _apply(getattr(cfg, section), section, values)
     cfg.validate()

@@ -172,6 +172,17 @@ def test_presets_exist_and_have_published_shapes():
         assert 115e6 < GPT(llama).num_params() < 135e6
 
 
+def test_recipe_preset_sets_other_sections_below_the_command_line(tmp_path):
+    cfg = parse_args(["--model.preset=shakespeare_char_cpu", "--train.max_steps=7"])
+    assert (cfg.model.n_layer, cfg.model.block_size, cfg.model.bias) == (4, 64, False)
+    assert (cfg.train.batch_size, cfg.optim.lr, cfg.optim.betas) == (12, 1e-3, (0.9, 0.99))
+    assert cfg.train.max_steps == 7  # the command line wins
+    assert "train.batch_size" not in cfg.explicit  # preset values are not explicit settings
+    path = write(tmp_path, "[model]\npreset = \"shakespeare_char_cpu\"\n[eval]\ninterval = 5\n")
+    cfg = parse_args(["--config", path])
+    assert cfg.eval.interval == 5 and cfg.eval.batches == 20  # file over preset
+
+
 def test_model_preset_unknown_name():
     with pytest.raises(ConfigError, match="unknown preset 'gpt5'"):
         model_preset("gpt5")
