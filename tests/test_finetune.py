@@ -229,3 +229,18 @@ def test_sft_from_a_bpe_checkpoint_keeps_its_tokenizer(tmp_path):
     assert r.model.config.vocab_size == 270 + len(SPECIAL_TOKENS)
     assert r.tokenizer.tokens[:270] == tok.tokens  # the BPE vocabulary is kept, specials appended
     assert r.tokenizer.encode_ordinary("return a + b") == tok.encode_ordinary("return a + b")
+
+
+def test_demo_line_kinds_are_labelled_by_where_the_line_is():
+    import random
+
+    from fastlm.demo_tasks import _line_kinds
+    source = ('def area(radius):\n    """Compute the area of a circle of this radius.\n\n'
+              '    The radius is in metres and the result in square metres.\n    """\n'
+              '    # multiply by pi, the ratio of circumference to diameter\n'
+              '    return 3.14159 * radius * radius\n')
+    rows = _line_kinds(source, random.Random(0), per_kind=5)
+    got = {r["text"]: r["label"] for r in rows}
+    assert got == {"The radius is in metres and the result in square metres.": "docstring",
+                   "multiply by pi, the ratio of circumference to diameter": "comment",
+                   "return 3.14159 * radius * radius": "code"}
