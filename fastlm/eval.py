@@ -356,6 +356,7 @@ def parse(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--limit", type=int, default=0, help="use the first N task examples (0 = all)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--no-progress", action="store_true")
     args = p.parse_args(argv)
@@ -370,7 +371,7 @@ def evaluate_cli(args: argparse.Namespace) -> tuple[dict, Restored]:
     results: dict = {"checkpoint": str(restored.path), "step": restored.step}
     t0 = time.perf_counter()
     if args.task:
-        examples = read_jsonl(args.task, args.task_type)
+        examples = read_jsonl(args.task, args.task_type)[:args.limit or None]
         results.update(task=args.task, task_type=args.task_type)
         if args.task_type == "classify":
             if restored.task != "classify":
