@@ -111,7 +111,7 @@ setup(
     packages=["fastlm", "fastlm.models", "fastlm.tokenizer", "fastlm.data", "fastlm.kernels",
               "fastlm.bench"],
     package_dir={"fastlm.kernels": "kernels", "fastlm.bench": "bench"},
-    package_data={"fastlm": ["configs/*.toml"]},
+    package_data={"fastlm": ["configs/*.toml", "web/*.html"]},
     ext_modules=ext_modules,
     cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
 )
