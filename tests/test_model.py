@@ -7,6 +7,7 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 import fastlm.ops
 from fastlm.config import model_preset
@@ -34,8 +35,14 @@ def test_forward_shapes(arch, kw, T):
     idx = torch.randint(0, 256, (3, T))
     logits, loss = model(idx)
     assert logits.shape == (3, T, 256) and loss is None
-    logits, loss = model(idx, torch.randint(0, 256, (3, T)))
+    targets = torch.randint(0, 256, (3, T))
+    no_logits, loss = model(idx, targets)
+    assert no_logits is None  # training never materialises (B, T, V) logits (linear_cross_entropy)
     assert loss.shape == () and torch.isfinite(loss)
+    full, full_loss = model(idx, targets, return_logits=True)
+    torch.testing.assert_close(full, logits)
+    torch.testing.assert_close(loss, full_loss)
+    torch.testing.assert_close(loss, F.cross_entropy(logits.reshape(-1, 256), targets.reshape(-1)))
     # At init the predictions are near uniform: loss ~ ln(V).
     assert abs(loss.item() - math.log(256)) < 0.5
     last, _ = model(idx, last_only=True)
