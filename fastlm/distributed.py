@@ -85,8 +85,29 @@ def all_reduce_mean(t: torch.Tensor, info: DistInfo) -> torch.Tensor:
     return t
 
 
+def _param_names(model: nn.Module, optimizer: torch.optim.Optimizer) -> list[str]:
+    """Names of the optimizer's parameters in its own order (the numbering of a plain
+    optimizer state dict)."""
+    for module in model.modules():  # FSDP2 leaves the root unsharded after a forward
+        if hasattr(module, "reshard"):  # without backward (eval): the optimizer holds shards
+            module.reshard()
+    names = {id(p): n for n, p in model.named_parameters()}
+    return [names[id(p)] for g in optimizer.param_groups for p in g["params"]]
+
+
+def _renumber(osd: dict, keys: dict) -> dict:
+    """An optimizer state dict with its parameter keys mapped through `keys`."""
+    if not osd:  # full_state_dict + cpu_offload: ranks other than 0 receive nothing
+        return osd
+    return {"state": {keys[k]: v for k, v in osd["state"].items()},
+            "param_groups": [{**g, "params": [keys[k] for k in g["params"]]}
+                             for g in osd["param_groups"]]}
+
+
 def full_state(model: nn.Module, optimizer: torch.optim.Optimizer, sharded: bool):
-    """(model state, optimizer state) as full tensors on CPU; a collective under FSDP."""
+    """(model state, optimizer state) as full tensors on CPU; a collective under FSDP. The
+    optimizer state is numbered like a plain optimizer's (torch's get_optimizer_state_dict
+    keys it by parameter name), so checkpoints do not depend on FSDP."""
     if not sharded:
         return None, optimizer.state_dict()
     from torch.distributed.checkpoint.state_dict import (
@@ -95,21 +116,24 @@ def full_state(model: nn.Module, optimizer: torch.optim.Optimizer, sharded: bool
         get_optimizer_state_dict,
     )
     opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    index = {name: i for i, name in enumerate(_param_names(model, optimizer))}
     return (get_model_state_dict(model, options=opts),
-            get_optimizer_state_dict(model, optimizer, options=opts))
+            _renumber(get_optimizer_state_dict(model, optimizer, options=opts), index))
 
 
 def load_full_state(model: nn.Module, optimizer: torch.optim.Optimizer, model_sd: dict,
                     optim_sd: dict) -> None:
-    """Load full (unsharded) state into an FSDP2 model and its optimizer on every rank."""
+    """Load full (unsharded) state, as full_state returns it, into an FSDP2 model and its
+    optimizer on every rank (each keeps its shards)."""
     from torch.distributed.checkpoint.state_dict import (
         StateDictOptions,
         set_model_state_dict,
         set_optimizer_state_dict,
     )
     opts = StateDictOptions(full_state_dict=True)
+    names = dict(enumerate(_param_names(model, optimizer)))
     set_model_state_dict(model, model_sd, options=opts)
-    set_optimizer_state_dict(model, optimizer, optim_sd, options=opts)
+    set_optimizer_state_dict(model, optimizer, _renumber(optim_sd, names), options=opts)
 
 
 def barrier(info: DistInfo) -> None:

@@ -414,8 +414,13 @@ def _train(cfg: Config, device: torch.device, dist: distributed.DistInfo) -> Tra
             if hasattr(grad_norm, "full_tensor"):  # FSDP2: a DTensor of the global norm
                 grad_norm = grad_norm.full_tensor()
             distributed.all_reduce_mean(step_loss, dist)
-            finite = bool(torch.isfinite(step_loss) & torch.isfinite(grad_norm))
-            if finite or scaler.is_enabled():  # fp16: the scaler skips inf steps itself
+            if scaler.is_enabled():
+                # fp16: inf gradients are how the scaler finds its scale (it skips those steps
+                # and halves the scale), so only a non-finite loss counts as a bad step here.
+                finite = bool(torch.isfinite(step_loss))
+            else:
+                finite = bool(torch.isfinite(step_loss) & torch.isfinite(grad_norm))
+            if finite or scaler.is_enabled():
                 scaler.step(optimizer)
             scaler.update()
             optimizer.zero_grad(set_to_none=True)

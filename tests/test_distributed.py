@@ -75,13 +75,21 @@ def test_two_ranks_match_one_rank_at_the_same_global_batch(tmp_path, corpus, par
     assert main([f"--data={corpus}", "--out", str(resumed), *ARGS[:-3], "--train.max_steps=8",
                  "--eval.interval=4", "--train.batch_size=8", "--resume"]) == 0
     assert checkpoint.load(resumed).step == 8
-    if parallel == "fsdp":  # and resumes sharded: the full state is loaded into the shards
+    if parallel == "fsdp":  # a 1-process checkpoint resumes sharded (full state -> shards)
         again = tmp_path / "again"
-        shutil.copytree(two, again)
+        shutil.copytree(one, again)
         torchrun(tmp_path, 2, [f"--data={corpus}", "--out", str(again), *ARGS[:-3],
                                "--train.max_steps=8", "--eval.interval=4",
                                "--train.batch_size=4", "--train.parallel=fsdp", "--resume"], port)
+        after = lambda run: [r for r in read_metrics(run)[0] + read_metrics(run)[1]
+                             if r["step"] > 6]
+        for a, b in zip(after(resumed), after(again), strict=True):
+            key = "loss" if "loss" in a else "val_loss"
+            assert b[key] == pytest.approx(a[key], rel=1e-5), (a, b)
         wa = load_file(checkpoint.load(resumed).path / "model.safetensors")
         wb = load_file(checkpoint.load(again).path / "model.safetensors")
         for name in wa:
-            torch.testing.assert_close(wb[name], wa[name], rtol=1e-4, atol=1e-5, msg=name)
+            # atol 1e-4, not 1e-5: the key bias's gradient is exactly zero in exact arithmetic
+            # (softmax ignores a per-query constant), so it is rounding noise that Adam turns
+            # into lr-sized steps; the runs' noise differs slightly (measured: 1e-5)
+            torch.testing.assert_close(wb[name], wa[name], rtol=1e-4, atol=1e-4, msg=name)
