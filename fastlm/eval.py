@@ -334,7 +334,8 @@ def run_validation_text(restored: Restored, max_bytes: int) -> tuple[str, str]:
 
 
 def print_table(results: dict) -> None:
-    rows = [(k, v) for k, v in results.items() if not isinstance(v, (dict, list))]
+    rows = [(k, v) for k, v in results.items()
+            if not isinstance(v, (dict, list)) and not k.endswith("_signature")]
     width = max(len(k) for k, _ in rows)
     for k, v in rows:
         shown = f"{v:.4f}" if isinstance(v, float) else str(v)
