@@ -204,6 +204,16 @@ def test_single_file_splits_by_tail(corpus):
     assert bytes(data.val.tolist()) == raw[len(data.train):]
 
 
+@pytest.mark.parametrize("name", ["tinyshakespeare.txt", "input.txt"])
+def test_single_file_whose_name_hashes_into_validation_still_trains(tmp_path, name):
+    """These names hash below val_fraction; a one-file corpus must still split by its tail."""
+    path = tmp_path / name
+    path.write_text("To be, or not to be, that is the question.\n" * 200)
+    data = load_text(str(path), val_fraction=0.1)
+    assert len(data.train) > 0 and len(data.val) > 0
+    assert len(data.train) + len(data.val) == path.stat().st_size
+
+
 # ---------------------------------------------------------------------------------------------
 # Checkpoint files
 def _save(run_dir, step, val_loss, keep_last=2):

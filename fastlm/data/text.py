@@ -144,7 +144,7 @@ def load_text(path: str = "", max_bytes: int = 0, val_fraction: float = 0.1,
     root, files = expand_paths(path) if path else stdlib_files()
     name = path or f"Python {sysconfig.get_python_version()} standard library ({root})"
     train_files, val_files = split_files(root, files, val_fraction)
-    if not val_files:  # one file: the tail is the validation text
+    if len(files) == 1 or not val_files:  # one file (or none held out): its tail is validation
         data = _read(files, 0)
         cut = int(len(data) * (1 - val_fraction))
         train_bytes, val_bytes = data[:cut][:max_bytes or None], data[cut:]
