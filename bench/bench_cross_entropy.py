@@ -44,26 +44,15 @@ def providers(device: torch.device) -> list[utils.Provider]:
     out = [utils.Provider("torch", eager), utils.Provider("torch-compile", utils.compiled(eager))]
     out += utils.fastlm_providers(
         OP, device, lambda backend: lambda x, t: ops.cross_entropy(x, t, backend=backend))
-    out.append(_liger(device))
+    out.append(utils.liger_provider(device, _liger))
     return out
 
 
-def _liger(device) -> utils.Provider:
-    try:
-        from liger_kernel.transformers.functional import liger_cross_entropy
-    except ImportError:
-        return utils.Provider("liger", None, "liger-kernel not installed")
-    if device.type != "cuda":
-        return utils.Provider("liger", None, "Liger-Kernel runs on GPUs only")
-    return utils.Provider("liger", lambda x, t: liger_cross_entropy(x, t))
+def _liger():
+    from liger_kernel.transformers.functional import liger_cross_entropy
+
+    return liger_cross_entropy
 
 
 def run(args) -> list[dict]:
-    device = torch.device(args.device)
-    rows = []
-    for shape in SHAPES[args.sizes]:
-        for dtype in args.dtypes:
-            case = make_case(shape, dtype, device)
-            rows += utils.bench_kernel(OP, case, providers(device), args.modes, device,
-                                       budget_s=args.budget)
-    return rows
+    return utils.run_grid(OP, args, SHAPES[args.sizes], make_case, providers)

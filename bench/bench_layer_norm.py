@@ -42,27 +42,15 @@ def providers(device: torch.device) -> list[utils.Provider]:
     out = [utils.Provider("torch", eager), utils.Provider("torch-compile", utils.compiled(eager))]
     out += utils.fastlm_providers(
         OP, device, lambda backend: lambda x, w, b: ops.layer_norm(x, w, b, 1e-5, backend=backend))
-    out.append(_liger(device))
+    out.append(utils.liger_provider(device, _liger))
     return out
 
 
-def _liger(device) -> utils.Provider:
-    try:
-        from liger_kernel.ops.layer_norm import LigerLayerNormFunction
-    except ImportError:
-        return utils.Provider("liger", None, "liger-kernel not installed")
-    if device.type != "cuda":
-        return utils.Provider("liger", None, "Liger-Kernel runs on GPUs only")
-    return utils.Provider(
-        "liger", lambda x, w, b: LigerLayerNormFunction.apply(x, w.to(x.dtype), b.to(x.dtype), 1e-5))
+def _liger():
+    from liger_kernel.ops.layer_norm import LigerLayerNormFunction
+
+    return lambda x, w, b: LigerLayerNormFunction.apply(x, w.to(x.dtype), b.to(x.dtype), 1e-5)
 
 
 def run(args) -> list[dict]:
-    device = torch.device(args.device)
-    rows = []
-    for shape in SHAPES[args.sizes]:
-        for dtype in args.dtypes:
-            case = make_case(shape, dtype, device)
-            rows += utils.bench_kernel(OP, case, providers(device), args.modes, device,
-                                       budget_s=args.budget)
-    return rows
+    return utils.run_grid(OP, args, SHAPES[args.sizes], make_case, providers)

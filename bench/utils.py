@@ -387,3 +387,24 @@ def fastlm_providers(op: str, device: torch.device, call: Callable[[str], Callab
 def compiled(fn: Callable) -> Callable:
     """torch.compile of a peer's eager function (compile time falls in the warm-up)."""
     return torch.compile(fn, dynamic=False)
+
+
+def liger_provider(device: torch.device, load: Callable[[], Callable]) -> Provider:
+    """Liger-Kernel as a peer: load() imports it and returns the function to time."""
+    if device.type != "cuda":
+        return Provider("liger", None, "Liger-Kernel runs on GPUs only")
+    try:
+        return Provider("liger", load())
+    except ImportError:
+        return Provider("liger", None, "liger-kernel not installed")
+
+
+def run_grid(op: str, args, shapes, make_case: Callable, providers: Callable) -> list[dict]:
+    """bench_kernel over every shape x dtype of a kernel bench (its module's run(args))."""
+    device = torch.device(args.device)
+    rows = []
+    for shape in shapes:
+        for dtype in args.dtypes:
+            rows += bench_kernel(op, make_case(shape, dtype, device), providers(device), args.modes,
+                                 device, budget_s=args.budget)
+    return rows
