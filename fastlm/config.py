@@ -43,11 +43,13 @@ def _f(default: Any, help: str, **checks: Any) -> Any:
 # Sections
 @dataclass
 class ModelConfig:
-    """Shape and flavour of the decoder-only transformer (fastlm.models.gpt.GPT)."""
+    """Architecture and shape of the model (fastlm.models: `arch` picks the registered class;
+    keys that only one family reads say so in their help)."""
     preset: str = _f("tiny", "named preset from fastlm/configs/NAME.toml ('' = none); "
                              "other model.* keys apply on top of it")
-    arch: str = _f("gpt2", "gpt2: learned positions, LayerNorm, GELU; llama: RoPE, RMSNorm, "
-                           "SwiGLU, grouped-query attention", choices=("gpt2", "llama"))
+    arch: str = _f("gpt2", "model family (python -m fastlm.train --help lists them): gpt2 "
+                           "(learned positions, LayerNorm, GELU), llama (RoPE, RMSNorm, SwiGLU, "
+                           "GQA), bert, lstm, gru, gcnn")
     vocab_size: int = _f(50257, "number of token ids", min=1)
     block_size: int = _f(1024, "longest context (positions) the model supports", min=1)
     n_layer: int = _f(12, "transformer blocks", min=1)
@@ -61,6 +63,11 @@ class ModelConfig:
     dropout: float = _f(0.0, "dropout on embeddings and residual branches", min=0.0, max=0.99)
     norm_eps: float = _f(1e-5, "epsilon of LayerNorm/RMSNorm", gt=0.0)
     rope_theta: float = _f(10000.0, "RoPE base frequency (llama flavour)", gt=0.0)
+    mlm_probability: float = _f(0.15, "bert: share of tokens the masked-LM objective predicts "
+                                      "(of those: 80% [MASK], 10% random, 10% kept)",
+                                gt=0.0, max=1.0)
+    type_vocab_size: int = _f(2, "bert: number of token-type (segment) ids", min=1)
+    conv_kernel: int = _f(4, "gcnn: width of each causal convolution", min=1)
 
     @property
     def kv_heads(self) -> int:
@@ -81,15 +88,10 @@ class ModelConfig:
 
     def validate(self) -> None:
         _check_fields("model", self)
-        if self.n_embd % self.n_head:
-            raise ConfigError(f"model.n_embd ({self.n_embd}) must be divisible by model.n_head "
-                              f"({self.n_head})")
-        if self.n_head % self.kv_heads:
-            raise ConfigError(f"model.n_head ({self.n_head}) must be divisible by "
-                              f"model.n_kv_head ({self.n_kv_head})")
-        if self.arch == "llama" and self.head_dim % 2:
-            raise ConfigError(f"model: RoPE needs an even head size, but n_embd/n_head = "
-                              f"{self.n_embd}/{self.n_head} = {self.head_dim}")
+        from fastlm.models import registry  # late: the models import this module
+        check = getattr(registry.get(self.arch).cls, "check_config", None)
+        if check is not None:
+            check(self)
 
 
 @dataclass

@@ -70,7 +70,7 @@ def wrap(model: nn.Module, info: DistInfo, kind: str, device: torch.device) -> n
         return DDP(model, device_ids=ids)
     if kind == "fsdp":
         from torch.distributed.fsdp import fully_shard
-        for block in model.blocks:
+        for block in model.checkpoint_units():  # the repeated blocks, one shard unit each
             fully_shard(block)
         fully_shard(model)  # the embeddings, final norm and head, and the root's collectives
         return model

@@ -83,12 +83,12 @@ def peak_flops(device_name: str, dtype) -> float | None:
 def flops_per_token(model_config: ModelConfig, seq_len: int) -> float:
     """Training FLOPs (forward + backward) per token at this sequence length: 6 N + 12 L T C,
     computed by GPT.flops_per_token on a meta-device model (no memory, exact parameter count)."""
-    from fastlm.models.gpt import GPT
+    from fastlm import models
 
     if seq_len < 1:
         raise ValueError(f"flops_per_token: seq_len must be >= 1, got {seq_len}")
     with torch.device("meta"):
-        model = GPT(model_config)
+        model = models.build(model_config)
     return float(model.flops_per_token(seq_len))
 
 
@@ -169,7 +169,7 @@ def profile(preset: str, steps: int = 10, warmup: int = 3, batch: int | None = N
             profile_steps: int = 2, seed: int = 0, log=print) -> dict:
     """Run the measurement and return the report (the JSON written by the CLI)."""
     from fastlm.bench import utils
-    from fastlm.models.gpt import GPT
+    from fastlm import models
     from fastlm.optim import AdamW, param_groups
 
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -190,7 +190,7 @@ def profile(preset: str, steps: int = 10, warmup: int = 3, batch: int | None = N
     notes = []
 
     torch.manual_seed(seed)
-    model = GPT(cfg).to(dev, torch_dtype)  # RoPE tables stay float32 (see Rotary._apply)
+    model = models.build(cfg).to(dev, torch_dtype)  # RoPE tables stay float32 (see Rotary._apply)
     optimizer = AdamW(param_groups(model, 0.1), lr=1e-4, betas=(0.9, 0.95))
     runner = torch.compile(model) if compile else model
     gen = torch.Generator().manual_seed(seed)

@@ -24,7 +24,7 @@ from fastlm import checkpoint
 from fastlm.checkpoint import CheckpointError
 from fastlm.classifier import Classifier
 from fastlm.config import ConfigError, ModelConfig, load_config
-from fastlm.models.gpt import GPT
+from fastlm import models
 from fastlm.tokenizer import Tokenizer
 
 
@@ -93,7 +93,7 @@ def restore(path: str | Path, device: str | torch.device = "cpu") -> Restored:
     config = ckpt.manifest.get("config", {})
     if "model" not in config:
         raise CheckpointError(f"{where}: no model config in the manifest")
-    gpt = GPT(model_config(config["model"], where))
+    gpt = models.build(model_config(config["model"], where))
     tokenizer = tokenizer_for(config, ckpt.path)
     if tokenizer.vocab_size > gpt.config.vocab_size:
         raise CheckpointError(f"{where}: the tokenizer has {tokenizer.vocab_size} ids but "

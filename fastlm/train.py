@@ -42,11 +42,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from torch.utils._pytree import tree_map
 from tqdm import tqdm
 
-from fastlm import checkpoint, distributed, ops
+from fastlm import checkpoint, distributed, models, ops
 from fastlm.config import Config, ConfigError, parse_args, to_dict, to_toml
-from fastlm.models.gpt import GPT
+from fastlm.models import LanguageModel
 from fastlm.optim import build_optimizer
 from fastlm.schedule import lr_at as schedule_lr
 from fastlm.train_data import DataError, load_data
@@ -122,12 +123,16 @@ def resolve_vocab(cfg: Config, vocab: int) -> None:
         cfg.model.vocab_size = vocab
 
 
-def checkpoint_blocks(model: GPT) -> None:
+def checkpoint_blocks(model: LanguageModel) -> None:
     """Activation checkpointing: each block recomputes its activations in the backward. The
     forward is wrapped per instance, so parameter names and checkpoints do not change."""
     from torch.utils.checkpoint import checkpoint as recompute
 
-    for block in model.blocks:
+    units = model.checkpoint_units()
+    if not units:
+        raise SetupError(f"train.activation_checkpointing: model.arch={model.config.arch} has "
+                         "no repeated blocks to recompute; leave it off")
+    for block in units:
         block.forward = functools.partial(recompute, block.forward, use_reentrant=False)
 
 
@@ -290,7 +295,7 @@ def _train(cfg: Config, device: torch.device, dist: distributed.DistInfo) -> Tra
     torch.manual_seed(cfg.train.seed)
     random.seed(cfg.train.seed)
     np.random.seed(cfg.train.seed)
-    raw_model = GPT(cfg.model).to(device)
+    raw_model = models.build(cfg.model).to(device)
     if cfg.train.activation_checkpointing:
         checkpoint_blocks(raw_model)
     fsdp = dist.enabled and cfg.train.parallel == "fsdp"
@@ -339,7 +344,15 @@ def _train(cfg: Config, device: torch.device, dist: distributed.DistInfo) -> Tra
     tokens_per_step = B * T * accum * dist.world_size
     peak = gpu_peak_flops(device, cfg.train.precision)  # per GPU; None: MFU unknown
     flops_per_token = raw_model.flops_per_token(T)
-    val_batches = data.val_batches(cfg.eval.batches, B, T)
+    # Fixed for the whole run (a masked objective draws its masks once, from the seed), so every
+    # evaluation scores the same tokens.
+    val_gen = torch.Generator().manual_seed(cfg.train.seed + 1)
+    val_batches = [raw_model.make_batch(x, y, val_gen)
+                   for x, y in data.val_batches(cfg.eval.batches, B, T)]
+    recurrent = raw_model.recurrent
+    if recurrent and not hasattr(data, "stream_batch"):
+        raise SetupError(f"model.arch={cfg.model.arch} trains on contiguous streams, which this "
+                         f"data source ({data.description}) does not provide")
     log(f"fastlm.train: run directory {run_dir}")
     log(f"  data    {data.description}")
     log(f"  tokens  {tok_spec.name}, vocab {data.vocab_size}, "
@@ -355,7 +368,7 @@ def _train(cfg: Config, device: torch.device, dist: distributed.DistInfo) -> Tra
         f"({B} x {T} x {accum}" + (f" x {dist.world_size})" if dist.enabled else ")"),
         flush=True)
 
-    cpu_copy: list[GPT] = []  # FSDP: rank 0's unsharded model for writing checkpoints
+    cpu_copy: list[LanguageModel] = []  # FSDP: rank 0's unsharded model for writing checkpoints
 
     def save_checkpoint(val_loss: float | None) -> Path | None:
         model_sd, optim_sd = distributed.full_state(raw_model, optimizer, fsdp)  # collective
@@ -363,9 +376,10 @@ def _train(cfg: Config, device: torch.device, dist: distributed.DistInfo) -> Tra
         if main_rank:
             if fsdp:  # the gathered weights into a plain CPU model: the same file as DDP writes
                 if not cpu_copy:
-                    cpu_copy.append(GPT(cfg.model))
+                    cpu_copy.append(models.build(cfg.model))
                 cpu_copy[0].load_state_dict(model_sd)
             state = {"step": step, "data_rng": data_gen.get_state(),  # next random windows
+                     **({"carry": carry} if recurrent else {}),  # TBPTT hidden state
                      "data": data.state_dict(), "tokenizer": tok_spec.tok.hash(),
                      "skipped_steps": skipped_total, **rng_state(device)}
             path = checkpoint.save(run_dir, step, cpu_copy[0] if fsdp else raw_model, optim_sd,
@@ -391,6 +405,9 @@ def _train(cfg: Config, device: torch.device, dist: distributed.DistInfo) -> Tra
     bar = tqdm(total=cfg.train.max_steps, initial=step, unit="step", dynamic_ncols=True,
                mininterval=1.0, disable=not (cfg.train.progress and main_rank), file=sys.stderr)
     loss_sum, loss_count = torch.zeros((), device=device), 0
+    carry = None  # recurrent models: the hidden state carried from one batch to the next
+    if recurrent and resume is not None and state.get("carry") is not None:
+        carry = tree_map(lambda t: t.to(device), state["carry"])
     t_interval, interval_tokens = time.perf_counter(), 0
     with StopFlag() as stop:
         while step < cfg.train.max_steps:
@@ -399,13 +416,21 @@ def _train(cfg: Config, device: torch.device, dist: distributed.DistInfo) -> Tra
                 group["lr"] = lr
             step_loss = torch.zeros((), device=device)
             for micro in range(accum):
-                x, y = data.train_batch(B, T, data_gen)
+                if recurrent:  # each row continues its own stream where the last batch ended
+                    x, y = data.stream_batch(B, T)
+                else:
+                    x, y = data.train_batch(B, T, data_gen)
+                x, y = raw_model.make_batch(x, y, data_gen)  # the model's objective
                 x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
                 sync = micro == accum - 1 or not dist.enabled or fsdp
                 with (model.no_sync() if not sync and hasattr(model, "no_sync")
                       else contextlib.nullcontext()):
                     with autocast():
-                        _, loss = model(x, y)
+                        if recurrent:  # truncated BPTT: the state carries, its graph does not
+                            _, loss, carry = model(x, y, state=carry, return_state=True)
+                            carry = tree_map(torch.Tensor.detach, carry)
+                        else:
+                            _, loss = model(x, y)
                     scaler.scale(loss / accum).backward()
                 step_loss += loss.detach().float() / accum
             scaler.unscale_(optimizer)
@@ -485,7 +510,8 @@ def _train(cfg: Config, device: torch.device, dist: distributed.DistInfo) -> Tra
     if main_rank:
         _write_plot(run_dir)
 
-    if cfg.sample.tokens and not interrupted and main_rank and not fsdp:
+    if (cfg.sample.tokens and not interrupted and main_rank and not fsdp
+            and raw_model.objective == "causal"):
         sample = generate_sample(raw_model, data, cfg, device)
         (run_dir / "sample.txt").write_text(sample)
         print(f"--- sample ({cfg.sample.tokens} tokens, temperature {cfg.sample.temperature}) "
@@ -502,7 +528,7 @@ def _write_plot(run_dir: Path) -> None:
         print(f"  plot    skipped: {exc}")
 
 
-def generate_sample(model: GPT, data, cfg: Config, device: torch.device) -> str:
+def generate_sample(model: LanguageModel, data, cfg: Config, device: torch.device) -> str:
     prompt = data.encode(cfg.sample.prompt) or [0]
     idx = torch.tensor([prompt], dtype=torch.long, device=device)  # (1, T0)
     gen = torch.Generator(device=device).manual_seed(cfg.train.seed)

@@ -95,7 +95,7 @@ def test_empty_preset_uses_dataclass_defaults():
     (["--model.dropout=1.5"], "model.dropout: must be <= 0.99, got 1.5"),
     (["--optim.betas=0.9,1.5"], "optim.betas: must be <= 0.999999, got 1.5"),
     # unknown choices
-    (["--model.arch=gpt3"], "model.arch: must be one of gpt2, llama; got 'gpt3'"),
+    (["--model.arch=gpt3"], "model.arch: must be one of gpt2, llama.*; got 'gpt3'"),
     (["--optim.schedule=exp"], "optim.schedule: must be one of cosine, linear, constant, wsd"),
     (["--model.preset=huge"], "model.preset: unknown preset 'huge'; presets are .*tiny-llama"),
     (["--train.device=tpu"], "train.device: must be auto, cpu, cuda, cuda:N or mps; got 'tpu'"),

@@ -1,4 +1,11 @@
-"""Models: fastlm.models.gpt.GPT (GPT-2 and Llama flavours); later bert.py, rnn.py, cnn.py."""
-from fastlm.models.gpt import GPT
+"""Model architectures, chosen by `model.arch` (fastlm.models.registry):
 
-__all__ = ["GPT"]
+  gpt2, llama   decoder-only transformers (gpt.py)
+
+Every model is a fastlm.models.base.LanguageModel; the trainer only uses that interface.
+"""
+from fastlm.models.base import LanguageModel
+from fastlm.models.registry import available, build, register
+from fastlm.models.gpt import GPT  # registers gpt2, llama
+
+__all__ = ["GPT", "LanguageModel", "available", "build", "register"]

@@ -20,7 +20,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from fastlm import ops
-from fastlm.config import ModelConfig
+from fastlm.config import ConfigError, ModelConfig
+from fastlm.models.base import LanguageModel
+from fastlm.models.registry import register
 
 
 class LayerNorm(nn.Module):
@@ -182,13 +184,25 @@ class Block(nn.Module):
         return x + self.mlp(self.norm2(x))
 
 
-class GPT(nn.Module):
+@register("llama", summary="Llama: RoPE, RMSNorm, SwiGLU MLP, grouped-query attention")
+@register("gpt2", summary="GPT-2: learned positions, LayerNorm, GELU MLP")
+class GPT(LanguageModel):
     """The language model: token ids (B, T) -> next-token logits (B, T, V) and the loss."""
 
+    @classmethod
+    def check_config(cls, cfg: ModelConfig) -> None:
+        if cfg.n_embd % cfg.n_head:
+            raise ConfigError(f"model.n_embd ({cfg.n_embd}) must be divisible by model.n_head "
+                              f"({cfg.n_head})")
+        if cfg.n_head % cfg.kv_heads:
+            raise ConfigError(f"model.n_head ({cfg.n_head}) must be divisible by "
+                              f"model.n_kv_head ({cfg.n_kv_head})")
+        if cfg.arch == "llama" and cfg.head_dim % 2:
+            raise ConfigError(f"model: RoPE needs an even head size, but n_embd/n_head = "
+                              f"{cfg.n_embd}/{cfg.n_head} = {cfg.head_dim}")
+
     def __init__(self, config: ModelConfig):
-        super().__init__()
-        config.validate()
-        self.config = config
+        super().__init__(config)
         self.wte = nn.Embedding(config.vocab_size, config.n_embd)
         self.wpe = (nn.Embedding(config.block_size, config.n_embd)
                     if config.arch == "gpt2" else None)
@@ -272,28 +286,6 @@ class GPT(nn.Module):
             with torch.autocast(dev, enabled=False):  # its inner matmuls keep that dtype
                 loss = ops.linear_cross_entropy(h, w, targets.reshape(-1))
         return logits, loss
-
-    @torch.no_grad()
-    def generate(self, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
-                 top_k: int = 0, generator: torch.Generator | None = None) -> torch.Tensor:
-        """Sample max_new_tokens continuing idx (B, T0) -> (B, T0 + max_new_tokens).
-
-        No KV cache: each step runs the last block_size tokens again (fine for the short
-        samples training prints; fastlm.generate is the place for fast decoding).
-        """
-        if temperature <= 0:
-            raise ValueError(f"GPT.generate: temperature must be > 0, got {temperature}")
-        for _ in range(max_new_tokens):
-            context = idx[:, -self.config.block_size:]  # (B, <=block_size)
-            logits, _ = self(context, last_only=True)
-            logits = logits[:, -1].float() / temperature  # (B, V)
-            if top_k:
-                kth = torch.topk(logits, min(top_k, logits.shape[-1])).values[:, -1:]  # (B, 1)
-                logits = logits.masked_fill(logits < kth, float("-inf"))
-            probs = torch.softmax(logits, dim=-1)
-            nxt = torch.multinomial(probs, 1, generator=generator)  # (B, 1)
-            idx = torch.cat((idx, nxt), dim=1)
-        return idx
 
     def forward_cached(self, idx: torch.Tensor, cache, positions: torch.Tensor | None = None,
                        mask: torch.Tensor | None = None, last_only: bool = False) -> torch.Tensor:

@@ -1,0 +1,91 @@
+"""The interface every fastlm language model offers to the trainer, evaluation and checkpoints.
+
+The training loop never asks which architecture it runs; it asks the model:
+
+  forward(idx, targets=None) -> (logits, loss)   the loss is the model's own objective
+  objective                "causal" (predict the next token) or "masked" (predict masked tokens)
+  make_batch(x, y, gen)    turns a loader batch (x, next tokens y) into (inputs, targets) for
+                           that objective; the masked objective draws its mask from `gen`, the
+                           trainer's checkpointed generator, so resume replays the same masks
+  recurrent                True: forward(..., state=s, return_state=True) -> (logits, loss, s')
+                           carries a hidden state across consecutive batches (truncated BPTT)
+  num_params / flops_per_token(seq_len)   throughput and MFU
+  param_groups(weight_decay)              decay matrices only (fastlm.optim.param_groups)
+  checkpoint_units()       the repeated blocks: units of activation checkpointing and FSDP
+  generate(idx, n, ...)    sampling for the text the trainer prints
+
+Subclasses register under one or more `model.arch` names in fastlm.models.registry.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from fastlm.config import ModelConfig
+
+
+class LanguageModel(nn.Module):
+    objective: str = "causal"
+    recurrent: bool = False
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        config.validate()
+        self.config = config
+
+    # -- sizes -------------------------------------------------------------------------------
+    def embedding_params(self) -> int:
+        """Parameters of the lookup tables (token, position, type embeddings), which
+        num_params(non_embedding=True) leaves out. Override when the model has them."""
+        return sum(m.weight.numel() for m in self.modules() if isinstance(m, nn.Embedding))
+
+    def num_params(self, non_embedding: bool = False) -> int:
+        """Parameter count, shared (tied) tensors once."""
+        n = sum(p.numel() for p in self.parameters())
+        return n - self.embedding_params() if non_embedding else n
+
+    def flops_per_token(self, seq_len: int | None = None) -> int:
+        """Training FLOPs per token (forward + backward)."""
+        raise NotImplementedError(f"{type(self).__name__} must define flops_per_token")
+
+    # -- training hooks ----------------------------------------------------------------------
+    def param_groups(self, weight_decay: float) -> list[dict]:
+        from fastlm.optim import param_groups
+        return param_groups(self, weight_decay)
+
+    def make_batch(self, x: torch.Tensor, y: torch.Tensor,
+                   generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(inputs, targets) for this model's objective from a loader batch; x, y: (B, T)."""
+        return x, y
+
+    def checkpoint_units(self) -> list[nn.Module]:
+        """Repeated blocks for activation checkpointing and FSDP sharding ([] = none)."""
+        blocks = getattr(self, "blocks", None)
+        return list(blocks) if blocks is not None else []
+
+    # -- sampling ----------------------------------------------------------------------------
+    @torch.no_grad()
+    def generate(self, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
+                 top_k: int = 0, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Sample max_new_tokens continuing idx (B, T0) -> (B, T0 + max_new_tokens), running
+        the last block_size tokens again each step (fastlm.generate is the fast path)."""
+        if self.objective != "causal":
+            raise ValueError(f"{type(self).__name__} is a {self.objective} model: it does not "
+                             "generate text left to right")
+        if temperature <= 0:
+            raise ValueError(f"generate: temperature must be > 0, got {temperature}")
+        for _ in range(max_new_tokens):
+            context = idx[:, -self.config.block_size:]  # (B, <=block_size)
+            logits, _ = self(context, last_only=True)
+            idx = torch.cat((idx, sample_next(logits[:, -1], temperature, top_k, generator)), 1)
+        return idx
+
+
+def sample_next(logits: torch.Tensor, temperature: float, top_k: int,
+                generator: torch.Generator | None) -> torch.Tensor:
+    """One sampled token per row from last-position logits (B, V) -> (B, 1)."""
+    logits = logits.float() / temperature
+    if top_k:
+        kth = torch.topk(logits, min(top_k, logits.shape[-1])).values[:, -1:]  # (B, 1)
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    return torch.multinomial(torch.softmax(logits, dim=-1), 1, generator=generator)
