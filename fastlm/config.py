@@ -114,6 +114,10 @@ class TrainConfig:
     device: str = _f("auto", "auto (cuda if present, else cpu), cpu, cuda or cuda:N")
     seed: int = _f(1337, "seed for weights, batches and sampling", min=0)
     max_steps: int = _f(1500, "optimizer steps", min=1)
+    max_seconds: float = _f(0.0, "also stop once this many seconds of wall clock have passed since "
+                                 "training started (evaluations included; 0 = no limit): the "
+                                 "step in flight completes, then the run evaluates and saves "
+                                 "as at max_steps (fastlm.compare's per-arch budget)", min=0.0)
     batch_size: int = _f(16, "sequences per micro-batch", min=1)
     seq_len: int = _f(0, "tokens per sequence (0 = model.block_size)", min=0)
     grad_accum: int = _f(1, "micro-batches per optimizer step (per process)", min=1)

@@ -397,6 +397,14 @@ def _train(cfg: Config, device: torch.device, dist: distributed.DistInfo) -> Tra
             tqdm.write(f"step {step:>6}: val loss {val_loss:.4f}, {bpb:.3f} bits/byte")
         return val_loss
 
+    def out_of_time() -> bool:
+        """train.max_seconds has passed (any rank's clock: all ranks stop at the same step)."""
+        if not cfg.train.max_seconds:
+            return False
+        over = torch.tensor(float(time.perf_counter() - t_start >= cfg.train.max_seconds),
+                            device=device)
+        return distributed.all_reduce_mean(over, dist).item() > 0
+
     t_start = time.perf_counter()
     val_loss = run_eval() if resume is None else resume.manifest["metrics"].get("val_loss")
     model.train()
@@ -470,7 +478,7 @@ def _train(cfg: Config, device: torch.device, dist: distributed.DistInfo) -> Tra
             interval_tokens += tokens_per_step
             bar.update(1)
 
-            last = step == cfg.train.max_steps
+            last = step == cfg.train.max_steps or out_of_time()
             if (step % cfg.train.log_interval == 0 or last or stop.requested) and loss_count:
                 train_loss = (loss_sum / loss_count).item()
                 elapsed = time.perf_counter() - t_interval
@@ -499,6 +507,8 @@ def _train(cfg: Config, device: torch.device, dist: distributed.DistInfo) -> Tra
                     break
             if step % cfg.train.log_interval == 0:
                 t_interval = time.perf_counter()  # tokens/s leaves out eval and saving time
+            if last:
+                break
     bar.close()
     data.close()
     wall = time.perf_counter() - t_start

@@ -1,11 +1,13 @@
 """Model architectures, chosen by `model.arch` (fastlm.models.registry):
 
   gpt2, llama   decoder-only transformers (gpt.py)
+  gcnn          gated convolutional LM, Dauphin et al. 2017 (gcnn.py)
 
 Every model is a fastlm.models.base.LanguageModel; the trainer only uses that interface.
 """
 from fastlm.models.base import LanguageModel
 from fastlm.models.registry import available, build, register
 from fastlm.models.gpt import GPT  # registers gpt2, llama
+from fastlm.models.gcnn import GatedCNN  # registers gcnn
 
 __all__ = ["GPT", "LanguageModel", "available", "build", "register"]
