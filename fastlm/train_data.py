@@ -12,11 +12,17 @@
 
 Every corpus offers train_batch, val_batches, encode, decode, vocab_size, bytes_per_token (UTF-8
 bytes per token of the validation text, for bits per byte), description, and state_dict /
-load_state_dict (the data position beyond the loop's own RNG; empty for in-memory text).
+load_state_dict (the data position beyond the loop's own RNG; empty for in-memory text until
+stream_batch is used).
+
+Recurrent models (truncated BPTT) read `stream_batch(B, T)` instead: row b of every batch continues
+its own contiguous stream of the training tokens where the previous call left it (TokenStreams),
+so the hidden state carried from one batch into the next belongs to the text that follows.
 
 Distributed runs: rank r of W takes rows r*B .. r*B + B - 1 of the global batch of B*W windows
 that a 1-process run with batch B*W draws, so the global batch does not depend on W; the same
-holds for the validation batches (the loop averages the ranks' losses).
+holds for the validation batches (the loop averages the ranks' losses) and for the streams
+(rank r reads streams r*B .. r*B + B - 1 of B*W).
 """
 from __future__ import annotations
 
@@ -82,11 +88,109 @@ def bytes_per_token(tok: Tokenizer, ids: np.ndarray | torch.Tensor) -> float:
 
 
 # ---------------------------------------------------------------------------------------------
+# Contiguous streams (truncated BPTT)
+class TokenStreams:
+    """S = B * world_size contiguous streams over the training tokens, for recurrent models.
+
+    Layout (char-rnn's): the M = n_tokens - 1 input positions are cut into S equal stretches of
+    L = M // S tokens; stream s starts at s * L. All streams advance together: call k returns,
+    for row b of rank r (stream s = r * B + b), the inputs x at positions (s * L + k * T + t) mod
+    M for t < T and the targets y one position further (always the true next token). Position
+    p = k * T mod M is the whole state, saved by state_dict for exact resume.
+
+    Wrap-around: after L tokens stream s has reached s * L + L, the start of stream s + 1, and
+    simply reads on, so every row stays contiguous forever (an epoch = L tokens per row, each
+    input position read once). The one break is the row that passes from position M - 1 back to
+    0 (the text's end to its start), once per epoch; its carried state then holds context from
+    unrelated text for a while, exactly as at a document boundary inside the corpus, so the state
+    is carried rather than reset there (resetting one row of a batched state would complicate the
+    loop for no measurable gain).
+
+    read(start, n) -> int64 tensor of tokens start .. start + n - 1 (n_tokens > start + n - 1).
+    """
+
+    def __init__(self, n_tokens: int, read, rank: int, world_size: int, what: str):
+        self.M = n_tokens - 1  # input positions; position i's target is token i + 1
+        self.read, self.rank, self.world_size, self.what = read, rank, world_size, what
+        self.pos = 0  # shared by every stream, in tokens
+        self.streams: int | None = None  # S, fixed by the first call (or a loaded state)
+
+    def _check(self, batch_size: int, seq_len: int) -> int:
+        S = batch_size * self.world_size
+        if self.streams is not None and self.streams != S:
+            raise DataError(f"stream_batch: {batch_size} rows x {self.world_size} processes = "
+                            f"{S} streams, but this run reads {self.streams}: the batch size "
+                            "(the number of streams) cannot change within a run")
+        L = self.M // S
+        if L < seq_len:
+            raise DataError(f"{self.what}: {self.M + 1:,} training tokens cut into {S} streams "
+                            f"(batch_size x processes) give {L} tokens per stream, fewer than "
+                            f"seq_len = {seq_len}. Use more text or a smaller --train.batch_size "
+                            "/ --train.seq_len")
+        self.streams = S
+        return L
+
+    def batch(self, batch_size: int, seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """This rank's next (x, y), int64 (B, T) each; advances every stream by T tokens."""
+        L, T, M = self._check(batch_size, seq_len), seq_len, self.M
+        x = torch.empty(batch_size, T, dtype=torch.long)  # (B, T)
+        y = torch.empty(batch_size, T, dtype=torch.long)
+        for b in range(batch_size):
+            a = ((self.rank * batch_size + b) * L + self.pos) % M  # this row's first input
+            head = min(T, M - a)  # inputs before the wrap at M
+            chunk = self.read(a, head + 1)  # (head + 1,): inputs a .. a+head-1 and one target
+            x[b, :head], y[b, :head] = chunk[:-1], chunk[1:]
+            if head < T:  # wrapped: the rest starts again at position 0
+                rest = self.read(0, T - head + 1)
+                x[b, head:], y[b, head:] = rest[:-1], rest[1:]
+        self.pos = (self.pos + T) % M
+        return x, y
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"pos": self.pos, "streams": self.streams, "positions": self.M}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Resume at a saved position; refuses another corpus or another number of streams."""
+        if state["positions"] != self.M:
+            raise DataError(f"checkpoint.resume: the saved stream position is for a corpus of "
+                            f"{state['positions'] + 1:,} training tokens; {self.what} has "
+                            f"{self.M + 1:,}. Resume with the same data")
+        if self.streams is not None and state["streams"] not in (None, self.streams):
+            raise DataError(f"checkpoint.resume: the run read {state['streams']} streams; "
+                            f"this one reads {self.streams}")
+        self.pos, self.streams = int(state["pos"]), state["streams"]
+
+
+# ---------------------------------------------------------------------------------------------
 # Corpora
 class _Slicing:
-    """Row slice of this rank in the global batch (see the module docstring)."""
+    """Row slice of this rank in the global batch (see the module docstring), and the
+    contiguous streams of stream_batch, built on first use from _stream_source()."""
     rank: int = 0
     world_size: int = 1
+    _streams: TokenStreams | None = None
+
+    def _stream_source(self) -> tuple[int, Any]:
+        """(number of training tokens, read(start, n) -> int64 tensor): see TokenStreams."""
+        raise NotImplementedError
+
+    def _token_streams(self) -> TokenStreams:
+        if self._streams is None:
+            n, read = self._stream_source()
+            self._streams = TokenStreams(n, read, self.rank, self.world_size, self.description)
+        return self._streams
+
+    def stream_batch(self, batch_size: int, seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The next T tokens of this rank's B contiguous streams: x, y int64 (B, T) each, y the
+        next tokens (TokenStreams; recurrent models train on these)."""
+        return self._token_streams().batch(batch_size, seq_len)
+
+    def _stream_state(self) -> dict[str, Any]:
+        return {} if self._streams is None else {"streams": self._streams.state_dict()}
+
+    def _load_stream_state(self, state: dict[str, Any]) -> None:
+        if "streams" in state:
+            self._token_streams().load_state_dict(state["streams"])
 
 
 class TextCorpus(_Slicing):
@@ -115,11 +219,16 @@ class TextCorpus(_Slicing):
     def decode(self, ids: list[int]) -> str:
         return self.tok.decode(ids)
 
+    def _stream_source(self) -> tuple[int, Any]:
+        train = self.data.train  # (N,) uint8 bytes or int32 token ids
+        return len(train), lambda start, n: train[start:start + n].long()
+
     def state_dict(self) -> dict[str, Any]:
-        return {}  # the loop's data generator is the whole position
+        # Random windows: the loop's data generator is the whole position; streams: their own.
+        return self._stream_state()
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        pass
+        self._load_stream_state(state)
 
     def close(self) -> None:
         pass
@@ -166,14 +275,32 @@ class ShardCorpus(_Slicing):
     def decode(self, ids: list[int]) -> str:
         return self.tok.decode(ids)
 
+    def _stream_source(self) -> tuple[int, Any]:
+        """The train shards read as one token sequence: a stream crosses from one shard into
+        the next as it crosses a document boundary inside a shard."""
+        shards = self.train_loader.dataset.shards
+        starts = np.cumsum([0] + [s.size for s in shards])  # (n_shards + 1,)
+
+        def read(start: int, n: int) -> torch.Tensor:
+            out = np.empty(n, dtype=np.int64)
+            i, done = int(np.searchsorted(starts, start, side="right")) - 1, 0
+            while done < n:
+                off = start + done - starts[i]
+                take = min(n - done, shards[i].size - off)
+                out[done:done + take] = shards[i][off:off + take]
+                done, i = done + take, i + 1
+            return torch.from_numpy(out)
+        return int(starts[-1]), read
+
     def state_dict(self) -> dict[str, Any]:
-        return {"loader": self.train_loader.state_dict()}
+        return {"loader": self.train_loader.state_dict(), **self._stream_state()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if "loader" not in state:
             raise DataError("the checkpoint has no data-loader position (it was trained on "
                             "raw text, not prepared shards)")
         self.train_loader.load_state_dict(state["loader"])
+        self._load_stream_state(state)
 
     def close(self) -> None:
         self.train_loader.close()
