@@ -1,0 +1,381 @@
+"""Training side by side: fastlm.train against nanoGPT's own train.py, same text, same threads.
+
+    python -m fastlm.bench.bench_train --nanogpt PATH_TO_NANOGPT_SOURCE
+        [--data ../shared/data/tinyshakespeare.txt] [--iters 2000] [--repeats N]
+        [--threads 1,2] [--precisions fp32,bf16] [--json PATH] [--keep DIR]
+
+Both trainers run nanoGPT's documented CPU config of tiny Shakespeare (4 layers, 4 heads, width
+128, block 64, batch 12, lr 1e-3 with 100 warm-up steps and cosine decay to 1e-4 over the run,
+AdamW betas (0.9, 0.99), weight decay 0.1, gradient clip 1, dropout 0), each in its own process
+with the same torch thread count (OMP_NUM_THREADS and MKL_NUM_THREADS), one after the other and
+interleaved within each repeat, so a change of load on a shared machine hits both:
+
+  nanogpt      python train.py config/train_shakespeare_char.py --device=cpu --compile=False
+               --eval_iters=20 --log_interval=1 --block_size=64 --batch_size=12 --n_layer=4
+               --n_head=4 --n_embd=128 --max_iters=N --lr_decay_iters=N --dropout=0.0
+               (its README's command) plus --out_dir and --always_save_checkpoint=True, so the
+               model it ends with is on disk to be scored (saving happens inside its evaluation
+               iterations, which the timing leaves out)
+  fastlm-fp32  python -m fastlm.train --model.preset=shakespeare_char_cpu --data FILE --out DIR
+               --train.max_steps=N --train.log_interval=1 --train.progress=false
+               --sample.tokens=0 (no text sample after training: not part of the loop)
+  fastlm-bf16  the same with --train.precision=bf16 (bf16 autocast, float32 weights and
+               optimizer). nanoGPT has no CPU mixed precision: on a CPU its autocast context is
+               a no-op whatever --dtype says, so its only row is float32.
+
+nanoGPT runs from a temporary copy of its source (train.py, model.py, configurator.py, config/),
+on the train.bin/val.bin/meta.pkl that its own data/shakespeare_char/prepare.py writes from a copy
+of FILE saved as its input.txt; `requests` is stubbed out for that script, so nothing is ever
+downloaded. Nothing of nanoGPT is written outside the temporary folder (or --keep DIR).
+
+What is measured, per provider and thread count (medians over the repeats):
+  tokens/s    of the training loop alone: tokens / summed step time. nanoGPT's step times are the
+              "iter k: ... time X ms" lines without iteration 0 (warm-up) and without the
+              iterations that evaluated (k % eval_interval == 0: its timer includes evaluation
+              and checkpointing there); fastlm's are metrics.jsonl's tokens_per_s per step
+              (its timer leaves out evaluation and checkpoints) without step 1. The median step
+              time is reported too (robust to another process stealing the CPU for a moment).
+  val loss    each trainer's own estimate at the last step (nanoGPT: 20 random validation
+              batches; fastlm: 20 fixed ones), and both final models scored here on the same
+              symbols: every non-overlapping 64-token window of the validation split. Both cut
+              the file at int(0.9 * length) and tiny Shakespeare is ASCII, so nanoGPT's 65
+              characters and fastlm's bytes are the same symbols and nats per character are
+              comparable; bits per character = nats / ln 2 (= bits per byte here).
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import importlib.util
+import json
+import math
+import os
+import re
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from fastlm.bench import utils
+
+OP = "train"
+BATCH, SEQ_LEN = 12, 64  # nanoGPT's documented CPU run
+TOKENS_PER_STEP = BATCH * SEQ_LEN
+EVAL_BATCHES = 20
+NANOGPT_FILES = ("train.py", "model.py", "configurator.py", "config/train_shakespeare_char.py",
+                 "data/shakespeare_char/prepare.py")
+REPO = Path(__file__).resolve().parent.parent
+DEFAULT_DATA = REPO.parent / "shared" / "data" / "tinyshakespeare.txt"
+
+# prepare.py imports requests to download input.txt when it is missing; it is never missing here,
+# and a stub makes sure no download can happen whatever the script does.
+_PREPARE = """import runpy, sys, types
+stub = types.ModuleType("requests")
+def _no_download(*a, **k):
+    raise SystemExit("bench_train: nanoGPT's prepare.py tried to download; input.txt is missing")
+stub.get = _no_download
+sys.modules["requests"] = stub
+runpy.run_path("data/shakespeare_char/prepare.py", run_name="__main__")
+"""
+
+
+class BenchError(RuntimeError):
+    """Bad arguments or a trainer that failed; the message says what to fix."""
+
+
+# ---------------------------------------------------------------------------------------------
+# nanoGPT workspace
+def check_nanogpt(path: Path) -> None:
+    missing = [f for f in NANOGPT_FILES if not (path / f).is_file()]
+    if missing:
+        raise BenchError(f"--nanogpt {path}: not a nanoGPT source tree (missing "
+                         f"{', '.join(missing)}); pass the folder holding its train.py")
+
+
+def source_hash(path: Path) -> str:
+    """sha256 over nanoGPT's train.py and model.py: which version ran (no git in a copy)."""
+    h = hashlib.sha256()
+    for name in ("train.py", "model.py"):
+        h.update((path / name).read_bytes())
+    return h.hexdigest()[:16]
+
+
+def make_workspace(nanogpt: Path, data: Path, root: Path) -> Path:
+    """A runnable copy of nanoGPT under root/nanogpt with its char dataset prepared from data."""
+    ws = root / "nanogpt"
+    (ws / "data" / "shakespeare_char").mkdir(parents=True)
+    for name in ("train.py", "model.py", "configurator.py"):
+        shutil.copy2(nanogpt / name, ws / name)
+    shutil.copytree(nanogpt / "config", ws / "config")
+    shutil.copy2(nanogpt / "data/shakespeare_char/prepare.py", ws / "data/shakespeare_char")
+    shutil.copy2(data, ws / "data/shakespeare_char/input.txt")
+    out = subprocess.run([sys.executable, "-c", _PREPARE], cwd=ws, capture_output=True, text=True)
+    if out.returncode != 0:
+        raise BenchError(f"nanoGPT's prepare.py failed on {data}:\n{out.stdout}{out.stderr}")
+    return ws
+
+
+# ---------------------------------------------------------------------------------------------
+# Commands and their logs
+def nanogpt_command(iters: int, eval_interval: int, out_dir: Path) -> list[str]:
+    return [sys.executable, "train.py", "config/train_shakespeare_char.py", "--device=cpu",
+            "--compile=False", f"--eval_iters={EVAL_BATCHES}", "--log_interval=1",
+            f"--block_size={SEQ_LEN}", f"--batch_size={BATCH}", "--n_layer=4", "--n_head=4",
+            "--n_embd=128", f"--max_iters={iters}", f"--lr_decay_iters={iters}",
+            "--dropout=0.0", f"--eval_interval={eval_interval}", f"--out_dir={out_dir}",
+            "--always_save_checkpoint=True"]
+
+
+def fastlm_command(data: Path, iters: int, eval_interval: int, out_dir: Path,
+                   precision: str) -> list[str]:
+    return [sys.executable, "-m", "fastlm.train", "--model.preset=shakespeare_char_cpu",
+            "--data", str(data), "--out", str(out_dir), f"--train.max_steps={iters}",
+            "--train.log_interval=1", "--train.progress=false", f"--eval.interval={eval_interval}",
+            f"--eval.batches={EVAL_BATCHES}", f"--train.precision={precision}",
+            "--sample.tokens=0"]
+
+
+def run_logged(cmd: list[str], cwd: Path, threads: int, log: Path) -> float:
+    """Run cmd with `threads` torch threads, stdout+stderr into log; wall seconds."""
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads),
+           "PYTHONUNBUFFERED": "1"}
+    t0 = time.perf_counter()
+    with open(log, "w") as f:
+        proc = subprocess.run(cmd, cwd=cwd, env=env, stdout=f, stderr=subprocess.STDOUT)
+    wall = time.perf_counter() - t0
+    if proc.returncode != 0:
+        tail = "".join(log.read_text(errors="replace").splitlines(True)[-20:])
+        raise BenchError(f"{' '.join(cmd)} exited with {proc.returncode} (log {log}):\n{tail}")
+    return wall
+
+
+_ITER = re.compile(r"^iter (\d+): loss ([\d.]+), time ([\d.]+)ms", re.M)
+_EVAL = re.compile(r"^step (\d+): train loss ([\d.]+), val loss ([\d.]+)", re.M)
+
+
+def parse_nanogpt(text: str, eval_interval: int) -> tuple[list[float], float, int]:
+    """(loop step times in seconds, val loss of the last evaluation, its step) from its stdout."""
+    steps = [float(ms) / 1e3 for it, _loss, ms in _ITER.findall(text)
+             if int(it) > 0 and int(it) % eval_interval]
+    evals = _EVAL.findall(text)
+    if not steps or not evals:
+        raise BenchError("nanoGPT's output has no 'iter k: ... time X ms' or 'step k: ... val "
+                         "loss' lines; has its train.py changed its log format?")
+    return steps, float(evals[-1][2]), int(evals[-1][0])
+
+
+def parse_fastlm(metrics: Path) -> tuple[list[float], float, int]:
+    """(loop step times in seconds, last val_loss, its step) from RUN_DIR/metrics.jsonl."""
+    rows = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
+    train = [r for r in rows if r.get("kind") == "train"]
+    val = [r for r in rows if r.get("kind") == "val"]
+    if not train or not val:
+        raise BenchError(f"{metrics} has no train or val rows")
+    steps, prev = [], 0
+    for r in train:  # log_interval=1: one row per step, tokens_per_s over that step alone
+        n = r["step"] - prev
+        prev = r["step"]
+        if r["step"] > 1:
+            steps.append(n * TOKENS_PER_STEP / r["tokens_per_s"])
+    return steps, val[-1]["val_loss"], val[-1]["step"]
+
+
+# ---------------------------------------------------------------------------------------------
+# Scoring both final models on the same validation windows
+def val_windows(data: Path) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x, y) (W, SEQ_LEN) byte ids of every non-overlapping window of the validation split."""
+    raw = data.read_bytes()
+    val = np.frombuffer(raw[int(len(raw) * 0.9):], dtype=np.uint8).astype(np.int64)
+    w = (len(val) - 1) // SEQ_LEN
+    x = torch.from_numpy(val[:w * SEQ_LEN].reshape(w, SEQ_LEN).copy())
+    y = torch.from_numpy(val[1:w * SEQ_LEN + 1].reshape(w, SEQ_LEN).copy())
+    return x, y
+
+
+@torch.no_grad()
+def mean_loss(model, x: torch.Tensor, y: torch.Tensor, batch: int = 64) -> float:
+    """Mean next-symbol loss (nats) over all windows; model(x, y) -> (_, mean loss)."""
+    total = 0.0
+    for s in range(0, len(x), batch):
+        _, loss = model(x[s:s + batch], y[s:s + batch])
+        total += loss.item() * len(x[s:s + batch])
+    return total / len(x)
+
+
+def score_nanogpt(ws: Path, out_dir: Path, x: torch.Tensor, y: torch.Tensor) -> float:
+    """nanoGPT's saved model (its own model.py) on the windows, bytes mapped to its char ids."""
+    import pickle
+    with open(ws / "data/shakespeare_char/meta.pkl", "rb") as f:  # written by prepare.py above
+        stoi = pickle.load(f)["stoi"]
+    table = torch.full((256,), -1, dtype=torch.long)
+    for ch, i in stoi.items():
+        table[ord(ch)] = i
+    xs, ys = table[x], table[y]
+    if (xs < 0).any() or (ys < 0).any():
+        raise BenchError("validation text holds a character nanoGPT's vocabulary lacks")
+    spec = importlib.util.spec_from_file_location("nanogpt_model", ws / "model.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    ckpt = torch.load(out_dir / "ckpt.pt", map_location="cpu", weights_only=True)
+    model = module.GPT(module.GPTConfig(**ckpt["model_args"]))
+    model.load_state_dict({k.removeprefix("_orig_mod."): v for k, v in ckpt["model"].items()})
+    return mean_loss(model.eval(), xs, ys)
+
+
+def score_fastlm(run_dir: Path, x: torch.Tensor, y: torch.Tensor) -> float:
+    from fastlm import checkpoint
+    from fastlm.restore import restore
+    model = restore(checkpoint.latest(run_dir)).model.eval()
+    return mean_loss(model, x, y)
+
+
+# ---------------------------------------------------------------------------------------------
+def parse_args(argv):
+    p = argparse.ArgumentParser(prog="python -m fastlm.bench.bench_train", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--nanogpt", required=True, type=Path,
+                   help="nanoGPT's source folder (its train.py, model.py, config/, data/)")
+    p.add_argument("--data", type=Path, default=DEFAULT_DATA, help="the text (tiny Shakespeare)")
+    p.add_argument("--iters", type=int, default=2000, help="optimizer steps of each run")
+    p.add_argument("--repeats", type=int, default=1, help="runs of each provider (median)")
+    p.add_argument("--threads", default="1,2", help="comma-separated torch thread counts")
+    p.add_argument("--precisions", default="fp32,bf16", help="fastlm rows: fp32 and/or bf16")
+    p.add_argument("--json", help="output file (default bench/results/<device>/train-<date>.json)")
+    p.add_argument("--keep", type=Path, help="keep the runs (logs, checkpoints) in this folder")
+    a = p.parse_args(argv)
+    try:
+        a.threads = [int(t) for t in a.threads.split(",")]
+    except ValueError:
+        p.error(f"--threads must be comma-separated integers, got {a.threads!r}")
+    a.precisions = [s.strip() for s in a.precisions.split(",") if s.strip()]
+    bad = [s for s in a.precisions if s not in ("fp32", "bf16")]
+    if bad:
+        p.error(f"--precisions: unknown {', '.join(bad)}; choose from fp32, bf16")
+    if a.iters < 2 or a.repeats < 1 or min(a.threads) < 1:
+        p.error("--iters must be >= 2, --repeats and every --threads value >= 1")
+    if not a.data.is_file():
+        p.error(f"--data {a.data}: no such file (tiny Shakespeare lives at {DEFAULT_DATA})")
+    if not a.data.read_bytes().isascii():
+        p.error(f"--data {a.data}: the comparison needs ASCII text (characters = bytes)")
+    return a
+
+
+def run(args) -> list[dict]:
+    if getattr(args, "nanogpt", None) is None:
+        raise BenchError("the training bench needs nanoGPT's source: run `python -m "
+                         "fastlm.bench.bench_train --nanogpt PATH` (see its --help)")
+    check_nanogpt(args.nanogpt)
+    eval_interval = 250 if args.iters % 250 == 0 else args.iters  # nanoGPT's 250; end included
+    root = Path(tempfile.mkdtemp(prefix="bench_train-")) if args.keep is None else args.keep
+    root.mkdir(parents=True, exist_ok=True)
+    ws = make_workspace(args.nanogpt, args.data, root)
+    x, y = val_windows(args.data)
+    providers = ["nanogpt"] + [f"fastlm-{p}" for p in args.precisions]
+    runs: dict[tuple[str, int], list[dict]] = {}
+    try:
+        for rep in range(args.repeats):
+            for threads in args.threads:
+                for name in providers:
+                    out = root / f"{name}-t{threads}-r{rep}"
+                    log = root / f"{name}-t{threads}-r{rep}.log"
+                    if name == "nanogpt":
+                        cmd = nanogpt_command(args.iters, eval_interval, out)
+                        wall = run_logged(cmd, ws, threads, log)
+                        steps, val, val_step = parse_nanogpt(log.read_text(), eval_interval)
+                        full = score_nanogpt(ws, out, x, y)
+                    else:
+                        cmd = fastlm_command(args.data.resolve(), args.iters, eval_interval, out,
+                                             name.split("-")[1])
+                        wall = run_logged(cmd, REPO, threads, log)
+                        steps, val, val_step = parse_fastlm(out / "metrics.jsonl")
+                        full = score_fastlm(out, x, y)
+                    r = {"tokens_per_s": len(steps) * TOKENS_PER_STEP / sum(steps),
+                         "step_ms": statistics.median(steps) * 1e3, "val_loss": val,
+                         "val_step": val_step, "full_val_loss": full, "wall_s": wall,
+                         "command": cmd}
+                    runs.setdefault((name, threads), []).append(r)
+                    print(f"repeat {rep + 1}/{args.repeats} threads {threads} {name:12s} "
+                          f"{r['tokens_per_s']:8,.0f} tok/s  step {r['step_ms']:6.2f} ms  "
+                          f"val {val:.4f} (own, step {val_step})  full val {full:.4f} nats/char"
+                          f"  wall {wall:.0f} s", flush=True)
+    finally:
+        if args.keep is None:
+            shutil.rmtree(root, ignore_errors=True)
+    return summarize(runs, args)
+
+
+def summarize(runs: dict[tuple[str, int], list[dict]], args) -> list[dict]:
+    env = utils.environment(torch.device("cpu"))
+    nanogpt_version = source_hash(args.nanogpt)
+    med = statistics.median
+    rows = []
+    for (name, threads), rs in runs.items():
+        full = med(r["full_val_loss"] for r in rs)
+        rows.append({
+            **env, "op": OP, "provider": name, "threads": threads,
+            "precision": "fp32" if name == "nanogpt" else name.split("-")[1],
+            "vocab": "65 characters" if name == "nanogpt" else "256 bytes",
+            "iters": args.iters, "batch": BATCH, "seq_len": SEQ_LEN, "shape": [BATCH, SEQ_LEN],
+            "repeats": len(rs), "tokens_per_s": med(r["tokens_per_s"] for r in rs),
+            "tokens_per_s_runs": [round(r["tokens_per_s"], 1) for r in rs],
+            "step_ms": med(r["step_ms"] for r in rs),
+            "val_loss": med(r["val_loss"] for r in rs), "val_step": rs[0]["val_step"],
+            "val_bpc": med(r["val_loss"] for r in rs) / math.log(2),
+            "full_val_loss": full, "full_val_bpc": full / math.log(2),
+            "full_val_loss_runs": [round(r["full_val_loss"], 4) for r in rs],
+            "wall_s": med(r["wall_s"] for r in rs), "command": rs[0]["command"],
+            "nanogpt_source_sha256": nanogpt_version,
+            "bench_command": "python -m fastlm.bench.bench_train " + " ".join(sys.argv[1:])})
+    base = {r["threads"]: r for r in rows if r["provider"] == "nanogpt"}
+    for r in rows:
+        b = base.get(r["threads"])
+        if b is not None:
+            r["speedup_vs_nanogpt"] = r["tokens_per_s"] / b["tokens_per_s"]
+            r["step_speedup_vs_nanogpt"] = b["step_ms"] / r["step_ms"]
+            r["full_val_bpc_vs_nanogpt"] = r["full_val_bpc"] - b["full_val_bpc"]
+    return rows
+
+
+def format_table(rows: list[dict]) -> str:
+    """The table printed here and by `python -m fastlm.bench report` (bench/RESULTS.md)."""
+    header = ("threads", "provider", "tokens/s", "step ms", "vs nanoGPT", "own val loss",
+              "full val bits/char", "runs")
+    body = [header]
+    for r in sorted(rows, key=lambda r: (r["threads"], r["provider"] != "nanogpt",
+                                         r["provider"])):
+        body.append((str(r["threads"]), r["provider"], f"{r['tokens_per_s']:,.0f}",
+                     f"{r['step_ms']:.2f}", f"{r.get('speedup_vs_nanogpt', float('nan')):.2f}x",
+                     f"{r['val_loss']:.4f}", f"{r['full_val_bpc']:.4f}", str(r["repeats"])))
+    widths = [max(len(row[i]) for row in body) for i in range(len(header))]
+    lines = ["  ".join(c.rjust(w) for c, w in zip(row, widths)) for row in body]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    first = rows[0]
+    lines.append(f"{first['iters']} steps of {first['batch']}x{first['seq_len']} tokens; "
+                 "tokens/s: training loop without evaluation; vs nanoGPT: tokens/s ratio at the "
+                 "same threads; own val loss: each trainer's estimate at the last step (nats per "
+                 "its token: nanoGPT 65 characters, fastlm bytes); full val: both final models on "
+                 "every 64-character window of the validation split")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    try:
+        rows = run(args)
+    except BenchError as exc:
+        raise SystemExit(f"bench_train: error: {exc}") from None
+    print(format_table(rows))
+    path = args.json or str(REPO / "bench" / "results" / utils.device_slug(torch.device("cpu"))
+                            / f"train-{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}.json")
+    utils.write_json(rows, path)
+    print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
