@@ -10,6 +10,11 @@ A hook was chosen over re-running the backbone's submodules here because it keep
 of GPT.forward (position embeddings, dropout, future changes) in one place: this file only
 relies on GPT having a `norm_f` module whose output is the (B, T, C) final hidden state.
 
+A bidirectional encoder (a backbone whose `pooling` attribute is "first": fastlm's BERT) is
+pooled BERT's way instead: a [CLS] token (the backbone's cls_id) goes in front of each text, the
+padding is masked out of attention (lengths), and the head reads the [CLS] position of
+backbone.encode(), which has seen every token of the text.
+
 State-dict keys: "gpt.*" for the backbone, "head.*" for the classifier head.
 """
 from __future__ import annotations
@@ -29,6 +34,7 @@ class Classifier(nn.Module):
         super().__init__()
         self.gpt = gpt
         self.pad_id = pad_id
+        self.pooling = getattr(gpt, "pooling", "last")  # "first": [CLS] pooling (encoders)
         self.head = nn.Linear(gpt.config.n_embd, n_classes)
         nn.init.normal_(self.head.weight, 0.0, 0.02)
         nn.init.zeros_(self.head.bias)
@@ -46,14 +52,25 @@ class Classifier(nn.Module):
                                f"{len(captured)} times")
         return captured[0]
 
+    def cls_hidden(self, idx: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        """Encoder pooling: [CLS] + idx (the last token dropped if that exceeds block_size),
+        padding masked, -> the [CLS] position's final hidden state (B, C)."""
+        cls = torch.full_like(idx[:, :1], self.gpt.cls_id)  # (B, 1)
+        idx = torch.cat((cls, idx), dim=1)[:, :self.gpt.config.block_size]  # (B, <=T+1)
+        lengths = (lengths + 1).clamp(max=idx.shape[1])
+        return self.gpt.encode(idx, lengths=lengths)[:, 0]
+
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None,
                 lengths: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
         """idx (B, T) right-padded token ids; lengths (B,) real lengths (default: count of
         tokens != pad_id, which needs a pad id the texts never use); targets (B,) class ids."""
         if lengths is None:
             lengths = (idx != self.pad_id).sum(dim=1).clamp(min=1)
-        h = self.hidden(idx)  # (B, T, C)
-        pooled = h[torch.arange(idx.shape[0], device=idx.device), lengths - 1]  # (B, C)
+        if self.pooling == "first":
+            pooled = self.cls_hidden(idx, lengths)  # (B, C)
+        else:
+            h = self.hidden(idx)  # (B, T, C)
+            pooled = h[torch.arange(idx.shape[0], device=idx.device), lengths - 1]  # (B, C)
         logits = self.head(pooled)  # (B, K)
         loss = F.cross_entropy(logits.float(), targets) if targets is not None else None
         return logits, loss

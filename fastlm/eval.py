@@ -7,6 +7,8 @@
             every --stride tokens and each scores only the tokens no earlier window scored, so
             every token after the first window sees at least context - stride tokens of history.
             Without --text (and without --task) the run's own validation split is used.
+            A masked-LM encoder (model.arch=bert) gets masked-token accuracy and
+            pseudo-perplexity instead (fastlm.mlm_eval).
   mc        multiple choice by log-likelihood of each choice after the context: "accuracy" picks
             the largest sum of log-probabilities, "accuracy_norm" the largest per character
             (lm-evaluation-harness's acc and acc_norm).
@@ -383,6 +385,9 @@ def evaluate_cli(args: argparse.Namespace) -> tuple[dict, Restored]:
             if restored.task == "classify":
                 raise TaskError(f"{restored.path} is a classifier; --task-type "
                                 f"{args.task_type} needs a language model checkpoint")
+            if getattr(restored.model, "objective", "causal") != "causal":
+                raise TaskError(f"{restored.path} is a masked-LM encoder; --task-type "
+                                f"{args.task_type} needs a causal language model")
             if args.task_type == "mc":
                 results.update(multiple_choice_accuracy(restored.model, restored.tokenizer,
                                                         examples, args.batch_size, progress))
@@ -398,8 +403,15 @@ def evaluate_cli(args: argparse.Namespace) -> tuple[dict, Restored]:
         if not text:
             raise TaskError(f"{args.text or 'validation split'}: no text to score")
         results["text"] = desc
-        results.update(score_text(restored.model, restored.tokenizer, text, args.context or None,
-                                  args.stride or None, args.batch_size, progress))
+        if getattr(restored.model, "objective", "causal") == "masked":  # encoders (bert)
+            from fastlm.mlm_eval import mlm_scores
+            results.update(mlm_scores(restored.model, restored.tokenizer, text,
+                                      args.context or None, seed=args.seed,
+                                      batch_size=args.batch_size))
+        else:
+            results.update(score_text(restored.model, restored.tokenizer, text,
+                                      args.context or None, args.stride or None,
+                                      args.batch_size, progress))
     results["time_s"] = round(time.perf_counter() - t0, 3)
     return results, restored
 

@@ -112,6 +112,9 @@ def _llama_tensors(model: GPT) -> dict[str, torch.Tensor]:
 
 def export_hf(model: GPT, out_dir: str | Path, tokenizer: Tokenizer | None = None) -> Path:
     """Write model (and tokenizer) as a transformers model directory; returns it."""
+    if model.config.arch == "bert":  # BertForMaskedLM: its own mapping (fastlm.export_bert)
+        from fastlm.export_bert import export_bert
+        return export_bert(model, out_dir, tokenizer)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     cfg = model.config
@@ -294,8 +297,9 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"fastlm.export: {lm.name} -> {path} ({lm.model.config.arch})")
                 return 0
             export_hf(lm.model, args.out, lm.tokenizer)
+            written = json.loads((Path(args.out) / "config.json").read_text())
             print(f"fastlm.export: {lm.name} -> {args.out} ({lm.model.config.arch}: "
-                  f"{_hf_config(lm.model.config, None)['architectures'][0]})")
+                  f"{written['architectures'][0]})")
         else:
             from fastlm.optim import AdamW
             model, tok = import_hf(args.from_hf, args.block_size)

@@ -14,7 +14,8 @@ sections of their own:
               (validations without improvement before stopping), max_len (0 = block_size)
 
 classify  {"text", "label"} lines; a linear head on the last non-pad token's hidden state
-          (fastlm.classifier). The label list (sorted) is saved in the checkpoint manifest.
+          (fastlm.classifier), or on the [CLS] position of an encoder (model.arch=bert).
+          The label list (sorted) is saved in the checkpoint manifest.
 sft       {"prompt", "response"} or {"messages": [...]} lines through the chat template
           (fastlm.chat_template): special tokens are added to the vocabulary (new embedding rows)
           when the base model lacks them; loss only on assistant tokens. Examples are padded
@@ -52,6 +53,7 @@ from fastlm.config import Config, ConfigError, load_config, to_dict
 from fastlm.eval import encode_batch, label_ids
 from fastlm.lora import DEFAULT_TARGETS, add_lora, lora_parameters, merge_lora
 from fastlm.metrics import accuracy, majority_baseline
+from fastlm.models.base import LanguageModel
 from fastlm.models.gpt import GPT
 from fastlm.optim import AdamW, param_groups
 from fastlm.restore import restore
@@ -295,9 +297,13 @@ def finetune(args: Args) -> dict:
         raise SetupError(f"kernels.backend: {exc}") from None
     device = pick_device(cfg.train.device)
     base = restore(args.checkpoint, "cpu")
-    if not isinstance(base.model, GPT):
+    if not isinstance(base.model, LanguageModel):
         raise SetupError(f"--checkpoint {base.path}: a {base.task} fine-tune; start from a "
                          "language-model checkpoint")
+    if args.task == "sft" and base.model.objective != "causal":
+        raise SetupError(f"--checkpoint {base.path}: a {base.model.config.arch} model "
+                         f"({base.model.objective} objective) does not generate text; "
+                         "--task sft needs a causal model (classify works with either)")
     torch.manual_seed(cfg.train.seed)
     gpt, tokenizer = base.model, base.tokenizer
     max_len = args.finetune.max_len or gpt.config.block_size
