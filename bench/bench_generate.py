@@ -6,14 +6,17 @@ streaming throughput.
         [--new 32] [--server-clients 16] [--json PATH]
 
 Weights are random (speed does not depend on them); both sides run greedy in the same --dtype on
-the same device with the same thread count, their runs interleaved. Method, identical for both providers: time a generation of 1
+the same device with the same thread count, their runs interleaved. fastlm's model is prepared as
+fastlm.generate.load prepares it (CPU Linear weights packed, fastlm.packed_linear; --no-pack
+measures without); transformers runs its model as from_pretrained gives it. Method, identical for both providers: time a generation of 1
 new token (= prefill + one sampling step) and one of 1 + N new tokens, each the median of
 --repeats runs; prefill tokens/s = B * prompt / t(1), decode tokens/s = B * N / (t(1 + N) - t(1)).
 Subtracting t(1) leaves only the N cached decode steps. transformers runs with
 min_new_tokens = max_new_tokens so neither side stops early.
 
-The server row starts fastlm.serve in-process on 127.0.0.1 and counts the tokens that
---server-clients concurrent streaming clients receive per second of wall time.
+The server row starts fastlm.serve in-process on 127.0.0.1 (continuous batching, one slot per
+client) and counts the tokens that --server-clients concurrent streaming clients receive per
+second of wall time; every answer must arrive complete.
 """
 from __future__ import annotations
 
@@ -32,6 +35,7 @@ from fastlm.config import model_preset
 from fastlm.export import export_hf
 from fastlm.generate import BatchDecoder, SamplingParams
 from fastlm.models.gpt import GPT
+from fastlm.packed_linear import pack_linears
 
 
 def _seconds(fn) -> float:
@@ -94,7 +98,7 @@ def server_throughput(model: GPT, clients: int, new: int) -> dict:
 
     lm = LoadedModel(model, Tokenizer.byte(), "bench", None)
     app = create_app(lm, limits=Limits(max_concurrency=clients, max_queue=clients,
-                                       max_tokens=new, batch_wait_ms=20))
+                                       max_tokens=new))
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
     url = f"http://127.0.0.1:{sock.getsockname()[1]}/v1/completions"
@@ -123,7 +127,7 @@ def server_throughput(model: GPT, clients: int, new: int) -> dict:
     thread.join(timeout=10)
     return {"provider": "fastlm.serve", "clients": clients, "tokens": sum(counts),
             "complete": sum(c == new for c in counts), "aggregate_tokens_per_s": sum(counts) / dt,
-            "wall_s": dt}
+            "wall_s": dt, "max_rows_decoded_together": app.state.engine.max_rows_seen}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -141,6 +145,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
     ap.add_argument("--backend", default="", help="fastlm.ops backend spec for fastlm's rows, "
                     "e.g. attention=torch (default: the dispatch table)")
+    ap.add_argument("--no-pack", action="store_true", help="fastlm without packed Linear "
+                    "weights (what load(pack=False) gives)")
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
     if args.threads:
@@ -166,6 +172,7 @@ def main(argv: list[str] | None = None) -> int:
                 hf = transformers.AutoModelForCausalLM.from_pretrained(
                     d, local_files_only=True).eval().to(device, dtype)
     model.to(dtype)
+    env["fastlm_packed_linears"] = 0 if args.no_pack else pack_linears(model)
     rows = []
     for B in (int(b) for b in args.batches.split(",")):
         prompts = torch.randint(0, model.config.vocab_size, (B, args.prompt))
@@ -188,6 +195,9 @@ def main(argv: list[str] | None = None) -> int:
         rows.append(srv)
         print(f"fastlm.serve  {srv['clients']} streaming clients: {srv['complete']}/"
               f"{srv['clients']} complete, {srv['aggregate_tokens_per_s']:.1f} tok/s aggregate")
+        if srv["complete"] != srv["clients"]:
+            print("fastlm.serve: some answers arrived incomplete", file=sys.stderr)
+            return 1
     for r in rows:
         r.update(env)
     if args.json:

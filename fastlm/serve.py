@@ -8,13 +8,14 @@ POST /v1/completions and POST /v1/chat/completions (JSON, or server-sent events 
 "stream": true). The API key (--api-key or FASTLM_API_KEY) is checked on every /v1 endpoint as
 "Authorization: Bearer KEY"; / and /health stay open. It binds to 127.0.0.1 unless told otherwise.
 
-Batching: requests go into a bounded queue; one worker thread takes up to --max-concurrency of
-them at a time (waiting --batch-wait-ms for company when the queue is short) and decodes them as
-one left-padded batch (fastlm.generate.BatchDecoder), each row with its own sampling settings
-and seed, streaming every row's text back to its own client as it is produced. Requests arriving
-while a batch runs wait for the next batch (dynamic batching, not continuous batching: a new row
-does not join a running batch). When the queue is full the server answers 429 with Retry-After.
-A client that disconnects has its row stopped at the next step.
+Batching: continuous. Requests wait in a bounded queue; one worker thread owns a
+fastlm.generate.ContinuousDecoder with --max-concurrency slots. Between two decode steps it
+admits waiting requests into free slots (each is prefilled alone and yields its first token),
+then runs one step for every active row together; a row that finishes (or whose client went
+away) leaves at once and frees its slot for the next request. So a request arriving while
+others decode joins the running batch at the next step instead of waiting for the batch to
+end. Each row keeps its own sampling settings, seed and position, and its tokens equal what it
+would get alone. When the queue is full the server answers 429 with Retry-After.
 
 Limits: a prompt may fill the context but one position (block_size - 1 tokens, else 400
 context_length_exceeded); max_tokens at most --max-tokens (else 400 too_many_tokens); an answer
@@ -29,6 +30,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import itertools
 import json
 import os
 import queue
@@ -43,7 +45,7 @@ from typing import Any
 from fastlm import checkpoint as ckpt
 from fastlm.chat import STOP as CHAT_STOP
 from fastlm.chat import format_chat
-from fastlm.generate import LoadedModel, SamplingParams, load, stream
+from fastlm.generate import ContinuousDecoder, LoadedModel, SamplingParams, load
 
 try:
     import uvicorn
@@ -59,12 +61,11 @@ WEB_PAGE = Path(__file__).parent / "web" / "index.html"
 
 @dataclass
 class Limits:
-    max_concurrency: int = 8  # rows decoded together in one batch
-    max_queue: int = 32  # requests waiting for a batch; more get 429
+    max_concurrency: int = 8  # rows decoded together (cache slots, each block_size long)
+    max_queue: int = 32  # requests waiting for a free slot; more get 429
     max_tokens: int = 512  # cap on a request's max_tokens
     max_body_bytes: int = 1_000_000
     max_prompt_tokens: int = 0  # 0 = the model's block_size - 1
-    batch_wait_ms: float = 5.0
 
 
 class ApiError(Exception):
@@ -82,7 +83,7 @@ class ApiError(Exception):
 
 
 # ---------------------------------------------------------------------------------------------
-# The engine: a bounded queue and one worker thread decoding batches
+# The engine: a bounded queue and one worker thread running continuous batching
 @dataclass
 class Job:
     prompt_ids: list[int]
@@ -98,6 +99,7 @@ class Engine:
         self.jobs: queue.Queue[Job] = queue.Queue(maxsize=limits.max_queue)
         self.busy_rows = 0
         self.tokens_out = 0
+        self.max_rows_seen = 0  # the most rows decoded together so far (tests, /health)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="fastlm-engine", daemon=True)
         self._thread.start()
@@ -117,48 +119,59 @@ class Engine:
         self._stop.set()
         self._thread.join(timeout=10)
 
-    def _take_batch(self) -> list[Job]:
-        try:
-            batch = [self.jobs.get(timeout=0.1)]
-        except queue.Empty:
-            return []
-        deadline = time.monotonic() + self.limits.batch_wait_ms / 1000
-        while len(batch) < self.limits.max_concurrency:
-            left = deadline - time.monotonic()
-            try:
-                batch.append(self.jobs.get_nowait() if left <= 0 else self.jobs.get(timeout=left))
-            except queue.Empty:
-                break
-        return [j for j in batch if not j.cancelled]
+    @staticmethod
+    def _send(job: Job, item) -> None:
+        job.loop.call_soon_threadsafe(job.out.put_nowait, item)
 
     def _run(self) -> None:
-        while not self._stop.is_set():
-            batch = self._take_batch()
-            if batch:
-                self._decode(batch)
+        dec = ContinuousDecoder(self.lm.model, self.lm.tokenizer, self.limits.max_concurrency)
+        running: dict[int, Job] = {}
+        ids = itertools.count()
 
-    def _decode(self, batch: list[Job]) -> None:
-        def send(job: Job, item) -> None:
-            job.loop.call_soon_threadsafe(job.out.put_nowait, item)
-
-        def cancel_gone(dec) -> None:
-            for r, job in enumerate(batch):
-                if job.cancelled or self._stop.is_set():
-                    dec.finish(r, "cancelled")
-
-        self.busy_rows = len(batch)
-        try:
-            for ev in stream(self.lm.model, self.lm.tokenizer, [j.prompt_ids for j in batch],
-                             [j.params for j in batch], decoder_hook=cancel_gone):
+        def deliver(events) -> None:
+            for ev in events:
+                job = running[ev.row]
                 self.tokens_out += ev.token is not None
-                send(batch[ev.row], ev)
-        except Exception as exc:  # noqa: BLE001 -- a bug must reach the clients, not kill the worker
-            for job in batch:
-                send(job, exc)
-        finally:
-            self.busy_rows = 0
-            for job in batch:
-                send(job, None)
+                self._send(job, ev)
+                if ev.finish_reason is not None:
+                    self._send(job, None)
+                    del running[ev.row]
+
+        while not self._stop.is_set():
+            # admit: block only while idle, otherwise take what is waiting, up to the free slots
+            while dec.free:
+                try:
+                    job = self.jobs.get(timeout=0.1) if not running else self.jobs.get_nowait()
+                except queue.Empty:
+                    break
+                if job.cancelled:
+                    continue
+                key = next(ids)
+                running[key] = job
+                try:
+                    deliver(dec.add(job.prompt_ids, job.params, key))
+                except Exception as exc:  # noqa: BLE001 -- this request's error, not the server's
+                    running.pop(key, None)
+                    self._send(job, exc)
+                    self._send(job, None)
+            for key, job in list(running.items()):  # clients that went away
+                if job.cancelled:
+                    deliver(dec.cancel(key))
+            self.busy_rows = dec.active
+            self.max_rows_seen = max(self.max_rows_seen, dec.active)
+            if not dec.active:
+                continue
+            try:
+                deliver(dec.step())
+            except Exception as exc:  # noqa: BLE001 -- a bug must reach the clients, not kill the worker
+                for key, job in list(running.items()):
+                    dec.cancel(key)
+                    self._send(job, exc)
+                    self._send(job, None)
+                running.clear()
+        for key, job in running.items():  # shutting down: end every open response
+            self._send(job, None)
+        self.busy_rows = 0
 
 
 # ---------------------------------------------------------------------------------------------
@@ -432,12 +445,11 @@ def main(argv: list[str] | None = None) -> int:
                     help="required as 'Authorization: Bearer KEY' (default $FASTLM_API_KEY)")
     d = Limits()
     ap.add_argument("--max-concurrency", type=int, default=d.max_concurrency,
-                    help="requests decoded together in one batch")
+                    help="requests decoded together (slots of the continuous batch)")
     ap.add_argument("--max-queue", type=int, default=d.max_queue,
-                    help="requests waiting for a batch before 429")
+                    help="requests waiting for a free slot before 429")
     ap.add_argument("--max-tokens", type=int, default=d.max_tokens, help="cap on max_tokens")
     ap.add_argument("--max-body-bytes", type=int, default=d.max_body_bytes)
-    ap.add_argument("--batch-wait-ms", type=float, default=d.batch_wait_ms)
     args = ap.parse_args(argv)
     for name in ("max_concurrency", "max_queue", "max_tokens", "max_body_bytes"):
         if getattr(args, name) < 1:
@@ -454,8 +466,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.host not in ("127.0.0.1", "localhost", "::1") and not args.api_key:
         print(f"fastlm.serve: warning: listening on {args.host} without --api-key: anyone who "
               "can reach this port can use the model", file=sys.stderr)
-    limits = Limits(args.max_concurrency, args.max_queue, args.max_tokens, args.max_body_bytes,
-                    batch_wait_ms=args.batch_wait_ms)
+    limits = Limits(args.max_concurrency, args.max_queue, args.max_tokens, args.max_body_bytes)
     app = create_app(lm, args.api_key, limits)
     print(f"fastlm.serve: {lm.name} ({', '.join(lm.notes)}) on http://{args.host}:{args.port}/",
           file=sys.stderr)

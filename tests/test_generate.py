@@ -1,10 +1,12 @@
 """KV-cache generation: cached logits equal a full forward (both flavours), padded batches equal
-single prompts, sampling filters, seeds, stop strings and ids, limits, the CLI."""
+single prompts, continuous batching (rows joining and leaving mid-run) equals single prompts,
+sampling filters, seeds, stop strings and ids, incremental text, limits, the CLI."""
 import pytest
 import torch
 
 from fastlm.generate import (
     BatchDecoder,
+    ContinuousDecoder,
     SamplingParams,
     TextStream,
     generate,
@@ -185,3 +187,105 @@ def test_padded_vocab_never_emits_undecodable_ids():
     assert max(dec.tokens[0]) >= 256  # unconstrained, the padding ids win
     text = generate(model, Tokenizer.byte(), "ab", max_new_tokens=4, temperature=1.0, seed=0)
     assert len(text.encode("utf-8", "surrogateescape")) >= 1
+
+
+def _solo(model, prompt, params):
+    dec = BatchDecoder(model, [prompt], params)
+    while not dec.done:
+        dec.step()
+    return dec.tokens[0], dec.finish_reason[0]
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_continuous_batching_equals_single_prompts(arch):
+    """Rows join while others are mid-answer, leave when done, and a freed slot (holding the
+    last row's stale keys) is reused: every row's tokens equal its solo greedy decode."""
+    model, tok = tiny_model(arch), Tokenizer.byte()
+    prompts = [[5, 9, 200, 7, 7, 1, 30], [42], [3, 4, 5, 6], [100, 101], [7] * 20]
+    params = [SamplingParams(max_new_tokens=9 + 2 * i, temperature=0) for i in range(5)]
+    dec = ContinuousDecoder(model, tok, slots=3)
+    k_ptr = dec.cache.k.data_ptr()
+    events = dec.add(prompts[0], params[0], 0)
+    for _ in range(3):
+        events += dec.step()
+    events += dec.add(prompts[1], params[1], 1)
+    events += dec.step()
+    events += dec.add(prompts[2], params[2], 2)
+    assert dec.free == 0
+    with pytest.raises(RuntimeError, match="slots"):
+        dec.add(prompts[3], params[3], 3)
+    waiting = [3, 4]
+    while dec.active or waiting:
+        while waiting and dec.free:
+            r = waiting.pop(0)
+            events += dec.add(prompts[r], params[r], r)
+        events += dec.step()
+    assert dec.cache.k.data_ptr() == k_ptr and dec.cache.active == 0
+    for r, (p, sp) in enumerate(zip(prompts, params)):
+        got = [e.token for e in events if e.row == r and e.token is not None]
+        want, reason = _solo(model, p, sp)
+        assert got == want, f"row {r}"
+        ends = [e.finish_reason for e in events if e.row == r and e.finish_reason]
+        assert ends == [reason]
+
+
+def test_continuous_batching_sampling_cancel_and_limits():
+    model, tok = tiny_model("llama", block_size=32), Tokenizer.byte()
+    sp = SamplingParams(max_new_tokens=12, temperature=1.0, top_k=40, seed=7,
+                        repetition_penalty=1.3)
+    want, _ = _solo(model, [1, 2, 3], sp)  # the same seed gives the same tokens in any batch
+    dec = ContinuousDecoder(model, tok, slots=2)
+    events = dec.add([9, 9, 9, 9], SamplingParams(max_new_tokens=30, temperature=0.7, seed=1), 0)
+    events += dec.add([1, 2, 3], sp, 1)
+    while 1 in dec.row_keys():
+        events += dec.step()
+    assert [e.token for e in events if e.row == 1 and e.token is not None] == want
+    last = dec.cancel(0)
+    assert [e.finish_reason for e in last] == ["cancelled"] and dec.active == 0
+    assert dec.cancel(0) == []
+    # the context ends a row with "length": after 30 prompt tokens in block_size 32, three new
+    # ones (the last is predicted at position 31 and never fed back), as BatchDecoder does
+    events = dec.add([5] * 30, SamplingParams(max_new_tokens=20, temperature=0), 2)
+    while dec.active:
+        events += dec.step()
+    assert sum(e.token is not None for e in events) == 3 and events[-1].finish_reason == "length"
+    with pytest.raises(ValueError, match="room for an answer"):
+        dec.add([5] * 32, SamplingParams(), 3)
+    with pytest.raises(ValueError, match="outside"):
+        dec.add([999], SamplingParams(), 3)
+    assert dec.active == 0  # a refused request holds no slot
+
+
+def test_continuous_batching_stop_string():
+    model, tok = tiny_model("gpt2"), Tokenizer.byte()
+    free, _ = _solo(model, [65, 66], SamplingParams(max_new_tokens=12, temperature=0))
+    text = tok.decode(free)
+    stop = text[3:5]  # a stop string the greedy answer is known to contain
+    dec = ContinuousDecoder(model, tok, slots=1)
+    events = dec.add([65, 66], SamplingParams(max_new_tokens=12, temperature=0, stop=(stop,)), 0)
+    while dec.active:
+        events += dec.step()
+    assert "".join(e.text for e in events) == text[:text.find(stop)]
+    assert events[-1].finish_reason == "stop"
+
+
+def test_text_stream_incremental_equals_whole_decode():
+    """O(1) per token, yet the same text as decoding everything: random byte streams with
+    multi-byte characters, invalid bytes and stop strings."""
+    tok = Tokenizer.byte()
+    g = torch.Generator().manual_seed(0)
+    pieces = [b"a", b"b", b"ab", "\u00e9".encode(), "\u20ac".encode(), "\U0001f600".encode(),
+              b"\xff", b"\n", b"END", b"E"]
+    for trial in range(200):
+        data = b"".join(pieces[i] for i in torch.randint(0, len(pieces), (20,), generator=g))
+        stop = (("END", "ab\u00e9") if trial % 2 else ())
+        ts = TextStream(tok, stop)
+        out = ""
+        for b in data:
+            out += ts.push(b)
+            if ts.stopped:
+                break
+        out += ts.flush()
+        whole = data.decode("utf-8", "replace")
+        cut = min([i for i in (whole.find(s) for s in stop) if i >= 0], default=len(whole))
+        assert out == whole[:cut] and ts.text == out, (data, stop)

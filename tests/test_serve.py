@@ -153,8 +153,7 @@ def test_concurrent_clients_all_complete(server, lm):
 
 
 def test_full_queue_is_429(lm):
-    srv = Server(create_app(lm, limits=Limits(max_concurrency=1, max_queue=1, max_tokens=64,
-                                              batch_wait_ms=0)))
+    srv = Server(create_app(lm, limits=Limits(max_concurrency=1, max_queue=1, max_tokens=64)))
     try:
         body = {"prompt": "x", "max_tokens": 60, "temperature": 0}
         with concurrent.futures.ThreadPoolExecutor(6) as pool:
@@ -175,3 +174,48 @@ def test_defaults_within_limits(server):
     assert 1 <= r.json()["usage"]["completion_tokens"] <= 64  # the server's cap, not 256
     r = post(server, "/v1/completions", {"prompt": "x", "max_tokens": True})
     assert r.status_code == 400 and r.json()["error"]["param"] == "max_tokens"
+
+
+def test_request_joins_running_batch(tmp_path):
+    """Continuous batching: a request sent while another is mid-answer starts streaming before
+    the first one ends (it joined the running batch, not a later one), both rows were decoded
+    together, and both answers equal their solo greedy outputs."""
+    save_checkpoint(tmp_path, tiny_model("gpt2", block_size=128))
+    lm = load(tmp_path)
+    slow = lm.model.forward_cached
+
+    def forward_cached(*args, **kwargs):  # ~10 ms a step: the first answer lasts ~0.6 s
+        time.sleep(0.01)
+        return slow(*args, **kwargs)
+
+    lm.model.forward_cached = forward_cached
+    srv = Server(create_app(lm, limits=Limits(max_concurrency=4, max_tokens=64)))
+    prompts = {"a": "the first request ", "b": "a second one"}
+    lengths = {"a": 60, "b": 8}
+    want = {k: generate(lm.model, lm.tokenizer, p, max_new_tokens=lengths[k], temperature=0)
+            for k, p in prompts.items()}
+    times: dict[str, list[float]] = {"a": [], "b": []}
+    texts = {"a": "", "b": ""}
+    a_started = threading.Event()
+
+    def one(k):
+        body = {"prompt": prompts[k], "max_tokens": lengths[k], "temperature": 0, "stream": True}
+        with httpx.stream("POST", srv.url + "/v1/completions", json=body, timeout=60) as r:
+            assert r.status_code == 200
+            for ln in r.iter_lines():
+                if ln.startswith("data: {"):
+                    texts[k] += json.loads(ln[6:])["choices"][0]["text"]
+                    times[k].append(time.monotonic())
+                    a_started.set()
+
+    try:
+        first = threading.Thread(target=one, args=("a",))
+        first.start()
+        assert a_started.wait(30)
+        one("b")
+        first.join(60)
+        assert texts == want
+        assert times["b"][0] < times["a"][-1], "the second request waited for the first to end"
+        assert srv.server.config.app.state.engine.max_rows_seen == 2
+    finally:
+        srv.stop()
