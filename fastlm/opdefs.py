@@ -80,7 +80,13 @@ def register_rms_norm(fwd: str, bwd: str) -> None:
 # The op returns per-row losses and the public function reduces them with plain torch ops, so the
 # gradient of every reduction ("mean", "sum", "none") is autograd's, and the kernel only ever sees
 # a per-row upstream gradient.
-def register_cross_entropy(fwd: str, bwd: str) -> None:
+# fwd_inplace(logits!, target, scale, ignore_index, label_smoothing, z_loss) -> loss (N,): the
+# loss and scale * dloss/dlogits written over logits. It has no autograd formula of its own (an
+# op that mutates an input cannot have one): CrossEntropyInplace below is its autograd.
+def register_cross_entropy(fwd: str, bwd: str, fwd_inplace: str | None = None) -> None:
+    """fwd_inplace defaults to fwd + "_inplace" where that op exists (the C++ one)."""
+    fwd_inplace = fwd_inplace or _sibling(fwd, "_inplace")
+
     @torch.library.register_fake(fwd)
     def _fwd_fake(logits, target, ignore_index, label_smoothing, z_loss):
         return _row_stats(logits), _row_stats(logits)
@@ -88,6 +94,11 @@ def register_cross_entropy(fwd: str, bwd: str) -> None:
     @torch.library.register_fake(bwd)
     def _bwd_fake(dloss, logits, target, lse, ignore_index, label_smoothing, z_loss):
         return torch.empty_like(logits)
+
+    if fwd_inplace is not None:
+        @torch.library.register_fake(fwd_inplace)
+        def _fwd_inplace_fake(logits, target, scale, ignore_index, label_smoothing, z_loss):
+            return _row_stats(logits)
 
     bwd_op = _op(bwd)
 
@@ -101,6 +112,68 @@ def register_cross_entropy(fwd: str, bwd: str) -> None:
         return bwd_op(dloss, logits, target, lse, *ctx.args), None, None, None, None
 
     torch.library.register_autograd(fwd, backward, setup_context=setup_context)
+
+
+class CrossEntropyInplace(torch.autograd.Function):
+    """Autograd of cross_entropy(..., inplace_backward=True): the forward runs a fused kernel
+    that returns the per-row losses and writes their gradient (times the reduction's scale) over
+    the logits; the backward only multiplies that stored gradient by the upstream gradient, in
+    place, and hands the logits' own storage back as their gradient. So no (N, V) gradient
+    buffer is ever allocated.
+
+    apply(logits, fused, reduce, scale, per_row):
+      fused(logits, scale) -> (N,) float32 losses, gradient written over logits
+      reduce(losses) -> the returned loss ((N,) for "none", a scalar otherwise)
+      scale: 0-dim float32 tensor on the logits' device (1/valid rows for "mean")
+      per_row: the upstream gradient is (N,) ("none") rather than a scalar
+
+    Safety: the logits' version counter is bumped, so any other autograd node that saved these
+    logits (or a view of their storage) fails loudly in its backward instead of using gradient
+    values as logits. One backward only (a second would rescale the gradient again). The logits
+    (and their view base) are marked with their version after each write: while it is
+    unchanged they hold a gradient, which holds_gradient() reports.
+    """
+
+    _MARK = "_fastlm_inplace_grad_version"
+
+    @staticmethod
+    def holds_gradient(t: torch.Tensor) -> bool:
+        """Whether t (or its view base) still holds a gradient written by this function."""
+        return any(u is not None and getattr(u, CrossEntropyInplace._MARK, None) == u._version
+                   for u in (t, t._base))
+
+    @staticmethod
+    def _mark(t: torch.Tensor) -> None:
+        for u in (t, t._base):
+            if u is not None:
+                setattr(u, CrossEntropyInplace._MARK, u._version)
+
+    @staticmethod
+    def forward(ctx, logits, fused, reduce, scale, per_row):
+        losses = fused(logits, scale)
+        torch.autograd.graph.increment_version(logits)
+        CrossEntropyInplace._mark(logits)
+        ctx.save_for_backward(logits)
+        ctx.per_row = per_row
+        ctx.done = False
+        return reduce(losses)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        if ctx.done:
+            raise RuntimeError("fastlm.ops.cross_entropy(inplace_backward=True): the gradient was "
+                               "written over the logits and is used up by the first backward; a "
+                               "second backward (retain_graph=True) is not supported")
+        ctx.done = True
+        (grad,) = ctx.saved_tensors  # (N, V): already d(loss)/d(logits) for a unit upstream
+        if ctx.per_row:
+            grad.mul_(grad_out.unsqueeze(-1))  # (N, V) * (N, 1)
+        elif grad_out.device.type != "cpu" or grad_out.item() != 1.0:
+            # loss.backward() hands 1: skip the pass where checking is free (a CPU value); on a
+            # GPU always multiply, since reading the value would cost a sync.
+            grad.mul_(grad_out)
+        CrossEntropyInplace._mark(grad)
+        return grad, None, None, None, None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -131,11 +204,31 @@ def register_linear_cross_entropy(fwd: str) -> None:
 
 # ---------------------------------------------------------------------------------------------
 # adamw_step(params!, grads, exp_avgs!, exp_avg_sqs!, step, lr, beta1, beta2, eps, wd) -> ():
-# in place, no outputs, no autograd (optimizer steps run under no_grad).
-def register_adamw_step(name: str) -> None:
+# in place, no outputs, no autograd (optimizer steps run under no_grad). Its variants:
+# adamw_step_master(params!, grads, exp_avgs!, exp_avg_sqs!, master_params!, step, lr, ...) and
+# adamw_step_capturable(params!, grads, exp_avgs!, exp_avg_sqs!, master_params!, steps, lr
+# tensor, ...) (see csrc/adamw_step/adamw_step_cpu.cpp).
+def register_adamw_step(name: str, master: str | None = None,
+                        capturable: str | None = None) -> None:
+    """master and capturable default to name + "_master" / "_capturable" where those ops exist
+    (the C++ ones)."""
     @torch.library.register_fake(name)
     def _fake(params, grads, exp_avgs, exp_avg_sqs, step, lr, beta1, beta2, eps, weight_decay):
         return None
+
+    master = master or _sibling(name, "_master")
+    if master is not None:
+        @torch.library.register_fake(master)
+        def _master_fake(params, grads, exp_avgs, exp_avg_sqs, master_params, step, lr, beta1,
+                         beta2, eps, weight_decay):
+            return None
+
+    capturable = capturable or _sibling(name, "_capturable")
+    if capturable is not None:
+        @torch.library.register_fake(capturable)
+        def _capturable_fake(params, grads, exp_avgs, exp_avg_sqs, master_params, steps, lr,
+                             beta1, beta2, eps, weight_decay):
+            return None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -166,6 +259,12 @@ def register_attention(fwd: str, bwd: str) -> None:
         return dq, dk, dv, None, None, None
 
     torch.library.register_autograd(fwd, backward, setup_context=setup_context)
+
+
+def _sibling(qualname: str, suffix: str) -> str | None:
+    """qualname + suffix if that op is registered (a native library built before it lacks it)."""
+    namespace, name = qualname.split("::")
+    return f"{qualname}{suffix}" if hasattr(getattr(torch.ops, namespace), name + suffix) else None
 
 
 def _op(qualname: str):

@@ -25,7 +25,7 @@ import os
 import torch
 import torch.nn.functional as F
 
-from fastlm import native, reference
+from fastlm import native, opdefs, reference
 
 BACKENDS = ("reference", "torch", "cpu", "cuda", "triton")
 
@@ -300,12 +300,20 @@ def _reduce_rows(losses: torch.Tensor, target: torch.Tensor, ignore_index: int,
 
 def cross_entropy(logits: torch.Tensor, target: torch.Tensor, ignore_index: int = -100,
                   reduction: str = "mean", label_smoothing: float = 0.0, z_loss: float = 0.0,
-                  backend: str | None = None) -> torch.Tensor:
+                  backend: str | None = None, inplace_backward: bool = False) -> torch.Tensor:
     """logits (N, V), target (N,) integers -> float32 scalar ("mean", "sum") or (N,) ("none").
 
     Per row: (1 - label_smoothing) * nll + label_smoothing * (cross-entropy against the uniform
     distribution, torch's definition) + z_loss * logsumexp^2 (PaLM's z-loss). Rows whose target
     is ignore_index contribute 0 and get a zero gradient. Computed in float32 for every dtype.
+
+    inplace_backward=True saves the (N, V) gradient buffer: the forward also computes the
+    gradient and writes it over the logits' own storage, and the backward only scales it by the
+    upstream gradient. The caller gives the logits up: after the call they hold the gradient,
+    not logits, so nothing else may need them (autograd's version counter makes any other node
+    that saved them fail in its backward). The logits must require grad, be contiguous and not
+    be a leaf or a view of one (a parameter or a user's input would be overwritten); one
+    backward only, and a second call on the same logits is refused. Not traced by torch.compile.
     """
     if logits.dim() != 2 or logits.shape[1] == 0:
         raise ValueError("fastlm.ops.cross_entropy: logits must be (N, V) with V >= 1, got "
@@ -320,6 +328,9 @@ def cross_entropy(logits: torch.Tensor, target: torch.Tensor, ignore_index: int 
     if z_loss < 0.0:
         raise ValueError(f"fastlm.ops.cross_entropy: z_loss must be >= 0, got {z_loss}")
     impl = select_backend("cross_entropy", logits.device, backend)
+    if inplace_backward:
+        return _cross_entropy_inplace(logits, target, ignore_index, reduction,
+                                      float(label_smoothing), float(z_loss), impl)
     if impl == "reference":
         return reference.cross_entropy(logits, target, ignore_index, reduction, label_smoothing,
                                        z_loss)
@@ -336,6 +347,57 @@ def cross_entropy(logits: torch.Tensor, target: torch.Tensor, ignore_index: int 
     losses, _lse = _native("cross_entropy", impl)(logits, target, ignore_index,
                                                   float(label_smoothing), float(z_loss))
     return _reduce_rows(losses, target, ignore_index, reduction)
+
+
+# Rows per chunk of the torch backend's in-place cross-entropy: its float32 temporaries are a
+# few (rows, V) tensors, ~64 MiB each at 16M elements, instead of (N, V) ones.
+_INPLACE_CHUNK_ELEMENTS = 1 << 24
+
+def _cross_entropy_inplace(logits, target, ignore_index, reduction, label_smoothing, z_loss,
+                           impl):
+    where = "fastlm.ops.cross_entropy(inplace_backward=True)"
+    if not (torch.is_grad_enabled() and logits.requires_grad):
+        raise ValueError(f"{where}: the logits do not require grad (or grad mode is off), so "
+                         "there is no gradient to write over them; call without "
+                         "inplace_backward")
+    if logits.is_leaf or (logits._base is not None and logits._base.is_leaf):
+        raise ValueError(f"{where}: the logits are a leaf tensor or a view of one (a parameter "
+                         "or a user's input): overwriting them would destroy data someone else "
+                         "owns; pass logits computed by the model (e.g. the output head's "
+                         "result), or call without inplace_backward")
+    if not logits.is_contiguous():
+        raise ValueError(f"{where}: the logits must be contiguous (strides {logits.stride()}); a "
+                         "contiguous copy would cost the memory this option saves; call "
+                         "without inplace_backward")
+    if opdefs.CrossEntropyInplace.holds_gradient(logits):
+        raise RuntimeError(f"{where}: these logits already hold the gradient written by an "
+                           "earlier inplace_backward call (their values are no longer logits); "
+                           "compute the logits again")
+    if impl not in ("reference", "torch"):
+        _native_dtype_ok("cross_entropy", impl, logits)
+    valid = (target != ignore_index).sum()
+    if reduction == "mean":
+        scale = valid.float().reciprocal()  # 0-dim on the device: no sync
+    else:
+        scale = torch.ones((), device=logits.device)
+
+    def fused(x, s):  # (N, V), () -> (N,): losses, s * gradient written over x
+        if impl == "reference":
+            return reference.cross_entropy_grad_(x, target, s, ignore_index, label_smoothing,
+                                                 z_loss)
+        if impl == "torch":  # plain torch ops, a chunk of rows at a time
+            rows = max(1, _INPLACE_CHUNK_ELEMENTS // x.shape[1])
+            return torch.cat([
+                reference.cross_entropy_grad_(x[i:i + rows], target[i:i + rows], s,
+                                              ignore_index, label_smoothing, z_loss).float()
+                for i in range(0, x.shape[0], rows)]) if x.shape[0] else x.new_zeros(0).float()
+        return _native("cross_entropy", impl, "fwd_inplace")(x, target, s, ignore_index,
+                                                             label_smoothing, z_loss)
+
+    def reduce(losses):
+        return _reduce_rows(losses, target, ignore_index, reduction)
+
+    return opdefs.CrossEntropyInplace.apply(logits, fused, reduce, scale, reduction == "none")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -417,31 +479,78 @@ def _linear_cross_entropy_rows(h, weight, target, ignore_index, rows, impl):
 # AdamW step
 @torch.no_grad()
 def adamw_step(params: list[torch.Tensor], grads: list[torch.Tensor],
-               exp_avgs: list[torch.Tensor], exp_avg_sqs: list[torch.Tensor], step: int,
-               lr: float, beta1: float, beta2: float, eps: float, weight_decay: float,
-               backend: str | None = None) -> None:
+               exp_avgs: list[torch.Tensor], exp_avg_sqs: list[torch.Tensor],
+               step: int | list[torch.Tensor], lr: float | torch.Tensor, beta1: float,
+               beta2: float, eps: float, weight_decay: float, backend: str | None = None,
+               master_params: list[torch.Tensor] | None = None) -> None:
     """One AdamW update, in place, of every tensor in `params` (decoupled weight decay, bias
     correction for `step`, which counts from 1). Lists are parallel and on one device; states
-    are float32 or the parameter's dtype (the native kernels compute in float32 either way)."""
-    if not (len(params) == len(grads) == len(exp_avgs) == len(exp_avg_sqs)):
+    are float32 or the parameter's dtype (the native kernels compute in float32 either way).
+
+    Capturable form: `step` a list of one-element float32 tensors on the parameters' device, one
+    per parameter and already incremented (torch.optim.AdamW's state["step"] when capturable),
+    and `lr` a float or a one-element tensor on that device. The kernels read them on the
+    device, so the call needs no host sync and can be captured in a CUDA graph.
+
+    master_params: None, or one float32 tensor per parameter (float32 states required): the
+    update is applied to the master copy and each parameter receives it rounded to its own
+    dtype (float32 master weights for bf16/fp16 parameters).
+    """
+    n = len(params)
+    if not (n == len(grads) == len(exp_avgs) == len(exp_avg_sqs)):
         raise ValueError("fastlm.ops.adamw_step: params, grads, exp_avgs and exp_avg_sqs must have "
                          "equal lengths")
-    if step < 1:
+    capturable = isinstance(step, (list, tuple))
+    if capturable and len(step) != n:
+        raise ValueError(f"fastlm.ops.adamw_step: step as tensors needs one per parameter, got "
+                         f"{len(step)} for {n} parameters")
+    if not capturable and isinstance(lr, torch.Tensor):
+        raise TypeError("fastlm.ops.adamw_step: lr is a tensor but step is an int; pass step as "
+                        "a list of tensors too (the capturable form), or lr as a float")
+    if not capturable and step < 1:
         raise ValueError(f"fastlm.ops.adamw_step: step counts from 1, got {step}")
+    if master_params is not None and len(master_params) != n:
+        raise ValueError(f"fastlm.ops.adamw_step: master_params needs one tensor per parameter, "
+                         f"got {len(master_params)} for {n} parameters")
     if not params:
         return
-    impl = select_backend("adamw_step", params[0].device, backend)
+    device = params[0].device
+    if capturable and not isinstance(lr, torch.Tensor):
+        lr = torch.full((), lr, dtype=torch.float64, device=device)  # a fill kernel, no copy
+    impl = select_backend("adamw_step", device, backend)
     if impl == "reference":
         reference.adamw_step(params, grads, exp_avgs, exp_avg_sqs, step, lr, beta1, beta2, eps,
-                             weight_decay)
+                             weight_decay, master_params)
         return
     if impl == "torch":
-        steps = [torch.tensor(float(step), device=params[0].device)] * len(params)
-        torch._fused_adamw_(params, grads, exp_avgs, exp_avg_sqs, [], steps, lr=lr, beta1=beta1,
-                            beta2=beta2, weight_decay=weight_decay, eps=eps, amsgrad=False,
-                            maximize=False)
+        _torch_adamw_step(params, grads, exp_avgs, exp_avg_sqs, step, lr, beta1, beta2, eps,
+                          weight_decay, master_params)
         return
     for p in params:
         _native_dtype_ok("adamw_step", impl, p)
-    _native("adamw_step", impl, "")(params, grads, exp_avgs, exp_avg_sqs, float(step), lr, beta1,
-                                    beta2, eps, weight_decay)
+    hyper = (beta1, beta2, eps, weight_decay)
+    if capturable:
+        _native("adamw_step", impl, "capturable")(params, grads, exp_avgs, exp_avg_sqs,
+                                                   master_params or [], list(step), lr, *hyper)
+    elif master_params is not None:
+        _native("adamw_step", impl, "master")(params, grads, exp_avgs, exp_avg_sqs, master_params,
+                                               float(step), lr, *hyper)
+    else:
+        _native("adamw_step", impl, "")(params, grads, exp_avgs, exp_avg_sqs, float(step), lr,
+                                        *hyper)
+
+
+def _torch_adamw_step(params, grads, exp_avgs, exp_avg_sqs, step, lr, beta1, beta2, eps,
+                      weight_decay, master_params):
+    """torch's fused AdamW kernel (the peer); with master weights it updates the float32 masters
+    from float32 copies of the gradients and copies them, rounded, into the parameters."""
+    steps = (list(step) if isinstance(step, (list, tuple))
+             else [torch.tensor(float(step), device=params[0].device)] * len(params))
+    targets, grads_in = params, grads
+    if master_params is not None:
+        targets, grads_in = master_params, [g.float() for g in grads]
+    torch._fused_adamw_(targets, grads_in, exp_avgs, exp_avg_sqs, [], steps, lr=lr, beta1=beta1,
+                        beta2=beta2, weight_decay=weight_decay, eps=eps, amsgrad=False,
+                        maximize=False)
+    if master_params is not None:
+        torch._foreach_copy_(params, master_params)

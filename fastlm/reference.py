@@ -99,6 +99,30 @@ def cross_entropy(logits: torch.Tensor, target: torch.Tensor, ignore_index: int 
     return loss.sum() / valid.sum()
 
 
+def cross_entropy_grad_(logits: torch.Tensor, target: torch.Tensor, scale: torch.Tensor,
+                        ignore_index: int = -100, label_smoothing: float = 0.0,
+                        z_loss: float = 0.0) -> torch.Tensor:
+    """The loss of each row (N,) in float32, with scale * dloss_r/dlogits_r written over logits
+    (N, V) in place (what cross_entropy(..., inplace_backward=True) does). scale: a 0-dim tensor,
+    the upstream gradient of every row's loss. With p = softmax(x), per row (0 if ignored):
+
+        dloss/dx_j = p_j * (1 + 2 z_loss lse) - label_smoothing / V - (1 - label_smoothing) [j == t]
+
+    Written out rather than taken from autograd, so tests compare it with autograd's gradient.
+    The reference computes in full float32 before copying back: it saves no memory.
+    """
+    x = logits.to(_compute_dtype(logits))  # (N, V)
+    V = x.shape[-1]
+    loss = cross_entropy(x, target, ignore_index, "none", label_smoothing, z_loss)  # (N,)
+    lse = x.logsumexp(dim=-1, keepdim=True)  # (N, 1)
+    grad = torch.exp(x - lse) * (1 + 2 * z_loss * lse) - label_smoothing / V
+    grad.scatter_add_(-1, target.clamp(min=0).unsqueeze(-1),
+                      torch.full_like(lse, -(1 - label_smoothing)))
+    grad = grad * ((target != ignore_index).unsqueeze(-1) * scale.to(x.dtype))
+    logits.copy_(grad)
+    return loss
+
+
 def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, target: torch.Tensor,
                          ignore_index: int = -100, reduction: str = "mean") -> torch.Tensor:
     """cross_entropy(hidden @ weight^T, target): the output head and its loss in one op.
@@ -113,8 +137,10 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, target: tor
 
 
 def adamw_step(params: list[torch.Tensor], grads: list[torch.Tensor],
-               exp_avgs: list[torch.Tensor], exp_avg_sqs: list[torch.Tensor], step: int,
-               lr: float, beta1: float, beta2: float, eps: float, weight_decay: float) -> None:
+               exp_avgs: list[torch.Tensor], exp_avg_sqs: list[torch.Tensor],
+               step: int | list[torch.Tensor], lr: float | torch.Tensor, beta1: float,
+               beta2: float, eps: float, weight_decay: float,
+               master_params: list[torch.Tensor] | None = None) -> None:
     """One AdamW update in place (torch.optim.AdamW's formula, amsgrad and maximize off):
 
         p   <- p * (1 - lr * weight_decay)                  (decoupled weight decay)
@@ -123,16 +149,25 @@ def adamw_step(params: list[torch.Tensor], grads: list[torch.Tensor],
         p   <- p - lr / (1 - beta1^step) * m / (sqrt(v) / sqrt(1 - beta2^step) + eps)
 
     Computed in float32 (float64 for float64 tensors) and stored back in each tensor's dtype.
-    step counts from 1.
+    step counts from 1: an int, or one 0-dim tensor per parameter (the capturable form, as
+    torch.optim.AdamW keeps state["step"]); lr a float or a 0-dim tensor. master_params: None, or
+    one float32 tensor per parameter that stands for p in the formula (float32 master weights);
+    the parameter then receives the updated master copy rounded to its dtype.
     """
-    bias1, bias2 = 1 - beta1 ** step, 1 - beta2 ** step
-    for p, g, m, v in zip(params, grads, exp_avgs, exp_avg_sqs):
+    steps = step if isinstance(step, (list, tuple)) else [step] * len(params)
+    masters = master_params if master_params is not None else [None] * len(params)
+    for p, g, m, v, s, w in zip(params, grads, exp_avgs, exp_avg_sqs, steps, masters):
         dt = _compute_dtype(p)
-        pf, gf, mf, vf = p.to(dt), g.to(dt), m.to(dt), v.to(dt)
+        s = s.double() if isinstance(s, torch.Tensor) else s  # bias corrections in double
+        bias1, bias2 = 1 - beta1 ** s, 1 - beta2 ** s
+        pf = (p if w is None else w).to(dt)
+        gf, mf, vf = g.to(dt), m.to(dt), v.to(dt)
         pf = pf * (1 - lr * weight_decay)
         mf = beta1 * mf + (1 - beta1) * gf
         vf = beta2 * vf + (1 - beta2) * gf * gf
-        pf = pf - (lr / bias1) * mf / (vf.sqrt() / math.sqrt(bias2) + eps)
+        pf = pf - (lr / bias1) * mf / (vf.sqrt() / bias2 ** 0.5 + eps)
+        if w is not None:
+            w.copy_(pf)
         p.copy_(pf)
         m.copy_(mf)
         v.copy_(vf)

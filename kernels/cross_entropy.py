@@ -1,7 +1,9 @@
-"""Triton cross_entropy, forward and backward: the ops fastlm::cross_entropy_fwd_triton and
-fastlm::cross_entropy_bwd_triton (same schemas and semantics as the C++ fastlm::cross_entropy_*),
-and loss_and_grad_(), the fused forward + backward that overwrites logits with their gradient
-(used by linear_cross_entropy, whose chunks of logits are scratch).
+"""Triton cross_entropy, forward and backward: the ops fastlm::cross_entropy_fwd_triton,
+fastlm::cross_entropy_bwd_triton and fastlm::cross_entropy_fwd_inplace_triton (same schemas and
+semantics as the C++ fastlm::cross_entropy_*; the last one is the fused forward + backward that
+overwrites the logits with their gradient, for ops.cross_entropy(..., inplace_backward=True)),
+and loss_and_grad_(), the same fused kernel for linear_cross_entropy, whose chunks of logits are
+scratch.
 
 Per row x (V,), target t, lse = logsumexp(x), eps = label_smoothing, z = z_loss:
     loss       = (1 - eps) * (lse - x_t) + eps * (lse - mean(x)) + z * lse^2
@@ -108,15 +110,19 @@ def _ce_fwd_grad_kernel(
     t_ptr,      # (N,) int64
     loss_ptr,   # (N,) float32
     scale_ptr,  # () float32: the upstream gradient of every row's loss
-    V, ignore_index,
+    V, ignore_index, label_smoothing, z_loss,
+    HAS_SMOOTHING: tl.constexpr,
     BLOCK_V: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     x_row = x_ptr + row * V
     target = tl.load(t_ptr + row)
-    lse, xs = _row_lse(x_row, V, BLOCK_V, False)
-    tl.store(loss_ptr + row, _row_loss(x_row, target, ignore_index, lse, xs, V, 0.0, 0.0, False))
-    _row_grad(x_row, x_row, target, ignore_index, lse, tl.load(scale_ptr), V, 0.0, 0.0, BLOCK_V)
+    lse, xs = _row_lse(x_row, V, BLOCK_V, HAS_SMOOTHING)
+    # The loss reads x[target] before _row_grad overwrites the row (same program, in order).
+    tl.store(loss_ptr + row, _row_loss(x_row, target, ignore_index, lse, xs, V, label_smoothing,
+                                       z_loss, HAS_SMOOTHING))
+    _row_grad(x_row, x_row, target, ignore_index, lse, tl.load(scale_ptr), V, label_smoothing,
+              z_loss, BLOCK_V)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -191,19 +197,43 @@ def cross_entropy_bwd_triton(dloss: torch.Tensor, logits: torch.Tensor, target: 
 
 
 def loss_and_grad_(logits: torch.Tensor, target: torch.Tensor, scale: torch.Tensor,
-                   ignore_index: int, loss_out: torch.Tensor) -> None:
+                   ignore_index: int, loss_out: torch.Tensor, label_smoothing: float = 0.0,
+                   z_loss: float = 0.0, op: str = "linear_cross_entropy_fwd_triton") -> None:
     """Fused forward + backward, in place: writes each row's loss into loss_out (n,) float32 and
     overwrites logits (n, V), contiguous, with scale * dloss/dlogits. scale: 0-dim float32
-    tensor (read on the device: no sync). Not an op: a helper of linear_cross_entropy's op."""
-    _check("linear_cross_entropy_fwd_triton", logits, target, ignore_index)
+    tensor (read on the device: no sync). Not an op: the kernel call shared by the ops
+    cross_entropy_fwd_inplace_triton and linear_cross_entropy_fwd_triton (`op` names the caller
+    in errors)."""
+    _check(op, logits, target, ignore_index)
     assert logits.is_contiguous() and loss_out.is_contiguous()
     N, V = logits.shape
     if N == 0:
         return
     block_v, num_warps = _block_v(V)
-    _ce_fwd_grad_kernel[(N,)](logits, target, loss_out, scale, V, ignore_index,
-                              BLOCK_V=block_v, num_warps=num_warps)
+    _ce_fwd_grad_kernel[(N,)](logits, target, loss_out, scale, V, ignore_index, label_smoothing,
+                              z_loss, HAS_SMOOTHING=label_smoothing != 0.0, BLOCK_V=block_v,
+                              num_warps=num_warps)
+
+
+@torch.library.custom_op("fastlm::cross_entropy_fwd_inplace_triton", mutates_args=("logits",))
+def cross_entropy_fwd_inplace_triton(logits: torch.Tensor, target: torch.Tensor,
+                                     scale: torch.Tensor, ignore_index: int,
+                                     label_smoothing: float, z_loss: float) -> torch.Tensor:
+    """logits (N, V) contiguous, target (N,) int64, scale one float32 value on the logits'
+    device -> per-row loss (N,) float32; scale * dloss/dlogits is written over logits."""
+    op = "cross_entropy_fwd_inplace_triton"
+    if not logits.is_contiguous():
+        raise ValueError(f"fastlm::{op}: 'logits' must be contiguous (their gradient is written "
+                         "into their own storage)")
+    if scale.numel() != 1 or scale.device != logits.device:
+        raise ValueError(f"fastlm::{op}: 'scale' must be one value on {logits.device}, got shape "
+                         f"{tuple(scale.shape)} on {scale.device}")
+    loss = utils.empty_output((logits.shape[0],), torch.float32, logits.device)
+    loss_and_grad_(logits, target.contiguous(), scale.float().reshape(()), ignore_index, loss,
+                   label_smoothing, z_loss, op)
+    return loss
 
 
 opdefs.register_cross_entropy("fastlm::cross_entropy_fwd_triton",
-                              "fastlm::cross_entropy_bwd_triton")
+                              "fastlm::cross_entropy_bwd_triton",
+                              "fastlm::cross_entropy_fwd_inplace_triton")

@@ -147,3 +147,155 @@ def test_bad_input_is_a_clear_error(backend):
             ops.cross_entropy(x, torch.tensor([1, 2, -100, 8]), backend=backend)
         with pytest.raises(TypeError, match="float64"):
             ops.cross_entropy(x.double(), t, backend=backend)
+
+
+# ---------------------------------------------------------------------------------------------
+# inplace_backward=True: the gradient written over the logits
+INPLACE_SHAPES = [(1, 7), (19, 1025), (5, 32003), (3, 50257)]
+
+
+def inplace_fn(backend, target, reduction, **kw):
+    """The loss with inplace_backward=True, of a copy of x (the logits must not be a leaf:
+    the copy stands for the output head's result; its backward passes the gradient through)."""
+    return lambda x: ops.cross_entropy(x.clone(), target, reduction=reduction, backend=backend,
+                                       inplace_backward=True, **kw)
+
+
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("shape", INPLACE_SHAPES, ids=str)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("backend", ["reference", "torch", "cpu", "cuda", "triton"])
+def test_inplace_backward_matches(device, backend, dtype, shape, reduction):
+    """Loss and gradient with inplace_backward=True against the reference (the tolerance rules)
+    and, in float32, against the same backend's normal path."""
+    require_backend(OP, backend, device)
+    skip_slow(backend, device, shape[1])
+    logits, target = make_inputs(*shape, dtype, device)
+    kw = {"label_smoothing": 0.1, "z_loss": 1e-3} if shape[0] > 1 else {}
+    ours = forward_backward(inplace_fn(backend, target, reduction, **kw), [logits])
+    ref = forward_backward(lambda x: reference.cross_entropy(x, target, reduction=reduction, **kw),
+                           fp32_copies([logits]))
+    lowp = None
+    if dtype != torch.float32:
+        lowp = forward_backward(lambda x: reference.cross_entropy(x, target, reduction=reduction,
+                                                                  **kw), lowp_copies([logits], dtype))
+        lowp = (lowp[0], [g.to(dtype) for g in lowp[1]])  # torch's bf16 gradient is stored in bf16
+    compare_with_reference(f"{OP}[{backend}, {reduction}, inplace]", dtype, ours, ref, lowp)
+    assert ours[1][0].dtype == dtype
+    if dtype == torch.float32:
+        normal = forward_backward(lambda x: ops.cross_entropy(x, target, reduction=reduction,
+                                                              backend=backend, **kw), [logits])
+        compare_with_reference(f"{OP}[{backend}, {reduction}, inplace vs normal]", dtype, ours,
+                               normal)
+
+
+class LargeAllocations(torch.utils._python_dispatch.TorchDispatchMode):
+    """Records every op output of at least `numel` elements that does not live in `storage`."""
+
+    def __init__(self, numel, storage_ptr):
+        super().__init__()
+        self.numel, self.storage_ptr, self.found = numel, storage_ptr, []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in out if isinstance(out, (list, tuple)) else [out]:
+            if (isinstance(t, torch.Tensor) and t.numel() >= self.numel
+                    and t.untyped_storage().data_ptr() != self.storage_ptr):
+                self.found.append(f"{func} -> {tuple(t.shape)}")
+        return out
+
+
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("backend", ["cpu", "cuda", "triton"])
+def test_inplace_backward_allocates_no_gradient_buffer(device, backend, dtype, reduction):
+    """The gradient autograd hands back is the logits' own storage, and forward + backward create
+    no other (N, V) tensor; the normal path creates one (its dlogits)."""
+    require_backend(OP, backend, device)
+    N, V = 12, 1031
+    leaf, target = make_inputs(N, V, dtype, device)
+    for inplace in (False, True):
+        logits = leaf * 1.0  # (N, V), what an output head would return
+        ptr = logits.untyped_storage().data_ptr()
+        with LargeAllocations(N * V, ptr) as mode:
+            loss = ops.cross_entropy(logits, target, reduction=reduction, backend=backend,
+                                     inplace_backward=inplace)
+            (grad,) = torch.autograd.grad(loss, logits, torch.ones_like(loss))
+        if inplace:
+            assert grad.untyped_storage().data_ptr() == ptr, "the gradient is not in the logits"
+            assert not mode.found, f"(N, V) buffers allocated: {mode.found}"
+        else:
+            assert mode.found, "the normal path should allocate dlogits (the test's premise)"
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs an NVIDIA GPU")
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+def test_inplace_backward_lowers_peak_memory_on_gpu(backend):
+    device = torch.device("cuda")
+    require_backend(OP, backend, device)
+    N, V = 2048, 50257
+    leaf, target = make_inputs(N, V, torch.bfloat16, device)
+    peaks = {}
+    for inplace in (False, True):
+        logits = leaf.detach() * 1.0
+        logits.requires_grad_()
+        logits = logits * 1.0  # a non-leaf, as an output head's result
+        torch.cuda.synchronize()
+        start = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        loss = ops.cross_entropy(logits, target, backend=backend, inplace_backward=inplace)
+        (grad,) = torch.autograd.grad(loss, logits)
+        torch.cuda.synchronize()
+        peaks[inplace] = torch.cuda.max_memory_allocated() - start
+        del loss, grad, logits
+    nbytes = N * V * 2
+    assert peaks[True] < 0.1 * nbytes, peaks  # no (N, V) buffer at all
+    assert peaks[False] >= nbytes, peaks
+
+
+@pytest.mark.parametrize("backend", ["reference", "torch", "cpu", "triton"])
+def test_inplace_backward_refuses_unsafe_use(backend):
+    require_backend(OP, backend, torch.device("cpu"))
+    leaf, target = make_inputs(4, 33, torch.float32, torch.device("cpu"))
+
+    def ce(x, **kw):
+        return ops.cross_entropy(x, target, backend=backend, inplace_backward=True, **kw)
+
+    with pytest.raises(ValueError, match="do not require grad"):
+        ce(leaf.detach() * 1.0)
+    with torch.no_grad(), pytest.raises(ValueError, match="do not require grad"):
+        ce(leaf * 1.0)
+    with pytest.raises(ValueError, match="leaf tensor"):
+        ce(leaf)
+    with pytest.raises(ValueError, match="leaf tensor"):
+        ce(leaf.view(4, 33))
+    with pytest.raises(ValueError, match="contiguous"):
+        ce((leaf * 1.0).t().contiguous().t())
+    logits = leaf * 1.0
+    loss = ce(logits)
+    with pytest.raises(RuntimeError, match="already hold the gradient"):
+        ce(logits)
+    with pytest.raises(RuntimeError, match="already hold the gradient"):
+        ce(logits.view(2, 2, 33).view(4, 33))  # another view of the same storage
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="second backward"):
+        loss.backward()
+    # Another node that saved the logits notices they were overwritten.
+    logits = leaf * 1.0
+    other = (logits * logits).sum()  # mul saves logits for its backward
+    ce(logits).backward()
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        other.backward()
+    if backend in ("cpu", "triton"):
+        with pytest.raises(TypeError, match="float64"):
+            ce(leaf.double() * 1.0)
+
+
+@pytest.mark.parametrize("backend", ["cpu", "triton", "cuda"])
+def test_inplace_opcheck(device, backend):
+    require_backend(OP, backend, device)
+    op = ops._native(OP, backend, "fwd_inplace")
+    logits, target = make_inputs(6, 37, torch.float32, device)
+    scale = torch.tensor(0.25, device=device)
+    torch.library.opcheck(op, (logits.detach().clone(), target, scale, -100, 0.1, 1e-3))

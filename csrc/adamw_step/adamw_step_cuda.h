@@ -13,10 +13,14 @@
 namespace fastlm {
 namespace gpu {
 
+// master: nullptr, or a float32 master copy per tensor (then S is float). steps and lr: nullptr
+// (constants `c` from the host), or one device float32 step per tensor and a device double lr
+// (capturable: the kernel computes the constants from them and the step-free hyperparameters h).
 template <typename P, typename S>
 cudaError_t adamw_step(P* const* params, const P* const* grads, S* const* exp_avgs,
-                       S* const* exp_avg_sqs, const int64_t* numels, int64_t n_tensors,
-                       const AdamWConsts& c, cudaStream_t stream);
+                       S* const* exp_avg_sqs, float* const* master, const float* const* steps,
+                       const double* lr, const int64_t* numels, int64_t n_tensors,
+                       const AdamWConsts& c, const AdamWHyper& h, cudaStream_t stream);
 
 }  // namespace gpu
 }  // namespace fastlm

@@ -1,6 +1,7 @@
-// C++ CPU kernels of cross_entropy (forward and backward) and their registration for CPU tensors.
-// logits (N, V) in float32/bf16/fp16, target (N,) int64. Row math in float32 (cross_entropy_rows.h)
-// whatever the logits' dtype; parallel over rows with at::parallel_for.
+// C++ CPU kernels of cross_entropy (forward, backward, and the fused forward that writes the
+// gradient over the logits) and their registration for CPU tensors. logits (N, V) in
+// float32/bf16/fp16, target (N,) int64. Row math in float32 (cross_entropy_rows.h) whatever the
+// logits' dtype; parallel over rows with at::parallel_for.
 #include <tuple>
 #include <type_traits>
 #include <vector>
@@ -112,11 +113,65 @@ at::Tensor cross_entropy_bwd_cpu(const at::Tensor& dloss, const at::Tensor& logi
   return dx;
 }
 
+// Fused forward + backward in place: each row's loss, and scale * dloss/dlogits written over the
+// row (read into float32 first, so a bf16/fp16 row is converted once and stored once). Saves the
+// (N, V) gradient buffer: the memory the caller's logits already hold is reused.
+at::Tensor cross_entropy_fwd_inplace_cpu(const at::Tensor& logits, const at::Tensor& target,
+                                         const at::Tensor& scale, int64_t ignore_index,
+                                         double label_smoothing, double z_loss) {
+  check_inputs(logits, target, ignore_index);
+  TORCH_CHECK(logits.is_contiguous(), "fastlm::cross_entropy_fwd_inplace: 'logits' must be "
+              "contiguous (their gradient is written into their own storage)");
+  TORCH_CHECK(scale.numel() == 1 && scale.device().is_cpu(), "fastlm::cross_entropy_fwd_inplace: "
+              "'scale' must be a one-element CPU tensor, got shape ", scale.sizes(), " on ",
+              scale.device());
+  const float s = scale.item<float>();  // a CPU read: no device sync to avoid here
+  const at::Tensor t = target.contiguous();
+  const int64_t N = logits.size(0), V = logits.size(1);
+  at::Tensor loss = empty_output({N}, logits.options().dtype(at::kFloat));  // (N,)
+  const cpu::CeParams prm{ignore_index, static_cast<float>(label_smoothing),
+                          static_cast<float>(z_loss)};
+  FASTLM_DISPATCH_FLOAT_TYPES(logits.scalar_type(), kOp, [&] {
+    scalar_t* xp = logits.data_ptr<scalar_t>();
+    const int64_t* tp = t.data_ptr<int64_t>();
+    float* lp = loss.data_ptr<float>();
+    at::parallel_for(0, N, row_grain(V), [&](int64_t begin, int64_t end) {
+      std::vector<float> buf(std::is_same_v<scalar_t, float> ? 0 : V);
+      for (int64_t r = begin; r < end; ++r) {
+        scalar_t* row = xp + r * V;
+        float* xr;  // (V,) float32 view of the row: the row itself, or its converted copy
+        if constexpr (std::is_same_v<scalar_t, float>) {
+          xr = reinterpret_cast<float*>(row);  // scalar_t is float here
+        } else {
+          xr = buf.data();
+          for (int64_t i = 0; i < V; ++i) xr[i] = static_cast<float>(row[i]);
+        }
+        float lse;
+        cpu::ce_row_forward_best(xr, V, tp[r], prm, lp + r, &lse);
+        cpu::ce_row_backward_best(xr, V, tp[r], lse, s, prm, xr);  // in place
+        if constexpr (!std::is_same_v<scalar_t, float>) cpu::store_row(xr, row, V);
+      }
+    });
+  });
+  return loss;
+}
+
 }  // namespace
+
+// The fused in-place op's schema lives here, beside its kernels (csrc/registration.cpp holds the
+// others; this fragment joins the same fastlm library).
+TORCH_LIBRARY_FRAGMENT(fastlm, m) {
+  // cross_entropy_fwd_inplace: per-row loss (N,) float32 as cross_entropy_fwd's, and
+  // scale * dloss_r/dlogits_r written over each row of logits (scale: one float32 value, the
+  // upstream gradient of every row's loss, e.g. 1/valid rows for "mean"; read on the device).
+  m.def("cross_entropy_fwd_inplace(Tensor(a!) logits, Tensor target, Tensor scale,"
+        " int ignore_index, float label_smoothing, float z_loss) -> Tensor loss");
+}
 
 TORCH_LIBRARY_IMPL(fastlm, CPU, m) {
   m.impl("cross_entropy_fwd", &cross_entropy_fwd_cpu);
   m.impl("cross_entropy_bwd", &cross_entropy_bwd_cpu);
+  m.impl("cross_entropy_fwd_inplace", &cross_entropy_fwd_inplace_cpu);
 }
 
 }  // namespace fastlm

@@ -2,7 +2,8 @@
 // coalesced block-stride loop (V is far beyond what registers hold: 50K+ columns).
 // Forward: each thread keeps an online (running max, sum of exponentials) pair and the sum of
 // its columns; the pairs are merged across the block in a fixed order (deterministic), giving
-// lse and the loss. Backward: one more pass writing the gradient. Math in float32.
+// lse and the loss. Backward: one more pass writing the gradient. The in-place variant does both
+// in one block per row, writing the gradient over the logits it has just read. Math in float32.
 #include <cfloat>
 
 #include "common/cuda_utils.cuh"
@@ -23,14 +24,14 @@ __device__ __forceinline__ void merge_lse(float& m, float& s, float m2, float s2
   m = mx;
 }
 
+// lse of row xr (returned to every thread) and, in thread 0, the row's loss. Thread 0 reads
+// x[target] before the barrier that ends this function, so a caller may overwrite the row after.
 template <typename T>
-__global__ void __launch_bounds__(kThreads)
-    ce_fwd_kernel(const T* __restrict__ x, const int64_t* __restrict__ target,
-                  float* __restrict__ loss, float* __restrict__ lse, int64_t V,
-                  int64_t ignore_index, float label_smoothing, float z_loss) {
+__device__ __forceinline__ float row_lse_and_loss(const T* xr, int64_t V, int64_t t,
+                                                  int64_t ignore_index, float label_smoothing,
+                                                  float z_loss, float* loss) {
   __shared__ float sm[3][kWarps];
-  const int64_t row = blockIdx.x;
-  const T* xr = x + row * V;
+  __shared__ float lse_shared;
   float m = -INFINITY, s = 0.f, xs = 0.f;
   for (int64_t i = threadIdx.x; i < V; i += kThreads) {
     const float v = to_float(xr[i]);
@@ -55,24 +56,65 @@ __global__ void __launch_bounds__(kThreads)
     sm[2][warp] = xs;
   }
   __syncthreads();
-  if (threadIdx.x != 0) return;
-  m = sm[0][0];
-  s = sm[1][0];
-  xs = sm[2][0];
-  for (int w = 1; w < kWarps; ++w) {
-    merge_lse(m, s, sm[0][w], sm[1][w]);
-    xs += sm[2][w];
+  if (threadIdx.x == 0) {
+    m = sm[0][0];
+    s = sm[1][0];
+    xs = sm[2][0];
+    for (int w = 1; w < kWarps; ++w) {
+      merge_lse(m, s, sm[0][w], sm[1][w]);
+      xs += sm[2][w];
+    }
+    const float l = m + __logf(s);
+    lse_shared = l;
+    float out = 0.f;
+    if (t != ignore_index) {
+      out = (1.f - label_smoothing) * (l - to_float(xr[t])) + z_loss * l * l;
+      if (label_smoothing != 0.f) out += label_smoothing * (l - xs / static_cast<float>(V));
+    }
+    *loss = out;
   }
-  const float l = m + __logf(s);
-  lse[row] = l;
+  __syncthreads();
+  return lse_shared;
+}
+
+// dloss * dloss/dx of row xr into gr (gr may be xr: each element is read by the thread that
+// then overwrites it, so no __restrict__ here).
+template <typename T>
+__device__ __forceinline__ void row_grad(const T* xr, T* gr, int64_t V, int64_t t,
+                                         int64_t ignore_index, float l, float dloss,
+                                         float label_smoothing, float z_loss) {
+  const float d = t == ignore_index ? 0.f : dloss;
+  const float a = d * (1.f + 2.f * z_loss * l);
+  const float b = d * label_smoothing / static_cast<float>(V);
+  const float c = d * (1.f - label_smoothing);
+  for (int64_t i = threadIdx.x; i < V; i += kThreads) {
+    const float v = a * __expf(to_float(xr[i]) - l) - b - (i == t ? c : 0.f);
+    gr[i] = from_float<T>(v);
+  }
+}
+
+template <typename T>
+__global__ void __launch_bounds__(kThreads)
+    ce_fwd_kernel(const T* __restrict__ x, const int64_t* __restrict__ target,
+                  float* __restrict__ loss, float* __restrict__ lse, int64_t V,
+                  int64_t ignore_index, float label_smoothing, float z_loss) {
+  const int64_t row = blockIdx.x;
+  const float l = row_lse_and_loss(x + row * V, V, target[row], ignore_index, label_smoothing,
+                                   z_loss, loss + row);
+  if (threadIdx.x == 0) lse[row] = l;
+}
+
+// Forward and backward of one row in one block: the loss, then scale * dloss/dx over the row.
+template <typename T>
+__global__ void __launch_bounds__(kThreads)
+    ce_fwd_inplace_kernel(T* x, const int64_t* __restrict__ target, const float* __restrict__ scale,
+                          float* __restrict__ loss, int64_t V, int64_t ignore_index,
+                          float label_smoothing, float z_loss) {
+  const int64_t row = blockIdx.x;
+  T* xr = x + row * V;
   const int64_t t = target[row];
-  if (t == ignore_index) {
-    loss[row] = 0.f;
-    return;
-  }
-  float out = (1.f - label_smoothing) * (l - to_float(xr[t])) + z_loss * l * l;
-  if (label_smoothing != 0.f) out += label_smoothing * (l - xs / static_cast<float>(V));
-  loss[row] = out;
+  const float l = row_lse_and_loss(xr, V, t, ignore_index, label_smoothing, z_loss, loss + row);
+  row_grad(xr, xr, V, t, ignore_index, l, *scale, label_smoothing, z_loss);
 }
 
 template <typename T>
@@ -82,18 +124,8 @@ __global__ void __launch_bounds__(kThreads)
                   T* __restrict__ g, int64_t V, int64_t ignore_index, float label_smoothing,
                   float z_loss) {
   const int64_t row = blockIdx.x;
-  const int64_t t = target[row];
-  const float d = t == ignore_index ? 0.f : dloss[row];
-  const float l = lse[row];
-  const float a = d * (1.f + 2.f * z_loss * l);
-  const float b = d * label_smoothing / static_cast<float>(V);
-  const float c = d * (1.f - label_smoothing);
-  const T* xr = x + row * V;
-  T* gr = g + row * V;
-  for (int64_t i = threadIdx.x; i < V; i += kThreads) {
-    const float v = a * __expf(to_float(xr[i]) - l) - b - (i == t ? c : 0.f);
-    gr[i] = from_float<T>(v);
-  }
+  row_grad(x + row * V, g + row * V, V, target[row], ignore_index, lse[row], dloss[row],
+           label_smoothing, z_loss);
 }
 
 }  // namespace
@@ -121,12 +153,26 @@ cudaError_t cross_entropy_bwd(const float* dloss, const T* logits, const int64_t
   return cudaGetLastError();
 }
 
+template <typename T>
+cudaError_t cross_entropy_fwd_inplace(T* logits, const int64_t* target, const float* scale,
+                                      float* loss, int64_t N, int64_t V, int64_t ignore_index,
+                                      float label_smoothing, float z_loss, cudaStream_t stream) {
+  if (N == 0) return cudaSuccess;
+  if (N > 0x7fffffff) return cudaErrorInvalidValue;
+  ce_fwd_inplace_kernel<T><<<static_cast<unsigned>(N), kThreads, 0, stream>>>(
+      logits, target, scale, loss, V, ignore_index, label_smoothing, z_loss);
+  return cudaGetLastError();
+}
+
 #define FASTLM_INSTANTIATE(T)                                                                  \
   template cudaError_t cross_entropy_fwd<T>(const T*, const int64_t*, float*, float*, int64_t, \
                                             int64_t, int64_t, float, float, cudaStream_t);     \
   template cudaError_t cross_entropy_bwd<T>(const float*, const T*, const int64_t*,            \
                                             const float*, T*, int64_t, int64_t, int64_t,       \
-                                            float, float, cudaStream_t);
+                                            float, float, cudaStream_t);       \
+  template cudaError_t cross_entropy_fwd_inplace<T>(T*, const int64_t*, const float*, float*,  \
+                                                    int64_t, int64_t, int64_t, float, float,   \
+                                                    cudaStream_t);
 FASTLM_INSTANTIATE(float)
 FASTLM_INSTANTIATE(__nv_bfloat16)
 FASTLM_INSTANTIATE(__half)

@@ -22,5 +22,11 @@ cudaError_t cross_entropy_bwd(const float* dloss, const T* logits, const int64_t
                               int64_t ignore_index, float label_smoothing, float z_loss,
                               cudaStream_t stream);
 
+// Fused forward + backward in place: loss (N,) and scale[0] * dloss/dlogits written over logits.
+template <typename T>
+cudaError_t cross_entropy_fwd_inplace(T* logits, const int64_t* target, const float* scale,
+                                      float* loss, int64_t N, int64_t V, int64_t ignore_index,
+                                      float label_smoothing, float z_loss, cudaStream_t stream);
+
 }  // namespace gpu
 }  // namespace fastlm

@@ -78,11 +78,38 @@ at::Tensor cross_entropy_bwd_cuda(const at::Tensor& dloss, const at::Tensor& log
   return g;
 }
 
+at::Tensor cross_entropy_fwd_inplace_cuda(const at::Tensor& logits, const at::Tensor& target,
+                                          const at::Tensor& scale, int64_t ignore_index,
+                                          double label_smoothing, double z_loss) {
+  check_inputs(logits, target);
+  TORCH_CHECK(logits.is_contiguous(), "fastlm::cross_entropy_fwd_inplace: 'logits' must be "
+              "contiguous (their gradient is written into their own storage)");
+  TORCH_CHECK(scale.numel() == 1 && scale.device() == logits.device(),
+              "fastlm::cross_entropy_fwd_inplace: 'scale' must be a one-element tensor on the "
+              "logits' device ", logits.device(), ", got shape ", scale.sizes(), " on ",
+              scale.device());
+  const c10::cuda::CUDAGuard guard(logits.device());
+  const at::Tensor t = target.contiguous();
+  const at::Tensor sc = scale.to(at::kFloat).contiguous();  // read by the kernel: no sync
+  const int64_t N = logits.size(0), V = logits.size(1);
+  at::Tensor loss = empty_output({N}, logits.options().dtype(at::kFloat));
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(logits.device().index()).stream();
+  FASTLM_DISPATCH_FLOAT_TYPES(logits.scalar_type(), kOp, [&] {
+    FASTLM_CHECK_CUDA(kOp, gpu::cross_entropy_fwd_inplace(
+                               cuda_data<scalar_t>(logits), t.data_ptr<int64_t>(),
+                               sc.data_ptr<float>(), loss.data_ptr<float>(), N, V, ignore_index,
+                               static_cast<float>(label_smoothing), static_cast<float>(z_loss),
+                               stream));
+  });
+  return loss;
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(fastlm, CUDA, m) {
   m.impl("cross_entropy_fwd", &cross_entropy_fwd_cuda);
   m.impl("cross_entropy_bwd", &cross_entropy_bwd_cuda);
+  m.impl("cross_entropy_fwd_inplace", &cross_entropy_fwd_inplace_cuda);
 }
 
 }  // namespace fastlm
