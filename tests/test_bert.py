@@ -23,8 +23,8 @@ from fastlm.optim import AdamW
 
 
 def tiny_config(**over) -> ModelConfig:
-    kw = dict(preset="", arch="bert", vocab_size=256, block_size=32, n_layer=2, n_head=4,
-              n_embd=32, norm_eps=1e-12)
+    kw = {"preset": "", "arch": "bert", "vocab_size": 256, "block_size": 32, "n_layer": 2,
+          "n_head": 4, "n_embd": 32, "norm_eps": 1e-12}
     kw.update(over)
     return ModelConfig(**kw)
 
@@ -48,7 +48,8 @@ def test_registered_with_reserved_specials_above_the_vocab():
     assert (model.pad_id, model.cls_id, model.sep_id, model.mask_id) == (256, 257, 258, 259)
     assert model.n_tokens == 256 + len(SPECIALS) == model.wte.weight.shape[0]
     assert model.lm_head.weight is model.wte.weight  # tied decoder
-    assert not tiny_bert(tie_embeddings=False).lm_head.weight is model.wte.weight
+    untied = tiny_bert(tie_embeddings=False)
+    assert untied.lm_head.weight is not untied.wte.weight
 
 
 def test_forward_shapes_and_loss_only_at_masked_positions():

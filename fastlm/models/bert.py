@@ -174,7 +174,7 @@ class BERT(LanguageModel):
                lengths: torch.Tensor | None = None) -> torch.Tensor:
         """Final hidden states (B, T, C) of idx (B, T). lengths (B,): real tokens per row of a
         right-padded batch; the padding is masked out as keys (None = no padding)."""
-        B, T = idx.shape
+        T = idx.shape[1]  # idx: (B, T)
         if T > self.config.block_size:
             raise ValueError(f"BERT: sequence length {T} exceeds model.block_size "
                              f"{self.config.block_size}")
