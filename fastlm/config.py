@@ -139,6 +139,8 @@ class TrainConfig:
                                "after this many in a row", min=1)
     log_interval: int = _f(10, "steps between training-loss lines in metrics.jsonl", min=1)
     progress: bool = _f(True, "show a tqdm progress bar")
+    tensorboard: bool = _f(True, "also write the metrics as TensorBoard scalars to "
+                                 "RUN_DIR/tensorboard (when the tensorboard package is installed)")
 
 
 @dataclass

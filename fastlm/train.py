@@ -13,6 +13,8 @@ directory (default runs/<timestamp>), written by rank 0 only, receives:
                   steps and {"kind": "val", step, val_loss, val_bpb, time_s} at step 0, every
                   eval.interval steps and the end
   loss.png        train/val loss and lr (fastlm.plot; needs matplotlib)
+  tensorboard/    the same scalars as TensorBoard event files (fastlm.tensorboard_log; needs the
+                  tensorboard package; --train.tensorboard=false turns it off)
   checkpoints/    fastlm.checkpoint directories (at the end, every checkpoint.interval, on
                   Ctrl-C / SIGTERM)
   sample.txt      the text sampled at the end
@@ -45,7 +47,7 @@ import torch
 from torch.utils._pytree import tree_map
 from tqdm import tqdm
 
-from fastlm import checkpoint, distributed, models, ops
+from fastlm import checkpoint, distributed, models, ops, tensorboard_log
 from fastlm.config import Config, ConfigError, parse_args, to_dict, to_toml
 from fastlm.models import LanguageModel
 from fastlm.optim import build_optimizer
@@ -175,15 +177,24 @@ def evaluate(model, batches: list[tuple[torch.Tensor, torch.Tensor]],
 
 class MetricsLog:
     """Appends one JSON object per line to RUN_DIR/metrics.jsonl (rank 0; others pass None).
-    Each write opens and closes the file, so a crash never loses a line or a handle."""
+    Each write opens and closes the file, so a crash never loses a line or a handle. The same
+    rows go to TensorBoard when a fastlm.tensorboard_log.TensorBoardLog is given."""
 
-    def __init__(self, path: Path | None):
+    def __init__(self, path: Path | None,
+                 tensorboard: tensorboard_log.TensorBoardLog | None = None):
         self.path = path
+        self.tensorboard = tensorboard
 
     def write(self, **row) -> None:
         if self.path is not None:
             with open(self.path, "a") as f:
                 f.write(json.dumps(row) + "\n")
+        if self.tensorboard is not None:
+            self.tensorboard.write(row)
+
+    def close(self) -> None:
+        if self.tensorboard is not None:
+            self.tensorboard.close()
 
 
 class StopFlag:
@@ -338,7 +349,9 @@ def _train(cfg: Config, device: torch.device, dist: distributed.DistInfo) -> Tra
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.toml").write_text(to_toml(cfg))
         tok_spec.tok.save(tok_file)
-    metrics = MetricsLog(run_dir / "metrics.jsonl" if main_rank else None)
+    tb_log, tb_where = (tensorboard_log.open_log(run_dir, cfg.train.tensorboard) if main_rank
+                        else (None, ""))
+    metrics = MetricsLog(run_dir / "metrics.jsonl" if main_rank else None, tb_log)
 
     T, B = cfg.seq_len, cfg.train.batch_size
     tokens_per_step = B * T * accum * dist.world_size
@@ -364,6 +377,7 @@ def _train(cfg: Config, device: torch.device, dist: distributed.DistInfo) -> Tra
         + (", compiled" if compile_on else "")
         + (", activation checkpointing" if cfg.train.activation_checkpointing else "")
         + (f", {cfg.train.parallel} x {dist.world_size} processes" if dist.enabled else ""))
+    log(f"  tboard  {tb_where}")
     log(f"  steps   {step} -> {cfg.train.max_steps}, {tokens_per_step:,} tokens/step "
         f"({B} x {T} x {accum}" + (f" x {dist.world_size})" if dist.enabled else ")"),
         flush=True)
@@ -511,6 +525,7 @@ def _train(cfg: Config, device: torch.device, dist: distributed.DistInfo) -> Tra
                 break
     bar.close()
     data.close()
+    metrics.close()
     wall = time.perf_counter() - t_start
     if diverged:
         raise TrainingDiverged(diverged)

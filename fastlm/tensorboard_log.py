@@ -1,0 +1,61 @@
+"""TensorBoard scalars of a training run, written beside RUN_DIR/metrics.jsonl.
+
+Every numeric field of a metrics row (fastlm.train.MetricsLog) except its step and time_s becomes
+the scalar KIND/FIELD at that step: train/loss, train/lr, train/grad_norm, train/tokens_per_s,
+train/mfu (GPU runs; a null MFU, unknown, is left out rather than written as 0), train/skipped,
+val/val_loss, val/val_bpb. The event files go to RUN_DIR/tensorboard/ (rank 0 only), so
+
+    tensorboard --logdir runs/
+
+shows every run under its directory name. Optional: it needs the tensorboard package
+(`pip install tensorboard`), whose writer torch.utils.tensorboard wraps; without it training
+goes on and says once why there is no TensorBoard log. Switched off with
+--train.tensorboard=false.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+_NOT_SCALARS = ("step", "time_s")  # the x axis, and wall time (TensorBoard records its own)
+
+
+def unavailable_reason() -> str | None:
+    """None if TensorBoard event files can be written here, else why not."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter  # noqa: F401
+    except ImportError as exc:  # torch raises this when the tensorboard package is missing
+        return f"{exc} (pip install tensorboard)"
+    return None
+
+
+class TensorBoardLog:
+    """Writes metrics rows as scalars; flushes every few seconds and on close()."""
+
+    def __init__(self, log_dir: str | Path):
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.log_dir = Path(log_dir)
+        # flush_secs: a run that is killed loses at most the last few seconds of scalars
+        self.writer = SummaryWriter(str(self.log_dir), flush_secs=5)
+
+    def write(self, row: dict) -> None:
+        kind, step = row.get("kind", "train"), row["step"]
+        for key, value in row.items():
+            if key in _NOT_SCALARS or isinstance(value, bool):
+                continue
+            if isinstance(value, (int, float)):  # NaN/inf too: a diverging norm shows
+                self.writer.add_scalar(f"{kind}/{key}", value, step)
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+def open_log(run_dir: str | Path, enabled: bool) -> tuple[TensorBoardLog | None, str]:
+    """(the writer or None, one line for the run's header saying where it writes or why not)."""
+    if not enabled:
+        return None, "off (--train.tensorboard=false)"
+    reason = unavailable_reason()
+    if reason is not None:
+        return None, f"skipped: {reason}"
+    log = TensorBoardLog(Path(run_dir) / "tensorboard")
+    return log, str(log.log_dir)
