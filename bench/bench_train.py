@@ -114,7 +114,8 @@ def make_workspace(nanogpt: Path, data: Path, root: Path) -> Path:
     shutil.copytree(nanogpt / "config", ws / "config")
     shutil.copy2(nanogpt / "data/shakespeare_char/prepare.py", ws / "data/shakespeare_char")
     shutil.copy2(data, ws / "data/shakespeare_char/input.txt")
-    out = subprocess.run([sys.executable, "-c", _PREPARE], cwd=ws, capture_output=True, text=True)
+    out = subprocess.run([sys.executable, "-c", _PREPARE], cwd=ws, capture_output=True, text=True,
+                         check=False)
     if out.returncode != 0:
         raise BenchError(f"nanoGPT's prepare.py failed on {data}:\n{out.stdout}{out.stderr}")
     return ws
@@ -146,7 +147,7 @@ def run_logged(cmd: list[str], cwd: Path, threads: int, log: Path) -> float:
            "PYTHONUNBUFFERED": "1"}
     t0 = time.perf_counter()
     with open(log, "w") as f:
-        proc = subprocess.run(cmd, cwd=cwd, env=env, stdout=f, stderr=subprocess.STDOUT)
+        proc = subprocess.run(cmd, cwd=cwd, env=env, stdout=f, stderr=subprocess.STDOUT, check=False)
     wall = time.perf_counter() - t0
     if proc.returncode != 0:
         tail = "".join(log.read_text(errors="replace").splitlines(True)[-20:])
@@ -154,8 +155,8 @@ def run_logged(cmd: list[str], cwd: Path, threads: int, log: Path) -> float:
     return wall
 
 
-_ITER = re.compile(r"^iter (\d+): loss ([\d.]+), time ([\d.]+)ms", re.M)
-_EVAL = re.compile(r"^step (\d+): train loss ([\d.]+), val loss ([\d.]+)", re.M)
+_ITER = re.compile(r"^iter (\d+): loss ([\d.]+), time ([\d.]+)ms", re.MULTILINE)
+_EVAL = re.compile(r"^step (\d+): train loss ([\d.]+), val loss ([\d.]+)", re.MULTILINE)
 
 
 def parse_nanogpt(text: str, eval_interval: int) -> tuple[list[float], float, int]:

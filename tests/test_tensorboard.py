@@ -80,7 +80,7 @@ def test_missing_package_says_how_to_install_and_training_goes_on(tmp_path, corp
     real_import = builtins.__import__
 
     def no_tensorboard(name, *args, **kwargs):
-        if name.startswith("torch.utils.tensorboard") or name.startswith("tensorboard"):
+        if name.startswith(("torch.utils.tensorboard", "tensorboard")):
             raise ImportError("TensorBoard logging requires TensorBoard version 1.15 or above")
         return real_import(name, *args, **kwargs)
 
