@@ -104,6 +104,43 @@ def test_filters():
     assert next_tokens(lg, [SamplingParams(temperature=0)], gens, None).item() == 0
 
 
+def _reference_candidates(logits: torch.Tensor, p: SamplingParams) -> torch.Tensor:
+    """(V,) float64 probabilities after top-k, top-p and min-p, by sorting everything."""
+    lg = logits.double() / p.temperature
+    vals, order = lg.sort(descending=True)
+    if p.top_k:
+        vals[p.top_k:] = float("-inf")
+    probs = torch.softmax(vals, -1)
+    before = probs.cumsum(-1) - probs
+    probs[1:][before[1:] >= p.top_p] = 0
+    probs[probs < p.min_p * probs[0]] = 0
+    out = torch.zeros_like(probs)
+    out[order] = probs / probs.sum()
+    return out
+
+
+@pytest.mark.parametrize("params", [
+    SamplingParams(temperature=1.0), SamplingParams(temperature=0.7, top_k=3),
+    SamplingParams(temperature=1.3, top_p=0.8), SamplingParams(temperature=1.0, min_p=0.2),
+    SamplingParams(temperature=0.9, top_k=5, top_p=0.9, min_p=0.05)])
+@pytest.mark.parametrize("tail", [-8.0, -4.0])
+def test_sampler_draws_the_filtered_distribution(params, tail):
+    """Empirical frequencies over 4000 draws match the filtered softmax; filtered-out ids never
+    appear. V = 600 with a peaked head: with the low tail top-p alone finds its nucleus in
+    topk(256), with the high one it must sort everything."""
+    logits = torch.full((600,), tail)
+    logits[:8] = torch.tensor([3.0, 2.5, 2.2, 2.0, 1.0, 0.5, 0.2, 0.0])
+    logits = logits[torch.randperm(600)]  # the head anywhere, not at the front
+    want = _reference_candidates(logits, params)
+    gen = torch.Generator().manual_seed(0)
+    n = 4000
+    counts = torch.zeros(600, dtype=torch.float64)
+    for _ in range(n):
+        counts[next_tokens(logits[None], [params], [gen], None)[0]] += 1
+    assert counts[want == 0].sum() == 0
+    assert (counts / n - want).abs().max() < 0.03, (counts / n - want).abs().max()
+
+
 def test_text_stream_stop_strings():
     tok = Tokenizer.byte()
     ts = TextStream(tok, stop=("END",))
