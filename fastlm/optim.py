@@ -137,7 +137,8 @@ class AdamW(torch.optim.Optimizer):
         its parameter's dtype (which would round float32 master weights and moments to bf16)
         and puts "step" where the saved group's capturable flag says. Float32 states are taken
         again from the given dict, a missing master copy is made from the parameter, and "step"
-        goes to the parameter's device (capturable) or the CPU."""
+        goes to the parameter's device (capturable) or the CPU. A saved master copy is kept only
+        if it is float32 and rounds to the parameter (else the parameter is the truth)."""
         super().load_state_dict(state_dict)
         saved_ids = itertools.chain.from_iterable(g["params"] for g in state_dict["param_groups"])
         params = itertools.chain.from_iterable(g["params"] for g in self.param_groups)
@@ -150,14 +151,21 @@ class AdamW(torch.optim.Optimizer):
                     if key in saved:
                         state[key] = saved[key].to(device=p.device, dtype=torch.float32,
                                                    copy=True).contiguous()
-                source = saved.get("master_param", p.detach())
+                source = saved.get("master_param")
+                if not _is_master_of(source, p):  # absent, or stale (it went through torch's
+                    source = p.detach()           # AdamW, which keeps the key but not its values)
                 state["master_param"] = source.to(device=p.device, dtype=torch.float32,
                                                   copy=True).contiguous()
             else:
                 state.pop("master_param", None)
             if "step" in state:
-                state["step"] = state["step"].to(
-                    device=p.device if self.capturable else "cpu", dtype=torch.float32)
+                state["step"] = state["step"].to(  # a copy: steps are incremented in place
+                    device=p.device if self.capturable else "cpu", dtype=torch.float32, copy=True)
+
+
+def _is_master_of(master: torch.Tensor | None, p: torch.Tensor) -> bool:
+    return (master is not None and master.dtype == torch.float32 and master.shape == p.shape
+            and torch.equal(master.to(device=p.device, dtype=p.dtype), p.detach()))
 
 
 def _local(t: torch.Tensor) -> torch.Tensor:

@@ -130,3 +130,104 @@ def test_bad_input_is_a_clear_error(backend):
     with pytest.raises(TypeError, match="float64"):
         ops.adamw_step([p[0].double()], [torch.randn(4).double()], [torch.zeros(4).double()],
                        [torch.zeros(4).double()], 1, **HYPER, backend=backend)
+
+
+# ---------------------------------------------------------------------------------------------
+# float32 master weights and the capturable form (step and lr as device tensors)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("backend", ["reference", "torch", "cpu", "cuda", "triton"])
+def test_master_weights_match_reference(device, backend, dtype):
+    """Master weights: the float32 master copies follow the float32 reference run on them, and
+    the parameters are those masters rounded to their dtype."""
+    require_backend(OP, backend, device)
+    params, m, v = make_state(dtype, torch.float32, device)
+    masters = [p.float() for p in params]
+    ref_params, ref_masters, ref_m, ref_v = (copy.deepcopy(x) for x in (params, masters, m, v))
+    gen = torch.Generator(device="cpu").manual_seed(1)
+    for step in range(1, STEPS + 1):
+        grads = [torch.randn(p.shape, generator=gen).to(device=device, dtype=dtype) for p in params]
+        ops.adamw_step(params, grads, m, v, step, **HYPER, backend=backend, master_params=masters)
+        reference.adamw_step(ref_params, grads, ref_m, ref_v, step, **HYPER,
+                             master_params=ref_masters)
+    for i, (p, w, rw) in enumerate(zip(params, masters, ref_masters)):
+        torch.testing.assert_close(w, rw, rtol=1e-5, atol=1e-5,
+                                   msg=lambda s: f"{backend} master[{i}]: {s}")
+        assert torch.equal(p, w.to(dtype)), f"{backend}: params[{i}] is not its master rounded"
+    for a, r in zip(m + v, ref_m + ref_v):
+        torch.testing.assert_close(a, r, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("master", [False, True], ids=["plain", "master"])
+@pytest.mark.parametrize("backend", ["reference", "torch", "cpu", "cuda", "triton"])
+def test_capturable_matches_host_path(device, backend, master):
+    """step and lr as device tensors give the host path's result: bit for bit on the C++ CPU
+    kernel (the same constants, computed from the same doubles), within float32 rounding of
+    the per-step constants elsewhere. Parameters join at different steps (per-tensor steps)."""
+    require_backend(OP, backend, device)
+    dtype = torch.bfloat16 if master else torch.float32
+    if backend == "torch" and not master:
+        pytest.skip("covered with master weights (torch's fused step with tensor lr)")
+    host = make_state(dtype, torch.float32, device)
+    host_masters = [p.float() for p in host[0]] if master else None
+    dev = copy.deepcopy(host)
+    dev_masters = copy.deepcopy(host_masters)
+    lr = torch.tensor(HYPER["lr"], dtype=torch.float64, device=device)
+    hyper = {k: v for k, v in HYPER.items() if k != "lr"}
+    offsets = [0, 3, 0, 1, 0, 2]  # tensor i joins at step 1 + offsets[i]
+    steps = [torch.zeros((), device=device) for _ in host[0]]
+    gen = torch.Generator(device="cpu").manual_seed(1)
+    for k in range(1, 11):
+        idx = [i for i, off in enumerate(offsets) if k > off]
+        grads = {i: torch.randn(host[0][i].shape, generator=gen).to(device=device, dtype=dtype)
+                 for i in idx}
+        pick = lambda lst: None if lst is None else [lst[i] for i in idx]  # noqa: E731
+        for i in idx:  # host path: one call per distinct step count
+            ops.adamw_step([host[0][i]], [grads[i]], [host[1][i]], [host[2][i]], k - offsets[i],
+                           **HYPER, backend=backend,
+                           master_params=None if host_masters is None else [host_masters[i]])
+        torch._foreach_add_(pick(steps), 1)
+        ops.adamw_step(pick(dev[0]), [grads[i] for i in idx], pick(dev[1]), pick(dev[2]),
+                       pick(steps), lr, **hyper, backend=backend, master_params=pick(dev_masters))
+    exact = backend == "cpu"
+    pairs = list(zip(host[0] + host[1] + host[2], dev[0] + dev[1] + dev[2]))
+    if master:
+        pairs += list(zip(host_masters, dev_masters))
+    for a, b in pairs:
+        if exact:
+            assert torch.equal(a, b), (a - b).abs().max()
+        else:
+            tol = 1e-6 if a.dtype == torch.float32 else 2 * torch.finfo(a.dtype).eps
+            torch.testing.assert_close(a.float(), b.float(), rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("backend", ["cpu", "triton", "cuda"])
+def test_master_and_capturable_opcheck(device, backend):
+    require_backend(OP, backend, device)
+    params, m, v = make_state(torch.bfloat16, torch.float32, device)
+    grads = [torch.randn_like(p) for p in params]
+    masters = [p.float() for p in params]
+    hyper = (0.9, 0.999, 1e-8, 0.01)
+    torch.library.opcheck(ops._native(OP, backend, "master"),
+                          (params, grads, m, v, masters, 3.0, 1e-3, *hyper))
+    steps = [torch.full((), 3.0, device=device) for _ in params]
+    lr = torch.tensor(1e-3, dtype=torch.float64, device=device)
+    torch.library.opcheck(ops._native(OP, backend, "capturable"),
+                          (params, grads, m, v, masters, steps, lr, *hyper))
+    torch.library.opcheck(ops._native(OP, backend, "capturable"),
+                          (params, grads, m, v, [], steps, lr, *hyper))
+
+
+@pytest.mark.parametrize("backend", ["cpu", "triton"])
+def test_master_and_capturable_bad_input(backend):
+    require_backend(OP, backend, torch.device("cpu"))
+    p, g = [torch.randn(4, dtype=torch.bfloat16)], [torch.randn(4, dtype=torch.bfloat16)]
+    m, v = [torch.zeros(4)], [torch.zeros(4)]
+    with pytest.raises(ValueError, match="one tensor per parameter"):
+        ops.adamw_step(p, g, m, v, 1, **HYPER, backend=backend, master_params=[])
+    with pytest.raises((ValueError, RuntimeError), match="master_params\\[0\\] must be"):
+        ops.adamw_step(p, g, m, v, 1, **HYPER, backend=backend,
+                       master_params=[torch.zeros(4, dtype=torch.bfloat16)])
+    with pytest.raises(ValueError, match="one per parameter"):
+        ops.adamw_step(p, g, m, v, [], **HYPER, backend=backend)
+    with pytest.raises(TypeError, match="lr is a tensor but step is an int"):
+        ops.adamw_step(p, g, m, v, 1, **{**HYPER, "lr": torch.tensor(1e-3)}, backend=backend)
