@@ -385,6 +385,9 @@ class ContinuousDecoder:
     """
 
     def __init__(self, model: GPT, tokenizer: Tokenizer, slots: int, max_len: int | None = None):
+        if not isinstance(model, GPT):
+            raise TypeError(f"continuous batching needs a transformer with a KV cache (GPT); "
+                            f"{type(model).__name__} has no per-row cache slots")
         cfg = model.config
         param = next(model.parameters())
         self.model, self.tokenizer, self.config = model, tokenizer, cfg

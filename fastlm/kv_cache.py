@@ -8,6 +8,9 @@ weighted sum), and written in place by fastlm.models.gpt.Attention; decoding nev
 Left-padded batches (prompts of different lengths, see fastlm.generate) record which slots hold
 real tokens in `valid` (B, T_max); a batch without padding leaves mask() returning None so the
 attention takes the plain causal path through fastlm.ops.attention.
+
+SlotCache is the other layout, for continuous batching (fastlm.serve): every row has its own
+length, rows join and leave between steps, and a step writes each row's key at its own slot.
 """
 from __future__ import annotations
 

@@ -99,7 +99,9 @@ class Engine:
         self.jobs: queue.Queue[Job] = queue.Queue(maxsize=limits.max_queue)
         self.busy_rows = 0
         self.tokens_out = 0
-        self.max_rows_seen = 0  # the most rows decoded together so far (tests, /health)
+        self.max_rows_seen = 0  # the most rows decoded together so far (tests, the bench)
+        # built here, not in the thread, so a model it cannot serve fails create_app loudly
+        self.decoder = ContinuousDecoder(lm.model, lm.tokenizer, limits.max_concurrency)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="fastlm-engine", daemon=True)
         self._thread.start()
@@ -124,7 +126,7 @@ class Engine:
         job.loop.call_soon_threadsafe(job.out.put_nowait, item)
 
     def _run(self) -> None:
-        dec = ContinuousDecoder(self.lm.model, self.lm.tokenizer, self.limits.max_concurrency)
+        dec = self.decoder
         running: dict[int, Job] = {}
         ids = itertools.count()
 
