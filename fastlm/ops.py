@@ -12,7 +12,8 @@ Choosing one, first match wins:
   2. the environment variable FASTLM_BACKEND, either one name for every op that implements it
      ("triton") or per op ("layer_norm=cpu,rms_norm=triton"), or both ("cpu,attention=torch");
   3. set_backend(...) (what the training config's `kernels.backend` calls), same syntax;
-  4. DISPATCH below: the fastest available backend for the device, as measured in bench/.
+  4. DISPATCH below: the fastest available backend for the device, as measured in bench/;
+     SMALL_DISPATCH first for calls too small for a kernel's savings to pay (ops say which).
 A forced backend that is implemented for the op but unavailable here raises an error that says
 why (not built, wrong device, triton missing) and lists what is available.
 """
@@ -60,6 +61,17 @@ DISPATCH: dict[str, dict[str, tuple[str, ...]]] = {
     "adamw_step": {"cpu": ("cpu", "torch"), "cuda": ("torch", "cuda")},
 }
 _OTHER_DEVICES = ("torch", "reference")  # mps, xpu, ...: PyTorch's own ops
+
+# Calls whose op reports them small (see each op) try these rows before DISPATCH's.
+# linear_cross_entropy with (N, V) float32 logits of at most SMALL_LOGITS_BYTES: materialising them
+# costs little memory, and torch's single GEMM + cross-entropy beats the chunked C++ kernel there
+# (2-core CPU, 1 thread, fwd+bwd, D=128: N=768 V=256 fp32 1.2x, bf16 10x; V=1024 1.1x / 3.8x; at
+# 12 MiB of logits fp32 the C++ kernel wins, 0.84x). It is the head of nanoGPT's CPU Shakespeare
+# run (bench/bench_train.py).
+SMALL_DISPATCH: dict[str, dict[str, tuple[str, ...]]] = {
+    "linear_cross_entropy": {"cpu": ("torch",)},
+}
+SMALL_LOGITS_BYTES = 4 << 20
 
 _configured: str = ""  # set_backend(); same syntax as FASTLM_BACKEND
 
@@ -126,8 +138,10 @@ def _forced(op: str) -> str | None:
     return None
 
 
-def select_backend(op: str, device: torch.device, backend: str | None = None) -> str:
-    """The backend that will run `op` on `device` (see the module docstring for the rules)."""
+def select_backend(op: str, device: torch.device, backend: str | None = None,
+                   small: bool = False) -> str:
+    """The backend that will run `op` on `device` (see the module docstring for the rules);
+    small: the call is small by its op's SMALL_DISPATCH rule (only used when nothing is forced)."""
     forced = backend or _forced(op)
     if forced is not None:
         if forced not in BACKENDS:
@@ -139,7 +153,10 @@ def select_backend(op: str, device: torch.device, backend: str | None = None) ->
                 f"fastlm.ops.{op}: backend '{forced}' cannot run here: {reason}. "
                 f"Available for {device}: {', '.join(available_backends(op, device))}")
         return forced
-    for candidate in DISPATCH[op].get(device.type, _OTHER_DEVICES) + ("reference",):
+    rows = DISPATCH[op].get(device.type, _OTHER_DEVICES)
+    if small:
+        rows = SMALL_DISPATCH.get(op, {}).get(device.type, ()) + rows
+    for candidate in rows + ("reference",):
         if unavailable_reason(op, candidate, device) is None:
             return candidate
     raise AssertionError("unreachable: the reference backend is always available")
@@ -424,6 +441,8 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, target: tor
     linear_cross_entropy_chunk_rows) are projected, turned into their gradient in place and
     multiplied back, accumulating the gradients of hidden and weight in float32 during the
     forward. "none" instead recomputes each chunk in the backward (activation checkpointing).
+    Chosen automatically, logits of at most SMALL_LOGITS_BYTES take torch's materialised path
+    (faster there), unless chunk_rows is given.
     """
     if hidden.dim() < 1 or weight.dim() != 2 or hidden.shape[-1] != weight.shape[1]:
         raise ValueError("fastlm.ops.linear_cross_entropy: hidden must be (..., D) and weight "
@@ -443,7 +462,8 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, target: tor
     target = _check_targets("linear_cross_entropy", target, N, h.device)
     if chunk_rows is not None and chunk_rows < 1:
         raise ValueError(f"fastlm.ops.linear_cross_entropy: chunk_rows must be >= 1, got {chunk_rows}")
-    impl = select_backend("linear_cross_entropy", h.device, backend)
+    small = chunk_rows is None and N * V * 4 <= SMALL_LOGITS_BYTES  # SMALL_DISPATCH
+    impl = select_backend("linear_cross_entropy", h.device, backend, small)
     if impl == "reference":
         return reference.linear_cross_entropy(h, weight, target, ignore_index, reduction)
     if impl == "torch":
