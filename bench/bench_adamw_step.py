@@ -6,6 +6,10 @@ against torch.optim.AdamW's foreach and fused implementations.
 The parameter list mimics a GPT-2 stack (per layer: 4 matrices of D x D, 4 D x 4D, biases and
 norm gains; plus a V x D embedding), so both per-tensor overhead and bandwidth count. Bytes per
 element: read p, g, m, v and write p, m, v (7 accesses; states in the parameter dtype).
+
+Variants of each native backend: "-capturable" (step and lr read from tensors on the device; the
+same bytes) and, for bf16/fp16 parameters, "-master" (float32 master weights and states: p and g
+in the parameter dtype, m, v and the master copy read and written in float32).
 """
 from __future__ import annotations
 
@@ -53,6 +57,13 @@ def providers(device, state):
 
     out = [utils.Provider("torch-foreach", torch_impl(foreach=True)),
            utils.Provider("torch-fused", torch_impl(fused=True))]
+    steps = [torch.full((), 5.0, device=device) for _ in state[0]]
+    lr = torch.tensor(HYPER["lr"], dtype=torch.float64, device=device)
+    hyper = {k: v for k, v in HYPER.items() if k != "lr"}
+    low_precision = state[0][0].dtype in (torch.bfloat16, torch.float16)
+    if low_precision:  # float32 states and master copies for the -master rows
+        m32, v32 = [m.float() for m in state[2]], [v.float() for v in state[3]]
+        masters = [p.float() for p in state[0]]
     for backend in ("reference", "cpu", "cuda", "triton"):
         reason = ops.unavailable_reason(OP, backend, device)
         if backend == "triton" and device.type == "cpu" and reason is None:
@@ -62,6 +73,16 @@ def providers(device, state):
         out.append(utils.Provider(
             f"fastlm-{backend}",
             lambda b=backend: ops.adamw_step(*state, 5, **HYPER, backend=b), reason))
+        if backend == "reference":
+            continue
+        out.append(utils.Provider(
+            f"fastlm-{backend}-capturable",
+            lambda b=backend: ops.adamw_step(*state, steps, lr, **hyper, backend=b), reason))
+        if low_precision:
+            out.append(utils.Provider(
+                f"fastlm-{backend}-master",
+                lambda b=backend: ops.adamw_step(state[0], state[1], m32, v32, 5, **HYPER,
+                                                 backend=b, master_params=masters), reason))
     return out
 
 
@@ -74,8 +95,12 @@ def run(args) -> list[dict]:
         for dtype in args.dtypes:
             state = make_state(shape, dtype, device)
             numel = sum(t.numel() for t in state[0])
-            nbytes = 7 * numel * torch.finfo(dtype).bits // 8
+            size = torch.finfo(dtype).bits // 8
             for p in providers(device, state):
+                if not utils.wanted(p.name):
+                    continue
+                # -master: p, g in the parameter dtype (p read and written), m, v, w in float32
+                nbytes = numel * (3 * size + 6 * 4 if p.name.endswith("-master") else 7 * size)
                 row = {"op": OP, "provider": p.name, "shape": list(shape), "params": numel,
                        "dtype": str(dtype).removeprefix("torch."), "mode": "step"}
                 if p.skip_reason:

@@ -6,8 +6,20 @@ Liger-Kernel's fused cross-entropy.
 Bytes counted per mode (the fewest an ideal kernel moves): fwd reads the logits once; bwd reads
 them and writes their gradient; full is fwd + bwd (a fused kernel could do it in 2 passes, not 3).
 The targets and per-row statistics are negligible.
+
+Mode "step" (run with full) compares inplace_backward=True with the normal path in time and peak
+memory: each provider runs in a fresh child process; a step makes the logits from a stored
+tensor (a copy standing for the output head, the same for every provider), computes the loss and
+the gradient w.r.t. the logits. Peak memory is what the step adds above the inputs (VmHWM on
+CPU, max_memory_allocated on a GPU): the logits plus, except in place, their gradient buffer.
 """
 from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
 
 import torch
 import torch.nn.functional as F
@@ -54,5 +66,113 @@ def _liger():
     return liger_cross_entropy
 
 
+# ---------------------------------------------------------------------------------------------
+# inplace_backward=True against the normal path: time and peak memory of a training step's loss
+STEP_PROVIDERS = ("torch", "fastlm-cpu", "fastlm-cpu-inplace", "fastlm-cuda",
+                  "fastlm-cuda-inplace", "fastlm-triton", "fastlm-triton-inplace")
+
+_CHILD = textwrap.dedent("""
+    import json, statistics, sys, time
+    import torch, torch.nn.functional as F
+    import fastlm.ops as ops
+    provider, device, N, V, dtype, runs = sys.argv[1:7]
+    N, V, runs = int(N), int(V), int(runs)
+    device, dtype = torch.device(device), getattr(torch, dtype)
+    torch.set_num_threads(int(sys.argv[7]))
+    def status(key):
+        for line in open("/proc/self/status"):
+            if line.startswith(key):
+                return int(line.split()[1]) * 1024
+    backend = provider.removeprefix("fastlm-").removesuffix("-inplace")
+    inplace = provider.endswith("-inplace")
+    if provider == "torch":
+        loss_fn = lambda x, t: F.cross_entropy(x.float(), t)
+    else:
+        loss_fn = lambda x, t: ops.cross_entropy(x, t, backend=backend, inplace_backward=inplace)
+    g = torch.Generator().manual_seed(0)
+    src = torch.randn(N, V, generator=g).to(device, dtype).requires_grad_(True)
+    t = torch.randint(0, V, (N,), generator=g).to(device)
+    t[::10] = -100
+    def step():
+        logits = src * 1.0  # the output head's result: a non-leaf (N, V)
+        (grad,) = torch.autograd.grad(loss_fn(logits, t), [logits])
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+    step()  # warm-up
+    if device.type == "cuda":
+        start = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+    else:
+        start = status("VmRSS")
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    times = []
+    for _ in range(runs):
+        t0 = time.perf_counter()
+        step()
+        times.append((time.perf_counter() - t0) * 1e3)
+    peak = (torch.cuda.max_memory_allocated() if device.type == "cuda" else status("VmHWM")) - start
+    print(json.dumps({"median_ms": statistics.median(times), "min_ms": min(times),
+                      "max_ms": max(times), "runs": runs, "peak_mem_bytes": peak}))
+""")
+
+
+def _step_skip_reason(provider: str, device: torch.device) -> str | None:
+    if provider == "torch":
+        return None
+    backend = provider.removeprefix("fastlm-").removesuffix("-inplace")
+    if backend == "triton" and device.type == "cpu":
+        return "the Triton interpreter is a correctness tool, not timed"
+    return ops.unavailable_reason(OP, backend, device)
+
+
+def step_rows(args) -> list[dict]:
+    device = torch.device(args.device)
+    env = utils.environment(device)
+    runs = 5 if device.type == "cpu" else 20
+    threads = getattr(args, "threads", None) or torch.get_num_threads()
+    rows = []
+    for N, V in SHAPES[args.sizes]:
+        for dtype in args.dtypes:
+            group = []
+            for provider in STEP_PROVIDERS:
+                if not utils.wanted(provider):
+                    continue
+                reason = _step_skip_reason(provider, device)
+                if reason is not None and provider.removeprefix("fastlm-").split("-")[0] in (
+                        "cuda", "triton") and device.type == "cpu":
+                    continue  # GPU backends on a CPU run: nothing to say
+                row = {"op": OP, "provider": provider, "shape": [N, V], "mode": "step",
+                       "dtype": str(dtype).removeprefix("torch."), "logits_bytes":
+                       N * V * torch.finfo(dtype).bits // 8}
+                if reason is None:
+                    cmd = [sys.executable, "-c", _CHILD, provider, str(device), str(N), str(V),
+                           row["dtype"], str(runs), str(threads)]
+                    out = subprocess.run(cmd, capture_output=True, text=True,
+                                         env=dict(os.environ, FASTLM_QUIET="1"))
+                    if out.returncode == 0:
+                        row.update(json.loads(out.stdout.strip().splitlines()[-1]))
+                    else:
+                        reason = (out.stderr.strip().splitlines() or ["child failed"])[-1][:200]
+                if reason is not None:
+                    row["skipped"] = reason
+                group.append({**row, **env})
+            base = next((r for r in group if r["provider"] == "torch" and "median_ms" in r), None)
+            for r in group:
+                if base and "median_ms" in r:
+                    r["speedup_vs_torch"] = base["median_ms"] / r["median_ms"]
+                    r["peak_mem_vs_torch"] = r["peak_mem_bytes"] / base["peak_mem_bytes"]
+                if "median_ms" in r:
+                    print(f"{r['provider']:>22} {N}x{V} {r['dtype']}: {r['median_ms']:.1f} ms, "
+                          f"peak {r['peak_mem_bytes'] / 2**20:.0f} MiB "
+                          f"({r['peak_mem_bytes'] / r['logits_bytes']:.2f}x the logits)",
+                          file=sys.stderr)
+            rows += group
+    return rows
+
+
 def run(args) -> list[dict]:
-    return utils.run_grid(OP, args, SHAPES[args.sizes], make_case, providers)
+    rows = utils.run_grid(OP, args, SHAPES[args.sizes], make_case, providers)
+    if "full" in args.modes:
+        rows += step_rows(args)
+    return rows
