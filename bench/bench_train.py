@@ -298,12 +298,12 @@ def run(args) -> list[dict]:
                     r = {"tokens_per_s": len(steps) * TOKENS_PER_STEP / sum(steps),
                          "step_ms": statistics.median(steps) * 1e3, "val_loss": val,
                          "val_step": val_step, "full_val_loss": full, "wall_s": wall,
-                         "command": cmd}
+                         "loadavg": round(os.getloadavg()[0], 2), "command": cmd}
                     runs.setdefault((name, threads), []).append(r)
                     print(f"repeat {rep + 1}/{args.repeats} threads {threads} {name:12s} "
                           f"{r['tokens_per_s']:8,.0f} tok/s  step {r['step_ms']:6.2f} ms  "
                           f"val {val:.4f} (own, step {val_step})  full val {full:.4f} nats/char"
-                          f"  wall {wall:.0f} s", flush=True)
+                          f"  wall {wall:.0f} s  load {r['loadavg']}", flush=True)
     finally:
         if args.keep is None:
             shutil.rmtree(root, ignore_errors=True)
@@ -330,6 +330,7 @@ def summarize(runs: dict[tuple[str, int], list[dict]], args) -> list[dict]:
             "full_val_loss": full, "full_val_bpc": full / math.log(2),
             "full_val_loss_runs": [round(r["full_val_loss"], 4) for r in rs],
             "wall_s": med(r["wall_s"] for r in rs), "command": rs[0]["command"],
+            "loadavg_runs": [r["loadavg"] for r in rs],  # 1-minute load at each run's end
             "nanogpt_source_sha256": nanogpt_version,
             "bench_command": "python -m fastlm.bench.bench_train " + " ".join(sys.argv[1:])})
     base = {r["threads"]: r for r in rows if r["provider"] == "nanogpt"}
