@@ -32,9 +32,11 @@ What is measured, per provider and thread count (medians over the repeats):
   tokens/s    of the training loop alone: tokens / summed step time. nanoGPT's step times are the
               "iter k: ... time X ms" lines without iteration 0 (warm-up) and without the
               iterations that evaluated (k % eval_interval == 0: its timer includes evaluation
-              and checkpointing there); fastlm's are metrics.jsonl's tokens_per_s per step
-              (its timer leaves out evaluation and checkpoints) without step 1. The median step
-              time is reported too (robust to another process stealing the CPU for a moment).
+              and checkpointing there); fastlm's are the differences of metrics.jsonl's time_s
+              (wall clock, 1 ms resolution) between consecutive rows, without step 1: like
+              nanoGPT's they include each step's logging, and a step after an evaluation is
+              timed from the end of that evaluation. The median step time is reported too
+              (robust to another process stealing the CPU for a moment).
   val loss    each trainer's own estimate at the last step (nanoGPT: 20 random validation
               batches; fastlm: 20 fixed ones), and both final models scored here on the same
               symbols: every non-overlapping 64-token window of the validation split. Both cut
@@ -177,12 +179,14 @@ def parse_fastlm(metrics: Path) -> tuple[list[float], float, int]:
     val = [r for r in rows if r.get("kind") == "val"]
     if not train or not val:
         raise BenchError(f"{metrics} has no train or val rows")
-    steps, prev = [], 0
-    for r in train:  # log_interval=1: one row per step, tokens_per_s over that step alone
-        n = r["step"] - prev
-        prev = r["step"]
-        if r["step"] > 1:
-            steps.append(n * TOKENS_PER_STEP / r["tokens_per_s"])
+    # Wall time between consecutive rows, like nanoGPT's per-iteration timer: it includes the
+    # logging of each step (its own tokens_per_s field does not), and a row that follows a val
+    # row starts after that evaluation ended. log_interval=1: one train row per step.
+    steps, prev_time = [], None
+    for r in rows:
+        if r.get("kind") == "train" and prev_time is not None and r["step"] > 1:
+            steps.append(r["time_s"] - prev_time)
+        prev_time = r["time_s"]
     return steps, val[-1]["val_loss"], val[-1]["step"]
 
 
