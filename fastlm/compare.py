@@ -47,8 +47,9 @@ import torch
 
 DEFAULT_PRESETS = {"gpt2": "shakespeare_char_cpu"}  # any other arch A: shakespeare-A
 CALIBRATION_SECONDS = (0.5, 4.0)  # per arch, after 2 warm-up steps: 3% of the budget, clamped
-BUDGET_USE = 0.92  # share of the budget planned as training steps; the rest: periodic evals
 N_EVALS = 10  # periodic evaluations per run (the points of the curve), plus the one at step 0
+BUDGET_USE = 0.97  # of the budget left after the evaluations: step-time jitter, logging
+EVAL_BATCH_COST = 0.35  # an eval batch (forward only) in training steps (forward + backward)
 EVAL_BATCH = 32  # windows per forward in the final evaluation
 
 
@@ -210,9 +211,6 @@ def run_arch(arch: str, preset: str, args: argparse.Namespace, extra: list[str],
     from fastlm.config import parse_args
 
     run_dir = out / arch
-    if run_dir.exists() and any(run_dir.iterdir()):
-        raise CompareError(f"{run_dir} is not empty (a previous comparison?); choose another "
-                           "--out")
     cfg = parse_args(run_config(preset, args, extra, run_dir))
     if cfg.data.tokenizer != "byte":
         raise CompareError("fastlm.compare measures bits per byte with byte tokens; leave "
@@ -220,7 +218,10 @@ def run_arch(arch: str, preset: str, args: argparse.Namespace, extra: list[str],
     params = models.build(cfg.model).num_params()
     lo, hi = CALIBRATION_SECONDS
     rate = calibrate(cfg, min(hi, max(lo, 0.03 * args.budget_seconds)))
-    planned = max(1, int(rate * args.budget_seconds * BUDGET_USE))
+    # Steps that fit: the budget at the calibrated rate, less the N_EVALS + 1 evaluations of
+    # eval.batches forward passes each that the trainer's clock also counts.
+    eval_steps = (N_EVALS + 1) * cfg.eval.batches * EVAL_BATCH_COST
+    planned = max(1, int(rate * args.budget_seconds * BUDGET_USE - eval_steps))
     warmup = min(cfg.optim.warmup_steps, max(1, planned // 10))  # a tiny budget still decays
     interval = max(1, planned // N_EVALS)
     more = (f"--train.max_steps={planned}", f"--train.max_seconds={args.budget_seconds:g}",
@@ -394,6 +395,10 @@ def compare(argv: list[str]) -> dict:
     if args.threads:
         torch.set_num_threads(args.threads)  # the calibration and the final evaluations
     out = Path(args.out or Path("compare") / _dt.datetime.now().strftime("%Y%m%d-%H%M%S"))
+    for arch, _ in archs:
+        if (out / arch).exists() and any((out / arch).iterdir()):
+            raise CompareError(f"{out / arch} is not empty (a previous comparison?); choose "
+                               "another --out")
     out.mkdir(parents=True, exist_ok=True)
     results: list[dict] = []
     report = {

@@ -101,3 +101,35 @@ def test_train_max_seconds_stops_evaluates_and_saves(tmp_path, corpus):
     step = checkpoint.load(run).step
     assert 0 < step < 1000000 and [r["step"] for r in val] == [0, step]
     assert 1.5 <= val[-1]["time_s"] < 1.5 + 5  # stopped at the first step past the limit
+
+
+def test_comparison_presets_are_the_same_size_and_window():
+    """Every causal arch's comparison preset is within 5% of the GPT-2 one's parameters and
+    trains on the same 64-byte windows (what 'compared at the same size' rests on)."""
+    from fastlm import models
+    from fastlm.compare import DEFAULT_PRESETS
+    from fastlm.config import list_presets, parse_args
+
+    def size(preset):
+        cfg = parse_args([f"--model.preset={preset}"])
+        return models.build(cfg.model).num_params(), cfg.seq_len
+
+    ref, ref_window = size(DEFAULT_PRESETS["gpt2"])
+    checked = []
+    for arch in models.available():
+        preset = DEFAULT_PRESETS.get(arch, f"shakespeare-{arch}")
+        if models.registry.get(arch).cls.objective != "causal" or preset not in list_presets():
+            continue
+        n, window = size(preset)
+        assert abs(n - ref) / ref < 0.05 and window == ref_window, (preset, n, window)
+        checked.append(arch)
+    assert {"gpt2", "llama", "gcnn"} <= set(checked)
+
+
+def test_a_used_out_dir_is_refused_before_any_run(tmp_path, corpus):
+    (tmp_path / "cmp" / "llama").mkdir(parents=True)
+    (tmp_path / "cmp" / "llama" / "metrics.jsonl").write_text("")
+    with pytest.raises(SystemExit, match="cmp/llama is not empty"):
+        main(["--archs", "gcnn,llama", "--data", str(corpus), "--budget-seconds", "1",
+              "--out", str(tmp_path / "cmp"), "--presets", "gcnn=tiny-gcnn"])
+    assert not (tmp_path / "cmp" / "gcnn").exists()
