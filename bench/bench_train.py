@@ -58,6 +58,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import textwrap
 import time
 from pathlib import Path
 
@@ -350,22 +351,25 @@ def summarize(runs: dict[tuple[str, int], list[dict]], args) -> list[dict]:
 def format_table(rows: list[dict]) -> str:
     """The table printed here and by `python -m fastlm.bench report` (bench/RESULTS.md)."""
     header = ("threads", "provider", "tokens/s", "step ms", "vs nanoGPT", "own val loss",
-              "full val bits/char", "runs")
+              "full val bits/char", "runs", "load")
     body = [header]
     for r in sorted(rows, key=lambda r: (r["threads"], r["provider"] != "nanogpt",
                                          r["provider"])):
         body.append((str(r["threads"]), r["provider"], f"{r['tokens_per_s']:,.0f}",
                      f"{r['step_ms']:.2f}", f"{r.get('speedup_vs_nanogpt', float('nan')):.2f}x",
-                     f"{r['val_loss']:.4f}", f"{r['full_val_bpc']:.4f}", str(r["repeats"])))
+                     f"{r['val_loss']:.4f}", f"{r['full_val_bpc']:.4f}", str(r["repeats"]),
+                     "/".join(f"{x:.1f}" for x in r.get("loadavg_runs", []))))
     widths = [max(len(row[i]) for row in body) for i in range(len(header))]
     lines = ["  ".join(c.rjust(w) for c, w in zip(row, widths)) for row in body]
     lines.insert(1, "  ".join("-" * w for w in widths))
     first = rows[0]
-    lines.append(f"{first['iters']} steps of {first['batch']}x{first['seq_len']} tokens; "
-                 "tokens/s: training loop without evaluation; vs nanoGPT: tokens/s ratio at the "
-                 "same threads; own val loss: each trainer's estimate at the last step (nats per "
-                 "its token: nanoGPT 65 characters, fastlm bytes); full val: both final models on "
-                 "every 64-character window of the validation split")
+    note = (f"{first['iters']} steps of {first['batch']}x{first['seq_len']} tokens. tokens/s: "
+            "the training loop without evaluation (median of the runs); vs nanoGPT: tokens/s "
+            "ratio at the same threads; own val loss: each trainer's estimate at the last step, "
+            "in nats per its token (nanoGPT: 65 characters, fastlm: bytes); full val: both final "
+            "models scored here on every 64-character window of the validation split; load: the "
+            "machine's 1-minute load average after each run.")
+    lines += textwrap.wrap(note, 100)
     return "\n".join(lines)
 
 
