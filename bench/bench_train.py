@@ -355,8 +355,9 @@ def format_table(rows: list[dict]) -> str:
     body = [header]
     for r in sorted(rows, key=lambda r: (r["threads"], r["provider"] != "nanogpt",
                                          r["provider"])):
+        ratio = f"{r['speedup_vs_nanogpt']:.2f}x" if "speedup_vs_nanogpt" in r else "-"
         body.append((str(r["threads"]), r["provider"], f"{r['tokens_per_s']:,.0f}",
-                     f"{r['step_ms']:.2f}", f"{r.get('speedup_vs_nanogpt', float('nan')):.2f}x",
+                     f"{r['step_ms']:.2f}", ratio,
                      f"{r['val_loss']:.4f}", f"{r['full_val_bpc']:.4f}", str(r["repeats"]),
                      "/".join(f"{x:.1f}" for x in r.get("loadavg_runs", []))))
     widths = [max(len(row[i]) for row in body) for i in range(len(header))]
