@@ -116,8 +116,8 @@ class AdamW(torch.optim.Optimizer):
                 for lst, t in zip(lists, tensors):
                     lst.append(t if t is None else _local(t))
             beta1, beta2 = group["betas"]
-            hyper = dict(beta1=beta1, beta2=beta2, eps=group["eps"],
-                         weight_decay=group["weight_decay"])
+            hyper = {"beta1": beta1, "beta2": beta2, "eps": group["eps"],
+                     "weight_decay": group["weight_decay"]}
             for (device, step, master), (params, grads, m, v, w, steps) in buckets.items():
                 masters = w if master else None
                 if self.capturable:

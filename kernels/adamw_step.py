@@ -147,10 +147,9 @@ def _device_consts(steps, lr, beta1, beta2, eps, weight_decay) -> torch.Tensor:
     """The same constants from device tensors, by torch ops in double: (n_tensors, 7) float32."""
     s = torch.stack([t.reshape(()) for t in steps]).double()  # (n,)
     lr = lr.reshape(()).double().expand_as(s)
-    full = lambda value: torch.full_like(s, value)  # noqa: E731
-    cols = [1.0 - lr * weight_decay, full(1.0 - beta1), full(beta2), full(1.0 - beta2),
-            lr / (1.0 - torch.pow(beta1, s)), 1.0 / torch.sqrt(1.0 - torch.pow(beta2, s)),
-            full(eps)]
+    cols = [1.0 - lr * weight_decay, torch.full_like(s, 1.0 - beta1), torch.full_like(s, beta2),
+            torch.full_like(s, 1.0 - beta2), lr / (1.0 - torch.pow(beta1, s)),
+            1.0 / torch.sqrt(1.0 - torch.pow(beta2, s)), torch.full_like(s, eps)]
     return torch.stack(cols, dim=1).float()  # (n, 7)
 
 

@@ -151,7 +151,7 @@ def test_master_weights_match_reference(device, backend, dtype):
                              master_params=ref_masters)
     for i, (p, w, rw) in enumerate(zip(params, masters, ref_masters)):
         torch.testing.assert_close(w, rw, rtol=1e-5, atol=1e-5,
-                                   msg=lambda s: f"{backend} master[{i}]: {s}")
+                                   msg=lambda s, i=i: f"{backend} master[{i}]: {s}")
         assert torch.equal(p, w.to(dtype)), f"{backend}: params[{i}] is not its master rounded"
     for a, r in zip(m + v, ref_m + ref_v):
         torch.testing.assert_close(a, r, rtol=1e-5, atol=1e-5)
@@ -180,7 +180,9 @@ def test_capturable_matches_host_path(device, backend, master):
         idx = [i for i, off in enumerate(offsets) if k > off]
         grads = {i: torch.randn(host[0][i].shape, generator=gen).to(device=device, dtype=dtype)
                  for i in idx}
-        pick = lambda lst: None if lst is None else [lst[i] for i in idx]  # noqa: E731
+        def pick(lst, idx=idx):
+            return None if lst is None else [lst[i] for i in idx]
+
         for i in idx:  # host path: one call per distinct step count
             ops.adamw_step([host[0][i]], [grads[i]], [host[1][i]], [host[2][i]], k - offsets[i],
                            **HYPER, backend=backend,
