@@ -233,3 +233,28 @@ def test_master_and_capturable_bad_input(backend):
         ops.adamw_step(p, g, m, v, [], **HYPER, backend=backend)
     with pytest.raises(TypeError, match="lr is a tensor but step is an int"):
         ops.adamw_step(p, g, m, v, 1, **{**HYPER, "lr": torch.tensor(1e-3)}, backend=backend)
+
+
+@pytest.mark.parametrize("backend", ["cpu", "triton", "cuda"])
+def test_master_capturable_torch_compile_fullgraph(device, backend):
+    """The capturable op with master weights traces whole under torch.compile."""
+    require_backend(OP, backend, device)
+    params, m, v = make_state(torch.bfloat16, torch.float32, device)
+    masters = [p.float() for p in params]
+    grads = [torch.randn_like(p) for p in params]
+    steps = [torch.full((), 2.0, device=device) for _ in params]
+    lr = torch.tensor(HYPER["lr"], dtype=torch.float64, device=device)
+    hyper = {k: v for k, v in HYPER.items() if k != "lr"}
+    ref = copy.deepcopy((params, m, v, masters))
+
+    @torch.compile(fullgraph=True)
+    def step(params, m, v, masters):
+        ops.adamw_step(params, grads, m, v, steps, lr, **hyper, backend=backend,
+                       master_params=masters)
+
+    step(params, m, v, masters)
+    reference.adamw_step(ref[0], grads, ref[1], ref[2], steps, lr, **hyper, master_params=ref[3])
+    for a, r in zip(masters + m + v, ref[3] + ref[1] + ref[2]):
+        torch.testing.assert_close(a, r, rtol=1e-5, atol=1e-5)
+    for p, w in zip(params, masters):
+        assert torch.equal(p, w.to(p.dtype))
