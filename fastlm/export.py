@@ -115,6 +115,10 @@ def export_hf(model: GPT, out_dir: str | Path, tokenizer: Tokenizer | None = Non
     if model.config.arch == "bert":  # BertForMaskedLM: its own mapping (fastlm.export_bert)
         from fastlm.export_bert import export_bert
         return export_bert(model, out_dir, tokenizer)
+    if model.config.arch not in ("gpt2", "llama"):
+        raise ExportError(f"--format hf: model.arch={model.config.arch} has no Hugging Face "
+                          "mapping (gpt2, llama and bert export); its checkpoint still serves "
+                          "fastlm's eval and generate")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     cfg = model.config

@@ -108,6 +108,9 @@ def export_gguf(model: GPT, out_dir: str | Path, tokenizer: Tokenizer | None = N
     if dtype not in ("f32", "f16"):
         raise GGUFExportError(f"dtype must be f32 or f16, got {dtype!r}")
     cfg = model.config
+    if cfg.arch not in ("gpt2", "llama"):
+        raise GGUFExportError(f"model.arch={cfg.arch}: llama.cpp runs the gpt2 and llama "
+                              "flavours only")
     if tokenizer is not None and tokenizer.vocab_size > cfg.vocab_size:
         raise GGUFExportError(f"the tokenizer has {tokenizer.vocab_size} ids, the model only "
                               f"{cfg.vocab_size}")
