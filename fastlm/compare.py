@@ -181,11 +181,14 @@ def full_val_loss(run_dir: Path, val: torch.Tensor) -> tuple[float, int]:
     from fastlm import checkpoint, models
     from fastlm.config import load_config
 
+    from fastlm.train import pick_device
+
     cfg = load_config(run_dir / "config.toml")
+    device = pick_device(cfg.train.device)
     ckpt = checkpoint.load(run_dir)
     model = models.build(cfg.model)
     ckpt.load_model(model)
-    model.eval()
+    model.to(device).eval()
     T = cfg.seq_len
     n = (len(val) - 1) // T
     if n < 1:
@@ -195,7 +198,8 @@ def full_val_loss(run_dir: Path, val: torch.Tensor) -> tuple[float, int]:
     y = val[1:n * T + 1].long().view(n, T)  # (n, T): the next byte of each position
     total = 0.0
     for xb, yb in zip(x.split(EVAL_BATCH), y.split(EVAL_BATCH)):
-        total += model(xb, yb)[1].item() * xb.numel()  # mean over the chunk -> sum
+        loss = model(xb.to(device), yb.to(device))[1]  # mean over the chunk
+        total += loss.item() * xb.numel()
     return total / (n * T), n * T
 
 
