@@ -203,11 +203,12 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
 def build_optimizer(model: nn.Module, name: str, lr: float, weight_decay: float,
                     betas: tuple[float, float] = (0.9, 0.95), eps: float = 1e-8,
                     momentum: float = 0.9, nesterov: bool = False) -> torch.optim.Optimizer:
-    """The optimizer `name` ("adamw" or "sgd") over param_groups(model, weight_decay).
+    """The optimizer `name` ("adamw" or "sgd") over the model's weight-decay groups.
 
     SGD is torch.optim.SGD (its weight decay is L2, added to the gradient); Nesterov needs a
     momentum > 0."""
-    groups = param_groups(model, weight_decay)
+    groups = (model.param_groups(weight_decay) if hasattr(model, "param_groups")
+              else param_groups(model, weight_decay))  # a LanguageModel may group its own
     if name == "adamw":
         return AdamW(groups, lr=lr, betas=betas, eps=eps)
     if name == "sgd":
