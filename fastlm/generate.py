@@ -5,14 +5,20 @@
         --stop "\\n\\n" --seed 0 --tokenizer tok.json --device cpu]
 
     from fastlm.generate import generate, load
-    lm = load("runs/x")                      # model (eval mode) + tokenizer + name
+    lm = load("runs/x")                      # model (eval mode, CPU Linears packed) + tokenizer
     text = generate(lm.model, lm.tokenizer, "def ", max_new_tokens=50, temperature=0)
 
-How a batch of prompts of different lengths runs: the prompts are LEFT-padded to the longest one,
-so every row's newest token sits in the same cache slot and one (B, 1) forward decodes them all.
-Each row's positions count from its first real token (learned positions and RoPE both see 0, 1,
-2, ... exactly as for the prompt alone), and the KV cache's `valid` mask hides the padding slots
-from every query. A batch without padding takes the plain causal path (fastlm.ops.attention).
+How a batch of prompts of different lengths runs (BatchDecoder): the prompts are LEFT-padded to
+the longest one, so every row's newest token sits in the same cache slot and one (B, 1) forward
+decodes them all. Each row's positions count from its first real token (learned positions and
+RoPE both see 0, 1, 2, ... exactly as for the prompt alone), and the KV cache's `valid` mask
+hides the padding slots from every query. A batch without padding takes the plain causal path.
+ContinuousDecoder (the server's) instead gives every row its own cache length, so requests join
+and leave a running batch between steps.
+
+Nothing in a decode step grows with the answer except attention over the cache: the cache is
+written in place, the logits of the last position only are formed, text is detokenised one
+token at a time (TextStream) and sampling never sorts the whole vocabulary unless top-p needs it.
 
 Sampling, per row (rows may carry different SamplingParams, as server requests do), in the order
 Hugging Face applies it: repetition penalty over prompt + generated ids (CTRL's rule: positive

@@ -17,6 +17,7 @@ from fastlm.generate import (
 from fastlm.kv_cache import KVCache
 from fastlm.tokenizer import Tokenizer
 from tests.lm_fixtures import save_checkpoint, tiny_model
+from tests.utils import assert_lowp_close
 
 ARCHS = ["gpt2", "llama"]
 
@@ -36,6 +37,22 @@ def test_cached_logits_equal_full_forward(arch):
     assert cache.length == 37 and cache.k.data_ptr() == k_ptr  # written in place
     with pytest.raises(ValueError, match="exceed the cache"):
         model.forward_cached(idx[:, :4], cache)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_cached_logits_bfloat16(arch):
+    """bf16 decoding (one-token steps take the upcast-SDPA path) stays within 2x the error of
+    the bf16 full forward against the float32 model."""
+    model = tiny_model(arch)
+    idx = torch.randint(0, 256, (3, 30))  # (B, T)
+    with torch.no_grad():
+        reference = model(idx)[0]  # float32
+        model.to(torch.bfloat16)
+        full = model(idx)[0]
+        cache = KVCache(model.config, 3, 30, torch.bfloat16)
+        chunks = [model.forward_cached(idx[:, :10], cache)]
+        chunks += [model.forward_cached(idx[:, t:t + 1], cache) for t in range(10, 30)]
+    assert_lowp_close(torch.cat(chunks, 1), reference, full, f"{arch} bf16 cached logits")
 
 
 @pytest.mark.parametrize("arch", ARCHS)
