@@ -272,9 +272,9 @@ def parse_args(argv):
 
 
 def run(args) -> list[dict]:
-    if getattr(args, "nanogpt", None) is None:
-        raise BenchError("the training bench needs nanoGPT's source: run `python -m "
-                         "fastlm.bench.bench_train --nanogpt PATH` (see its --help)")
+    if getattr(args, "nanogpt", None) is None:  # `python -m fastlm.bench --ops train`
+        raise SystemExit("bench_train: needs nanoGPT's source and runs for minutes: use "
+                         "`python -m fastlm.bench.bench_train --nanogpt PATH` (see its --help)")
     check_nanogpt(args.nanogpt)
     eval_interval = 250 if args.iters % 250 == 0 else args.iters  # nanoGPT's 250; end included
     root = Path(tempfile.mkdtemp(prefix="bench_train-")) if args.keep is None else args.keep
