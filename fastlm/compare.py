@@ -240,6 +240,7 @@ def run_arch(arch: str, preset: str, args: argparse.Namespace, extra: list[str],
         env.update(OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads))
     run_dir.mkdir(parents=True, exist_ok=True)
     log_path = run_dir / "train.log"
+    load_before = _load_average()
     t0 = time.perf_counter()
     with open(log_path, "w") as log:
         proc = subprocess.run([sys.executable, "-m", "fastlm.train", *argv], stdout=log,
@@ -271,6 +272,9 @@ def run_arch(arch: str, preset: str, args: argparse.Namespace, extra: list[str],
             ("seq_len", cfg.seq_len), ("batch_size", cfg.train.batch_size),
             ("lr", cfg.optim.lr), ("min_lr", cfg.optim.min_lr), ("warmup_steps", warmup),
             ("schedule", cfg.optim.schedule))},
+        # Other processes' demand for the cores (1-minute load average before and after the
+        # run): on a shared machine a load above the core count slows every arch's clock.
+        "load_average": [load_before, _load_average()],
         "run_dir": str(run_dir),
         "sample": sample.read_text() if sample.exists() else None,
     }
@@ -278,6 +282,13 @@ def run_arch(arch: str, preset: str, args: argparse.Namespace, extra: list[str],
           f"{result['tokens_per_s']:,.0f} tokens/s, val loss {val_loss:.4f} "
           f"({result['val_bpb']:.3f} bits/byte)", flush=True)
     return result
+
+
+def _load_average() -> float | None:
+    try:
+        return round(os.getloadavg()[0], 2)
+    except (OSError, AttributeError):  # not on every platform
+        return None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -316,7 +327,8 @@ def markdown(report: dict) -> str:
         head.append(f"- {r['arch']}: preset {r['preset']}, {c['n_layer']} layers x "
                     f"{c['n_embd']}, batch {c['batch_size']} x {c['seq_len']}, lr {c['lr']:g} "
                     f"-> {c['min_lr']:g} ({c['schedule']}, {c['warmup_steps']} warmup), "
-                    f"{r['train_seconds']:.1f} s")
+                    f"{r['train_seconds']:.1f} s, load average {r['load_average'][0]} -> "
+                    f"{r['load_average'][1]} on {report['machine']['cores']} cores")
     return "\n".join(head) + "\n"
 
 
@@ -365,6 +377,7 @@ def machine(threads: int, device: str) -> dict:
     except (OSError, subprocess.SubprocessError):
         commit = None
     return {"device": name, "threads": threads or torch.get_num_threads(),
+            "cores": os.cpu_count(),
             "torch": torch.__version__, "python": platform.python_version(), "commit": commit,
             "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")}
 
