@@ -180,7 +180,6 @@ def full_val_loss(run_dir: Path, val: torch.Tensor) -> tuple[float, int]:
     the validation tokens `val` (uint8, 1-D) at the run's seq_len, and the tokens scored."""
     from fastlm import checkpoint, models
     from fastlm.config import load_config
-
     from fastlm.train import pick_device
 
     cfg = load_config(run_dir / "config.toml")
@@ -241,11 +240,13 @@ def run_arch(arch: str, preset: str, args: argparse.Namespace, extra: list[str],
     run_dir.mkdir(parents=True, exist_ok=True)
     log_path = run_dir / "train.log"
     load_before = _load_average()
+    cpu0 = _children_cpu_seconds()
     t0 = time.perf_counter()
     with open(log_path, "w") as log:
         proc = subprocess.run([sys.executable, "-m", "fastlm.train", *argv], stdout=log,
-                              stderr=subprocess.STDOUT, env=env)
+                              stderr=subprocess.STDOUT, env=env, check=False)
     wall = time.perf_counter() - t0
+    cpu = _children_cpu_seconds() - cpu0  # the trainer process's CPU time, start-up included
     if proc.returncode != 0:
         tail = "\n".join(log_path.read_text().splitlines()[-8:])
         raise CompareError(f"[{arch}] fastlm.train exited with {proc.returncode} "
@@ -262,6 +263,7 @@ def run_arch(arch: str, preset: str, args: argparse.Namespace, extra: list[str],
         "steps": train_rows[-1]["step"], "planned_steps": planned,
         "calibrated_steps_per_s": round(rate, 3),
         "train_seconds": val_rows[-1]["time_s"], "process_seconds": round(wall, 2),
+        "process_cpu_seconds": round(cpu, 2),
         "val_loss": round(val_loss, 4), "val_bpb": round(val_loss / math.log(2), 4),
         "val_tokens": scored,
         "trainer_val_loss": round(val_rows[-1]["val_loss"], 4),
@@ -282,6 +284,16 @@ def run_arch(arch: str, preset: str, args: argparse.Namespace, extra: list[str],
           f"{result['tokens_per_s']:,.0f} tokens/s, val loss {val_loss:.4f} "
           f"({result['val_bpb']:.3f} bits/byte)", flush=True)
     return result
+
+
+def _children_cpu_seconds() -> float:
+    """User + system CPU time of the finished child processes (resource is Unix-only)."""
+    try:
+        import resource
+    except ImportError:
+        return float("nan")
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
 
 
 def _load_average() -> float | None:
@@ -310,25 +322,27 @@ def markdown(report: dict) -> str:
     results = report["results"]
     head = [f"# fastlm.compare: {', '.join(r['arch'] for r in results)}", "",
             "```", report["command"], "```", "",
-            f"Data: {report['data']} ({report['val_bytes']:,} validation bytes, byte tokens). "
-            f"Budget: {report['budget_seconds']:g} s of training wall time per arch on "
-            f"{report['machine']['device']} ({report['machine']['threads']} threads), "
-            f"torch {report['machine']['torch']}, commit {report['machine']['commit']}, "
-            f"{report['machine']['date']}.", "",
+            (f"Data: {report['data']} ({report['val_bytes']:,} validation bytes, byte tokens). "
+             f"Budget: {report['budget_seconds']:g} s of training wall time per arch on "
+             f"{report['machine']['device']} ({report['machine']['threads']} threads), "
+             f"torch {report['machine']['torch']}, commit {report['machine']['commit']}, "
+             f"{report['machine']['date']}."), "",
             table(results), "",
-            "val loss: mean cross-entropy (nats per byte) of the final weights over the whole "
-            "validation text in consecutive windows of the training length, every arch on the "
-            "same windows, each window from an empty context (RNNs from a zero state); "
-            "bits/byte = val loss / ln 2. tokens/s: median training throughput (evaluations "
-            "excluded). steps: optimizer steps done (\"of N\": the budget ran out before the "
-            "planned N, so the learning-rate schedule did not finish)."]
+            ("val loss: mean cross-entropy (nats per byte) of the final weights over the whole "
+             "validation text in consecutive windows of the training length, every arch on the "
+             "same windows, each window from an empty context (RNNs from a zero state); "
+             "bits/byte = val loss / ln 2. tokens/s: median training throughput (evaluations "
+             "excluded). steps: optimizer steps done (\"of N\": the budget ran out before the "
+             "planned N, so the learning-rate schedule did not finish).")]
     for r in results:
         c = r["config"]
         head.append(f"- {r['arch']}: preset {r['preset']}, {c['n_layer']} layers x "
                     f"{c['n_embd']}, batch {c['batch_size']} x {c['seq_len']}, lr {c['lr']:g} "
                     f"-> {c['min_lr']:g} ({c['schedule']}, {c['warmup_steps']} warmup), "
-                    f"{r['train_seconds']:.1f} s, load average {r['load_average'][0]} -> "
-                    f"{r['load_average'][1]} on {report['machine']['cores']} cores")
+                    f"{r['train_seconds']:.1f} s of training ({r['process_seconds']:.0f} s "
+                    f"wall / {r['process_cpu_seconds']:.0f} s CPU for the whole process), "
+                    f"load average {r['load_average'][0]} -> {r['load_average'][1]} on "
+                    f"{report['machine']['cores']} cores")
     return "\n".join(head) + "\n"
 
 
@@ -373,7 +387,7 @@ def machine(threads: int, device: str) -> dict:
     try:
         commit = subprocess.run(["git", "-C", str(Path(__file__).resolve().parent.parent),
                                  "rev-parse", "--short", "HEAD"], capture_output=True,
-                                text=True, timeout=5).stdout.strip() or None
+                                text=True, timeout=5, check=False).stdout.strip() or None
     except (OSError, subprocess.SubprocessError):
         commit = None
     return {"device": name, "threads": threads or torch.get_num_threads(),

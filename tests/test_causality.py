@@ -73,8 +73,8 @@ def test_causality(arch):
             changed = logits_of(model, change_after(idx, t, vocab, gen))
             torch.testing.assert_close(
                 changed[:, :t + 1], base[:, :t + 1], rtol=0, atol=0,
-                msg=lambda m: f"{arch}: logits at positions <= {t} changed when only tokens "
-                              f"after {t} did (the model sees the future)\n{m}")
+                msg=lambda m, t=t: f"{arch}: logits at positions <= {t} changed when only "
+                                   f"tokens after {t} did (the model sees the future)\n{m}")
             # The next position reads the changed token (it is its input): a model that
             # ignored its input would pass the check above for nothing.
             assert (changed[:, t + 1] - base[:, t + 1]).abs().max() > 1e-4, (

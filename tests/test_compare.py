@@ -52,8 +52,7 @@ def test_compare_two_archs_writes_table_json_and_plot(tmp_path, corpus, capsys):
     header = "| " + " | ".join(COLUMNS) + " |"
     assert header == "| arch | params | tokens/s | steps | val loss | bits/byte |"
     assert header in md and report["command"] in md
-    rows = [line for line in md.splitlines() if line.startswith("| gcnn") or
-            line.startswith("| llama")]
+    rows = [line for line in md.splitlines() if line.startswith(("| gcnn", "| llama"))]
     assert len(rows) == 2 and all(len(row.split("|")) == len(COLUMNS) + 2 for row in rows)
     assert (out / "compare.png").stat().st_size > 0  # matplotlib is a test extra
     assert header in capsys.readouterr().out

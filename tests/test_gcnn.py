@@ -19,8 +19,8 @@ TEXT = ("To be, or not to be, that is the question:\n"
 
 
 def config(**over) -> ModelConfig:
-    kw = dict(preset="", arch="gcnn", vocab_size=256, block_size=32, n_layer=3, n_embd=24,
-              conv_kernel=3)
+    kw = {"preset": "", "arch": "gcnn", "vocab_size": 256, "block_size": 32, "n_layer": 3,
+          "n_embd": 24, "conv_kernel": 3}
     kw.update(over)
     return ModelConfig(**kw)
 
