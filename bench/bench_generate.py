@@ -130,7 +130,8 @@ def server_throughput(model: GPT, clients: int, new: int) -> dict:
     thread.join(timeout=10)
     return {"provider": "fastlm.serve", "clients": clients, "tokens": sum(counts),
             "complete": sum(c == new for c in counts), "aggregate_tokens_per_s": sum(counts) / dt,
-            "wall_s": dt, "max_rows_decoded_together": app.state.engine.max_rows_seen}
+            "wall_s": dt, "max_rows_decoded_together": app.state.engine.max_rows_seen,
+            "clock": "wall"}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -208,7 +209,7 @@ def main(argv: list[str] | None = None) -> int:
             print("fastlm.serve: some answers arrived incomplete", file=sys.stderr)
             return 1
     for r in rows:
-        r.update(env)
+        r.update({k: v for k, v in env.items() if k not in r})  # the server row keeps its clock
     if args.json:
         utils.write_json(rows, args.json)
     return 0
