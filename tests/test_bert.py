@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 from fastlm import checkpoint, models
 from fastlm.config import ConfigError, ModelConfig
-from fastlm.models.bert import BERT, IGNORE, SPECIALS, mask_tokens
+from fastlm.models.bert import BERT, IGNORE, SPECIALS, mask_tokens, sinusoids
 from fastlm.optim import AdamW
 
 
@@ -48,6 +48,10 @@ def test_registered_with_reserved_specials_above_the_vocab():
     assert (model.pad_id, model.cls_id, model.sep_id, model.mask_id) == (256, 257, 258, 259)
     assert model.n_tokens == 256 + len(SPECIALS) == model.wte.weight.shape[0]
     assert model.lm_head.weight is model.wte.weight  # tied decoder
+    torch.testing.assert_close(model.wpe.weight, sinusoids(32, 32, std=0.06))  # the init
+    odd = sinusoids(10, 7, std=0.5)
+    assert odd.shape == (10, 7) and abs(odd.std().item() - 0.5) < 1e-6
+    torch.testing.assert_close(odd[0, 1::2] / odd[0, 1], torch.ones(3))  # cos(0) columns
     untied = tiny_bert(tie_embeddings=False)
     assert untied.lm_head.weight is not untied.wte.weight
 

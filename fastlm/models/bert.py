@@ -4,7 +4,8 @@
 
 Architecture (the layout of Hugging Face's BertForMaskedLM, so fastlm.export_bert maps it tensor
 for tensor and transformers' logits equal fastlm's):
-  embeddings   token + learned position + token type (segment) embeddings, LayerNorm, dropout
+  embeddings   token + learned position + token type (segment) embeddings, LayerNorm, dropout;
+               the position table starts as sinusoids (see sinusoids(): measured, not taste)
   blocks       post-LN: x = LN(x + attn(x)), x = LN(x + mlp(x)); attention is bidirectional
                (fastlm.ops.attention(..., causal=False)); the MLP uses the exact (erf) GELU
   MLM head     dense C -> C, GELU, LayerNorm, then a decoder tied to the token embedding (unless
@@ -137,6 +138,8 @@ class BERT(LanguageModel):
         self.lm_head = nn.Linear(C, self.n_tokens, bias=False)
         self.lm_bias = nn.Parameter(torch.zeros(self.n_tokens))
         self.apply(self._init_weights)
+        with torch.no_grad():  # see sinusoids(): the position table starts with structure
+            self.wpe.weight.copy_(sinusoids(config.block_size, C, std=0.06))
         if config.tie_embeddings:
             self.lm_head.weight = self.wte.weight
 
@@ -221,6 +224,28 @@ class BERT(LanguageModel):
                 picked = self.mlm_logits(x.reshape(-1, x.shape[-1]).index_select(0, rows))
             loss = ops.cross_entropy(picked, flat.index_select(0, rows))
         return logits, loss
+
+
+def sinusoids(n: int, dim: int, std: float) -> torch.Tensor:
+    """Sinusoidal position table (n, dim) (Vaswani et al.), scaled to standard deviation std:
+    the initial value of BERT's learned position embeddings.
+
+    Why not BERT's N(0, 0.02): a masked position learns nothing beyond unigram statistics until
+    attention finds its neighbours (the [MASK] token itself says nothing), and random position
+    vectors give no notion of "the next position" to find them by. Measured on tiny Shakespeare
+    (shakespeare-bert, bytes): with the random table the masked val loss sat at 3.0 nats (the
+    unigram entropy is 3.3) for 4,500 steps, attention uniform over offsets; with sinusoids
+    (relative offsets are then linear maps of the table) it fell through 2.5 by step 1,500. Std
+    0.06 (3x the token table's) beat 0.02 there. The table is still learned, and the model is
+    BERT's function exactly (the export is unaffected).
+    """
+    pos = torch.arange(n, dtype=torch.float64)[:, None]  # (n, 1)
+    freq = 10000.0 ** (-torch.arange(0, dim, 2, dtype=torch.float64) / dim)  # (ceil(dim/2),)
+    angles = pos * freq  # (n, ceil(dim/2))
+    table = torch.empty(n, dim, dtype=torch.float64)
+    table[:, 0::2] = angles.sin()
+    table[:, 1::2] = angles[:, :dim // 2].cos()
+    return (table * (std / table.std())).float()
 
 
 def mask_tokens(x: torch.Tensor, probability: float, vocab_size: int, mask_id: int,
