@@ -43,6 +43,10 @@ What is measured, per provider and thread count (medians over the repeats):
               the file at int(0.9 * length) and tiny Shakespeare is ASCII, so nanoGPT's 65
               characters and fastlm's bytes are the same symbols and nats per character are
               comparable; bits per character = nats / ln 2 (= bits per byte here).
+  interleaved the same ratio, robust to load: after the runs, both models' training steps
+              (forward, backward, clip, optimizer step) take turns in blocks of 10 in this
+              process (--interleaved-blocks per model, 0 = skip), median ms per step. On a
+              shared machine the full runs, minutes apart, see different loads; this does not.
 """
 from __future__ import annotations
 
@@ -224,9 +228,7 @@ def score_nanogpt(ws: Path, out_dir: Path, x: torch.Tensor, y: torch.Tensor) -> 
     xs, ys = table[x], table[y]
     if (xs < 0).any() or (ys < 0).any():
         raise BenchError("validation text holds a character nanoGPT's vocabulary lacks")
-    spec = importlib.util.spec_from_file_location("nanogpt_model", ws / "model.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = load_nanogpt_model(ws)
     ckpt = torch.load(out_dir / "ckpt.pt", map_location="cpu", weights_only=True)
     model = module.GPT(module.GPTConfig(**ckpt["model_args"]))
     model.load_state_dict({k.removeprefix("_orig_mod."): v for k, v in ckpt["model"].items()})
@@ -238,6 +240,88 @@ def score_fastlm(run_dir: Path, x: torch.Tensor, y: torch.Tensor) -> float:
     from fastlm.restore import restore
     model = restore(checkpoint.latest(run_dir)).model.eval()
     return mean_loss(model, x, y)
+
+
+# ---------------------------------------------------------------------------------------------
+# Interleaved steps: a load-robust ratio on a shared machine
+def load_nanogpt_model(ws: Path):
+    """nanoGPT's model module, imported from the workspace copy."""
+    spec = importlib.util.spec_from_file_location("nanogpt_model", ws / "model.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def interleaved_steps(ws: Path, data: Path, precisions: list[str], blocks: int,
+                      block_steps: int = 10) -> dict[str, float]:
+    """Median ms per training step of each model, measured in this process with blocks of
+    block_steps steps taking turns, so a change of load hits every provider alike (the full runs
+    above are minutes apart). A step is what both loops do per iteration: forward with targets,
+    backward, clip the gradient norm to 1, optimizer step, zero the gradients; nanoGPT's with its
+    model.py and configure_optimizers, fastlm's with fastlm.models.gpt.GPT and
+    fastlm.optim.build_optimizer from the preset (bf16: autocast around the forward)."""
+    import contextlib
+    import io
+
+    from fastlm.config import parse_args as parse_config
+    from fastlm.models.gpt import GPT
+    from fastlm.optim import build_optimizer
+
+    train = torch.from_numpy(np.frombuffer(data.read_bytes(), dtype=np.uint8).astype(np.int64))
+    train = train[:int(len(train) * 0.9)]
+    gen = torch.Generator().manual_seed(0)
+
+    def batch(vocab_map=None):  # (B, T) windows at random offsets, like both trainers
+        ix = torch.randint(len(train) - SEQ_LEN - 1, (BATCH,), generator=gen)
+        x = torch.stack([train[i:i + SEQ_LEN] for i in ix])
+        y = torch.stack([train[i + 1:i + 1 + SEQ_LEN] for i in ix])
+        return (x, y) if vocab_map is None else (vocab_map[x], vocab_map[y])
+
+    def stepper(model, optimizer, autocast, vocab_map=None):
+        def step():
+            x, y = batch(vocab_map)
+            with autocast():
+                _, loss = model(x, y)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        return step
+
+    import pickle
+    with open(ws / "data/shakespeare_char/meta.pkl", "rb") as f:
+        stoi = pickle.load(f)["stoi"]
+    to_char = torch.zeros(256, dtype=torch.long)
+    for ch, i in stoi.items():
+        to_char[ord(ch)] = i
+    ng = load_nanogpt_model(ws)
+    with contextlib.redirect_stdout(io.StringIO()):  # its parameter-count prints
+        torch.manual_seed(0)
+        n_model = ng.GPT(ng.GPTConfig(block_size=SEQ_LEN, vocab_size=len(stoi), n_layer=4,
+                                      n_head=4, n_embd=128, dropout=0.0, bias=False))
+        n_opt = n_model.configure_optimizers(0.1, 1e-3, (0.9, 0.99), "cpu")
+    steps = {"nanogpt": stepper(n_model, n_opt, contextlib.nullcontext, to_char)}
+    cfg = parse_config(["--model.preset=shakespeare_char_cpu"])
+    cfg.model.vocab_size = 256
+    for precision in precisions:
+        torch.manual_seed(0)
+        model = GPT(cfg.model)
+        o = cfg.optim
+        opt = build_optimizer(model, o.name, o.lr, o.weight_decay, o.betas, o.eps)
+        cast = (contextlib.nullcontext if precision == "fp32" else
+                lambda: torch.autocast("cpu", dtype=torch.bfloat16))
+        steps[f"fastlm-{precision}"] = stepper(model, opt, cast)
+    times: dict[str, list[float]] = {name: [] for name in steps}
+    for name, step in steps.items():  # warm-up
+        for _ in range(3):
+            step()
+    for _ in range(blocks):
+        for name, step in steps.items():
+            t0 = time.perf_counter()
+            for _ in range(block_steps):
+                step()
+            times[name].append((time.perf_counter() - t0) / block_steps * 1e3)
+    return {name: statistics.median(t) for name, t in times.items()}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -253,6 +337,8 @@ def parse_args(argv):
     p.add_argument("--precisions", default="fp32,bf16", help="fastlm rows: fp32 and/or bf16")
     p.add_argument("--json", help="output file (default bench/results/<device>/train-<date>.json)")
     p.add_argument("--keep", type=Path, help="keep the runs (logs, checkpoints) in this folder")
+    p.add_argument("--interleaved-blocks", type=int, default=15,
+                   help="blocks of 10 steps per model in the interleaved timing (0 = skip it)")
     a = p.parse_args(argv)
     try:
         a.threads = [int(t) for t in a.threads.split(",")]
@@ -262,8 +348,9 @@ def parse_args(argv):
     bad = [s for s in a.precisions if s not in ("fp32", "bf16")]
     if bad:
         p.error(f"--precisions: unknown {', '.join(bad)}; choose from fp32, bf16")
-    if a.iters < 2 or a.repeats < 1 or min(a.threads) < 1:
-        p.error("--iters must be >= 2, --repeats and every --threads value >= 1")
+    if a.iters < 2 or a.repeats < 1 or min(a.threads) < 1 or a.interleaved_blocks < 0:
+        p.error("--iters must be >= 2, --repeats and every --threads value >= 1, "
+                "--interleaved-blocks >= 0")
     if not a.data.is_file():
         p.error(f"--data {a.data}: no such file (tiny Shakespeare lives at {DEFAULT_DATA})")
     if not a.data.read_bytes().isascii():
@@ -309,13 +396,21 @@ def run(args) -> list[dict]:
                           f"{r['tokens_per_s']:8,.0f} tok/s  step {r['step_ms']:6.2f} ms  "
                           f"val {val:.4f} (own, step {val_step})  full val {full:.4f} nats/char"
                           f"  wall {wall:.0f} s  load {r['loadavg']}", flush=True)
+        interleaved = {}
+        for threads in args.threads if args.interleaved_blocks else ():
+            torch.set_num_threads(threads)
+            interleaved[threads] = interleaved_steps(ws, args.data, args.precisions,
+                                                     args.interleaved_blocks)
+            print(f"interleaved steps, threads {threads}: " + ", ".join(
+                f"{k} {v:.2f} ms" for k, v in interleaved[threads].items()), flush=True)
     finally:
         if args.keep is None:
             shutil.rmtree(root, ignore_errors=True)
-    return summarize(runs, args)
+    return summarize(runs, args, interleaved)
 
 
-def summarize(runs: dict[tuple[str, int], list[dict]], args) -> list[dict]:
+def summarize(runs: dict[tuple[str, int], list[dict]], args,
+              interleaved: dict[int, dict[str, float]] | None = None) -> list[dict]:
     env = utils.environment(torch.device("cpu"))
     nanogpt_version = source_hash(args.nanogpt)
     med = statistics.median
@@ -345,19 +440,26 @@ def summarize(runs: dict[tuple[str, int], list[dict]], args) -> list[dict]:
             r["speedup_vs_nanogpt"] = r["tokens_per_s"] / b["tokens_per_s"]
             r["step_speedup_vs_nanogpt"] = b["step_ms"] / r["step_ms"]
             r["full_val_bpc_vs_nanogpt"] = r["full_val_bpc"] - b["full_val_bpc"]
+        steps = (interleaved or {}).get(r["threads"], {})
+        if r["provider"] in steps:
+            r["interleaved_step_ms"] = steps[r["provider"]]
+            if "nanogpt" in steps:
+                r["interleaved_speedup_vs_nanogpt"] = steps["nanogpt"] / steps[r["provider"]]
     return rows
 
 
 def format_table(rows: list[dict]) -> str:
     """The table printed here and by `python -m fastlm.bench report` (bench/RESULTS.md)."""
-    header = ("threads", "provider", "tokens/s", "step ms", "vs nanoGPT", "own val loss",
-              "full val bits/char", "runs", "load")
+    header = ("threads", "provider", "tokens/s", "step ms", "vs nanoGPT", "interleaved",
+              "own val loss", "full val bits/char", "runs", "load")
     body = [header]
     for r in sorted(rows, key=lambda r: (r["threads"], r["provider"] != "nanogpt",
                                          r["provider"])):
         ratio = f"{r['speedup_vs_nanogpt']:.2f}x" if "speedup_vs_nanogpt" in r else "-"
+        inter = (f"{r['interleaved_step_ms']:.1f} ms {r['interleaved_speedup_vs_nanogpt']:.2f}x"
+                 if "interleaved_speedup_vs_nanogpt" in r else "-")
         body.append((str(r["threads"]), r["provider"], f"{r['tokens_per_s']:,.0f}",
-                     f"{r['step_ms']:.2f}", ratio,
+                     f"{r['step_ms']:.2f}", ratio, inter,
                      f"{r['val_loss']:.4f}", f"{r['full_val_bpc']:.4f}", str(r["repeats"]),
                      "/".join(f"{x:.1f}" for x in r.get("loadavg_runs", []))))
     widths = [max(len(row[i]) for row in body) for i in range(len(header))]
@@ -366,7 +468,9 @@ def format_table(rows: list[dict]) -> str:
     first = rows[0]
     note = (f"{first['iters']} steps of {first['batch']}x{first['seq_len']} tokens. tokens/s: "
             "the training loop without evaluation (median of the runs); vs nanoGPT: tokens/s "
-            "ratio at the same threads; own val loss: each trainer's estimate at the last step, "
+            "ratio at the same threads; interleaved: median ms per step and its ratio with the "
+            "models' steps taking turns in one process (robust to the load of a shared "
+            "machine); own val loss: each trainer's estimate at the last step, "
             "in nats per its token (nanoGPT: 65 characters, fastlm: bytes); full val: both final "
             "models scored here on every 64-character window of the validation split; load: the "
             "machine's 1-minute load average after each run.")

@@ -97,14 +97,17 @@ def test_summary_medians_ratios_and_table(tmp_path):
             ("fastlm-bf16", 1): [run(1500.0, 7.0, 2.0), run(1400.0, 7.5, 2.2)],
             ("fastlm-fp32", 2): [run(800.0, 12.0, 2.0)]}  # no nanoGPT row at 2 threads
     args = type("Args", (), {"nanogpt": tmp_path, "iters": 10})
-    rows = {(r["provider"], r["threads"]): r for r in bt.summarize(runs, args)}
+    interleaved = {1: {"nanogpt": 60.0, "fastlm-bf16": 40.0}}
+    rows = {(r["provider"], r["threads"]): r for r in bt.summarize(runs, args, interleaved)}
     ours, base = rows[("fastlm-bf16", 1)], rows[("nanogpt", 1)]
     assert base["tokens_per_s"] == 950.0 and ours["tokens_per_s"] == 1450.0  # medians
     assert ours["speedup_vs_nanogpt"] == pytest.approx(1450 / 950)
     assert ours["full_val_bpc"] == pytest.approx(2.1 / math.log(2))
     assert ours["full_val_bpc_vs_nanogpt"] == pytest.approx(0.0)
     assert "speedup_vs_nanogpt" not in rows[("fastlm-fp32", 2)]
+    assert ours["interleaved_speedup_vs_nanogpt"] == pytest.approx(1.5)
+    assert "interleaved_step_ms" not in rows[("fastlm-fp32", 2)]
     assert ours["precision"] == "bf16" and base["precision"] == "fp32"
     assert ours["op"] == "train" and ours["device"] and ours["date"]
     table = bt.format_table(list(rows.values()))
-    assert "1.53x" in table and "1.00x" in table and "nanx" not in table
+    assert "1.53x" in table and "40.0 ms 1.50x" in table and "nanx" not in table
