@@ -3,15 +3,20 @@ transformers' generate on the exported copy of the same model, and the server's 
 streaming throughput.
 
     python -m fastlm.bench.bench_generate [--preset gpt2-124m] [--batches 1,8] [--prompt 64]
-        [--new 32] [--server-clients 16] [--json PATH]
+        [--new 32] [--server-clients 16] [--dtype float32] [--threads 1] [--clock cpu]
+        [--json PATH]
+
+bench/results/cpu-amd-epyc/generate-gpt2-124m-<dtype>.json: --threads 1 --repeats 5 --clock
+cpu --server-clients 16 on the shared 2-core machine.
 
 Weights are random (speed does not depend on them); both sides run greedy in the same --dtype on
-the same device with the same thread count, their runs interleaved. fastlm's model is prepared as
-fastlm.generate.load prepares it (CPU Linear weights packed, fastlm.packed_linear; --no-pack
-measures without); transformers runs its model as from_pretrained gives it. Method, identical for both providers: time a generation of 1
-new token (= prefill + one sampling step) and one of 1 + N new tokens, each the median of
---repeats runs; prefill tokens/s = B * prompt / t(1), decode tokens/s = B * N / (t(1 + N) - t(1)).
-Subtracting t(1) leaves only the N cached decode steps. transformers runs with
+the same device with the same thread count, their runs interleaved. fastlm's model is prepared
+as fastlm.generate.load prepares it (CPU Linear weights packed, fastlm.packed_linear; --no-pack
+measures without); transformers runs its model as from_pretrained gives it. Method, identical
+for both providers: time a generation of 1 new token (= prefill + one sampling step) and one of
+1 + N new tokens, each the median of --repeats runs; prefill tokens/s = B * prompt / t(1),
+decode tokens/s = B * N / (t(1 + N) - t(1)). Subtracting t(1) leaves only the N cached decode
+steps. transformers runs with
 min_new_tokens = max_new_tokens so neither side stops early.
 
 The server row starts fastlm.serve in-process on 127.0.0.1 (continuous batching, one slot per
