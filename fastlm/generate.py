@@ -43,6 +43,7 @@ import torch
 from fastlm import checkpoint as ckpt
 from fastlm.config import ConfigError, ModelConfig
 from fastlm.kv_cache import KVCache, SlotCache
+from fastlm.models import build
 from fastlm.models.gpt import GPT
 from fastlm.packed_linear import pack_linears
 from fastlm.tokenizer import Tokenizer
@@ -571,7 +572,7 @@ def load(path: str | Path, device: str | torch.device = "cpu", tokenizer: str | 
     memory)."""
     c = ckpt.load(path)
     cfg = model_config_of(c.manifest)
-    model = GPT(cfg)
+    model = build(cfg)  # the architecture cfg.arch names (fastlm.models.registry)
     c.load_model(model)
     model.eval().to(device)
     if dtype is not None:
