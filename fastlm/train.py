@@ -404,11 +404,16 @@ def _train(cfg: Config, device: torch.device, dist: distributed.DistInfo) -> Tra
 
     def run_eval() -> float:
         val_loss = evaluate(model, val_batches, device, autocast, dist)
-        bpb = val_loss / math.log(2) / data.bytes_per_token
+        # Bits per byte only mean something for next-token prediction: a masked objective
+        # scores 15% of the tokens, each seeing both sides.
+        bpb = (val_loss / math.log(2) / data.bytes_per_token
+               if raw_model.objective == "causal" else None)
         metrics.write(kind="val", step=step, val_loss=val_loss, val_bpb=bpb,
                       time_s=round(time.perf_counter() - t_start, 3))
         if main_rank:
-            tqdm.write(f"step {step:>6}: val loss {val_loss:.4f}, {bpb:.3f} bits/byte")
+            tqdm.write(f"step {step:>6}: val loss {val_loss:.4f}, "
+                       + (f"{bpb:.3f} bits/byte" if bpb is not None
+                          else f"{raw_model.objective} objective"))
         return val_loss
 
     def out_of_time() -> bool:
