@@ -14,7 +14,7 @@ from fastlm.generate import (
     main,
     next_tokens,
 )
-from fastlm.kv_cache import KVCache
+from fastlm.kv_cache import KVCache, SlotCache
 from fastlm.tokenizer import Tokenizer
 from tests.lm_fixtures import save_checkpoint, tiny_model
 from tests.utils import assert_lowp_close
@@ -53,6 +53,50 @@ def test_cached_logits_bfloat16(arch):
         chunks = [model.forward_cached(idx[:, :10], cache)]
         chunks += [model.forward_cached(idx[:, t:t + 1], cache) for t in range(10, 30)]
     assert_lowp_close(torch.cat(chunks, 1), reference, full, f"{arch} bf16 cached logits")
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_slot_cache_logits_equal_full_forward(arch, dtype):
+    """Continuous batching's layout: rows of different lengths (one joining late, into a slot
+    another row left) decode together, each at its own position, and every row's logits equal
+    the full forward over its own tokens (float32 tight; bf16 within 2x its own error)."""
+    model = tiny_model(arch)
+    seqs = [torch.randint(0, 256, (n,)) for n in (12, 20, 14)]
+    with torch.no_grad():
+        reference = [model(s[None])[0][0] for s in seqs]  # float32 (T, V) each
+        model.to(dtype)
+        lowp = [model(s[None])[0][0] for s in seqs]
+        cache = SlotCache(model.config, 3, 24, dtype)
+        got: list[list[torch.Tensor]] = [[], [], []]
+        order = {}  # slot -> sequence
+        for j, P in ((0, 6), (1, 3)):  # two rows prefilled, of different lengths
+            r, view = cache.claim()
+            got[j].append(model.forward_cached(seqs[j][None, :P], view)[0])
+            cache.set_length(r, P)
+            order[r] = j
+        for step in range(12):
+            if step == 4:  # row 0 leaves early (row 1 moves into its slot); row 2 joins
+                assert cache.release(0) == 1
+                order[0] = order.pop(1)
+                r, view = cache.claim()
+                got[2].append(model.forward_cached(seqs[2][None, :5], view)[0])
+                cache.set_length(r, 5)
+                order[r] = 2
+            pos = cache.lengths[:cache.active].tolist()
+            idx = torch.stack([seqs[order[r]][pos[r]] for r in range(cache.active)])[:, None]
+            view = cache.decode_view()
+            logits = model.forward_cached(idx, view, mask=cache.mask())  # (n, 1, V)
+            cache.commit(view)
+            for r in range(cache.active):
+                got[order[r]].append(logits[r])
+    for j in range(3):
+        out = torch.cat(got[j])  # (T_j, V): prefill rows then one per step
+        T = out.shape[0]
+        if dtype == torch.float32:
+            torch.testing.assert_close(out, reference[j][:T], rtol=1e-5, atol=1e-5)
+        else:
+            assert_lowp_close(out, reference[j][:T], lowp[j][:T], f"{arch} row {j}")
 
 
 @pytest.mark.parametrize("arch", ARCHS)

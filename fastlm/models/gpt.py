@@ -144,12 +144,13 @@ class Attention(nn.Module):
                 v_buf[:, :, start:start + T] = v
                 end = start + T
             k, v = k_buf[:, :, :end], v_buf[:, :, :end]  # (B, Hkv, end, D)
-        if mask is None and T == 1 and kv is not None and q.device.type == "cpu":
-            # One query per row sees every cached key, so no mask. On the CPU, float32 SDPA on
-            # the strided cache (a bf16/fp16 one upcast first) beats the C++ kernel, which
-            # copies it: fp32 2-5x, bf16 1.3-3x faster (B 1..16, Tk 90..400, d64, 1 thread,
-            # 2-core EPYC), at the bf16 kernels' error; bf16 SDPA itself is slower than both.
-            y = F.scaled_dot_product_attention(q.float(), k.float(), v.float(),
+        if T == 1 and kv is not None and q.device.type == "cpu":
+            # One query per row: causal needs no mask (it sees every cached key), padding or
+            # per-row lengths use theirs. On the CPU, float32 SDPA on the strided cache (a
+            # bf16/fp16 one upcast first) beats the C++ kernel, which copies it: fp32 2-5x,
+            # bf16 1.3-3x faster (B 1..16, Tk 90..400, d64, 1 thread, 2-core EPYC), at the bf16
+            # kernels' error; bf16 SDPA itself is slower than both.
+            y = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=mask,
                                                enable_gqa=H != Hkv).to(q.dtype)
         elif mask is None:
             y = ops.attention(q, k, v, causal=True)  # (B, H, T, D), bottom-right causal
