@@ -294,7 +294,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.checkpoint:
             from fastlm.generate import load
-            lm = load(args.checkpoint, tokenizer=args.tokenizer)
+            lm = load(args.checkpoint, tokenizer=args.tokenizer, pack=False)  # no packed copies
             if args.format == "gguf":
                 from fastlm.gguf_export import export_gguf
                 path = export_gguf(lm.model, args.out, lm.tokenizer, args.gguf_dtype, lm.name)
