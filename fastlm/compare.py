@@ -12,9 +12,9 @@ say where an arch departs (the RNNs take a higher lr and more, contiguous, rows)
 `--section.key=value` options apply to every run. Data: byte tokens (the default tokenizer).
 
 Per arch:
-  1. calibrate: a few optimizer steps in this process time the arch's steps/s, so that
-     train.max_steps = what fits in the budget and the learning-rate schedule completes in it
-     (a cosine cut off before its end would handicap the slower archs);
+  1. calibrate: a few optimizer steps in a fresh process (the run's threads) time the arch's
+     steps/s, so that train.max_steps = what fits in the budget and the learning-rate schedule
+     completes in it (a cosine cut off before its end would handicap the slower archs);
   2. train: `python -m fastlm.train` in a fresh subprocess (clean timing: no state left by the
      previous arch, its own thread setting) with train.max_seconds = the budget as a hard stop;
      the budget counts the trainer's loop, periodic evaluations included, not process start-up
@@ -174,6 +174,29 @@ def calibrate(cfg, seconds: float) -> float:
     return n / (time.perf_counter() - t0)
 
 
+def calibrate_in_subprocess(train_argv: list[str], env: dict, seconds: float) -> float:
+    """calibrate() in a fresh process with the run's environment: a process that has already
+    trained or evaluated other models times some of them up to 2x slow (an LSTM after two
+    transformers: 11 instead of 14.5 steps/s), and the run itself starts fresh too."""
+    proc = subprocess.run([sys.executable, "-m", "fastlm.compare", CALIBRATE_FLAG, str(seconds),
+                           *train_argv], env=env, capture_output=True, text=True, check=False)
+    lines = proc.stdout.strip().splitlines()
+    if proc.returncode != 0 or not lines:
+        raise CompareError(f"calibration failed ({proc.returncode}):\n{proc.stderr[-2000:]}")
+    return float(lines[-1])
+
+
+CALIBRATE_FLAG = "--calibrate-seconds"  # internal: python -m fastlm.compare FLAG S TRAIN_ARGS
+
+
+def _calibrate_main(argv: list[str]) -> int:
+    """The calibration subprocess: prints the steps/s of the run configured by argv."""
+    from fastlm.config import parse_args
+
+    print(calibrate(parse_args(argv[1:]), float(argv[0])))
+    return 0
+
+
 @torch.no_grad()
 def full_val_loss(run_dir: Path, val: torch.Tensor) -> tuple[float, int]:
     """Mean loss (nats per token) of the run's final checkpoint over every consecutive window of
@@ -219,8 +242,12 @@ def run_arch(arch: str, preset: str, args: argparse.Namespace, extra: list[str],
         raise CompareError("fastlm.compare measures bits per byte with byte tokens; leave "
                            "data.tokenizer at 'byte'")
     params = models.build(cfg.model).num_params()
+    env = dict(os.environ)
+    if args.threads:
+        env.update(OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads))
     lo, hi = CALIBRATION_SECONDS
-    rate = calibrate(cfg, min(hi, max(lo, 0.03 * args.budget_seconds)))
+    rate = calibrate_in_subprocess(run_config(preset, args, extra, run_dir), env,
+                                   min(hi, max(lo, 0.03 * args.budget_seconds)))
     # Steps that fit: the budget at the calibrated rate, less the N_EVALS + 1 evaluations of
     # eval.batches forward passes each that the trainer's clock also counts.
     eval_steps = (N_EVALS + 1) * cfg.eval.batches * EVAL_BATCH_COST
@@ -234,9 +261,6 @@ def run_arch(arch: str, preset: str, args: argparse.Namespace, extra: list[str],
     print(f"[{arch}] preset {preset}, {params / 1e6:.3f}M params, calibrated "
           f"{rate:.2f} steps/s -> max_steps {planned}, eval every {interval}, budget "
           f"{args.budget_seconds:g} s", flush=True)
-    env = dict(os.environ)
-    if args.threads:
-        env.update(OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads))
     run_dir.mkdir(parents=True, exist_ok=True)
     log_path = run_dir / "train.log"
     load_before = _load_average()
@@ -424,7 +448,7 @@ def compare(argv: list[str]) -> dict:
     except (OSError, ValueError) as exc:
         raise CompareError(str(exc)) from None
     if args.threads:
-        torch.set_num_threads(args.threads)  # the calibration and the final evaluations
+        torch.set_num_threads(args.threads)  # final evaluations; subprocesses: OMP_NUM_THREADS
     out = Path(args.out or Path("compare") / _dt.datetime.now().strftime("%Y%m%d-%H%M%S"))
     for arch, _ in archs:
         if (out / arch).exists() and any((out / arch).iterdir()):
@@ -450,8 +474,11 @@ def compare(argv: list[str]) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == [CALIBRATE_FLAG]:
+        return _calibrate_main(argv[1:])
     try:
-        compare(sys.argv[1:] if argv is None else list(argv))
+        compare(argv)
     except CompareError as exc:
         raise SystemExit(f"fastlm.compare: error: {exc}") from None
     return 0
