@@ -467,8 +467,9 @@ def format_table(rows: list[dict]) -> str:
     lines.insert(1, "  ".join("-" * w for w in widths))
     first = rows[0]
     note = (f"{first['iters']} steps of {first['batch']}x{first['seq_len']} tokens. tokens/s: "
-            "the training loop without evaluation (median of the runs); vs nanoGPT: tokens/s "
-            "ratio at the same threads; interleaved: median ms per step and its ratio with the "
+            "the training loop without evaluation, total tokens / total step time (median of the "
+            "runs), which stalls from other processes pull down; step ms: the median step, "
+            "which they do not; vs nanoGPT: tokens/s ratio at the same threads; interleaved: median ms per step and its ratio with the "
             "models' steps taking turns in one process (robust to the load of a shared "
             "machine); own val loss: each trainer's estimate at the last step, "
             "in nats per its token (nanoGPT: 65 characters, fastlm: bytes); full val: both final "
