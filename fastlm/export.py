@@ -50,7 +50,8 @@ def _hf_config(cfg: ModelConfig, tokenizer: Tokenizer | None) -> dict:
         return {"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2",
                 "vocab_size": cfg.vocab_size, "n_positions": cfg.block_size, "n_ctx": cfg.block_size,
                 "n_embd": cfg.n_embd, "n_layer": cfg.n_layer, "n_head": cfg.n_head,
-                "n_inner": cfg.hidden, "activation_function": "gelu_new",
+                "n_inner": cfg.hidden,
+                "activation_function": "gelu" if cfg.gelu == "exact" else "gelu_new",
                 "layer_norm_epsilon": cfg.norm_eps, "resid_pdrop": 0.0, "embd_pdrop": 0.0,
                 "attn_pdrop": 0.0, "scale_attn_weights": True, "use_cache": True,
                 "tie_word_embeddings": cfg.tie_embeddings, "bos_token_id": eos,
@@ -165,9 +166,10 @@ def _fastlm_config(hf: dict, block_size: int | None) -> ModelConfig:
     try:
         if mt == "gpt2":
             act = hf.get("activation_function", "gelu_new")
-            if act not in ("gelu_new", "gelu_pytorch_tanh", "gelu_fast"):
+            if act not in ("gelu_new", "gelu_pytorch_tanh", "gelu_fast", "gelu"):
                 raise ExportError(f"config.json activation_function={act!r}: fastlm's GPT-2 "
-                                  "uses the tanh GELU (gelu_new)")
+                                  "runs the tanh GELU (gelu_new, gelu_pytorch_tanh) or the exact "
+                                  "one (gelu)")
             if hf.get("scale_attn_by_inverse_layer_idx") or hf.get("reorder_and_upcast_attn"):
                 raise ExportError("config.json: scale_attn_by_inverse_layer_idx / "
                                   "reorder_and_upcast_attn are not supported")
@@ -175,6 +177,7 @@ def _fastlm_config(hf: dict, block_size: int | None) -> ModelConfig:
             cfg = ModelConfig(preset="", arch="gpt2", vocab_size=hf["vocab_size"],
                               block_size=block_size or hf["n_positions"], n_layer=hf["n_layer"],
                               n_head=hf["n_head"], n_embd=n_embd,
+                              gelu="exact" if act == "gelu" else "tanh",
                               mlp_hidden=hf.get("n_inner") or 4 * n_embd, bias=True,
                               tie_embeddings=hf.get("tie_word_embeddings", True),
                               norm_eps=hf.get("layer_norm_epsilon", 1e-5))

@@ -111,6 +111,9 @@ def export_gguf(model: GPT, out_dir: str | Path, tokenizer: Tokenizer | None = N
     if cfg.arch not in ("gpt2", "llama"):
         raise GGUFExportError(f"model.arch={cfg.arch}: llama.cpp runs the gpt2 and llama "
                               "flavours only")
+    if cfg.arch == "gpt2" and cfg.gelu != "tanh":
+        raise GGUFExportError("llama.cpp's gpt2 architecture runs the tanh GELU; this model "
+                              "was trained with model.gelu=exact")
     if tokenizer is not None and tokenizer.vocab_size > cfg.vocab_size:
         raise GGUFExportError(f"the tokenizer has {tokenizer.vocab_size} ids, the model only "
                               f"{cfg.vocab_size}")

@@ -43,6 +43,27 @@ def test_export_logits_and_greedy_equal(tmp_path, arch, over):
     assert tok.decode(out[0, ids.shape[1]:].tolist()) == ours
 
 
+def test_export_and_import_exact_gelu(tmp_path):
+    """model.gelu=exact (nanoGPT's nn.GELU) exports as HF "gelu" and imports back as exact. The
+    two GELUs move these logits by ~1e-3, 5x the tolerance, so a wrong activation on either side
+    fails (checked first)."""
+    model = tiny_model("gpt2", gelu="exact")
+    idx = torch.randint(0, 256, (2, 23), generator=torch.Generator().manual_seed(0))
+    ours = model(idx)[0]
+    for block in model.blocks:
+        block.mlp.gelu = "tanh"
+    assert (model(idx)[0] - ours).abs().max() > 1e-3  # the tolerance below can tell them apart
+    for block in model.blocks:
+        block.mlp.gelu = "none"
+    export_hf(model, tmp_path)
+    assert json.loads((tmp_path / "config.json").read_text())["activation_function"] == "gelu"
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, local_files_only=True).eval()
+    torch.testing.assert_close(hf_logits(hf, idx), ours, rtol=0, atol=2e-4)
+    back, _ = import_hf(tmp_path)
+    assert back.config.gelu == "exact"
+    torch.testing.assert_close(back(idx)[0], ours, rtol=0, atol=2e-4)
+
+
 def test_export_rejects_gqa_gpt2(tmp_path):
     with pytest.raises(ExportError, match="grouped-query"):
         export_hf(tiny_model("gpt2", n_kv_head=2), tmp_path)

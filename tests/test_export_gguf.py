@@ -7,7 +7,8 @@ import torch
 
 from fastlm.export import main
 from fastlm.generate import BatchDecoder, SamplingParams
-from fastlm.gguf_export import export_gguf, gguf_tensors, rope_permute, rope_unpermute
+from fastlm.gguf_export import (GGUFExportError, export_gguf, gguf_tensors, rope_permute,
+                                 rope_unpermute)
 from fastlm.tokenizer import Tokenizer
 from tests.lm_fixtures import save_checkpoint, tiny_model
 
@@ -78,6 +79,11 @@ def test_rope_permutation_keeps_scores():
         theirs = (_rope(x @ rope_permute(wq, H)[rows].T, True)
                   @ _rope(x @ rope_permute(wk, H)[rows].T, True).T)
         torch.testing.assert_close(theirs, ours)
+
+
+def test_refuses_what_llama_cpp_cannot_run(tmp_path):
+    with pytest.raises(GGUFExportError, match="tanh GELU"):
+        export_gguf(tiny_model("gpt2", gelu="exact"), tmp_path)
 
 
 def test_cli(tmp_path, capsys):

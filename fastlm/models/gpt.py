@@ -166,6 +166,7 @@ class MLP(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.swiglu = cfg.arch == "llama"
+        self.gelu = "none" if cfg.gelu == "exact" else "tanh"  # F.gelu's `approximate`
         bias = cfg.bias and not self.swiglu
         hidden = cfg.hidden
         # SwiGLU's gate and up projections share one matmul: C -> 2 * hidden.
@@ -180,7 +181,7 @@ class MLP(nn.Module):
             gate, up = h.chunk(2, dim=-1)
             h = F.silu(gate) * up
         else:
-            h = F.gelu(h, approximate="tanh")  # GPT-2's GELU
+            h = F.gelu(h, approximate=self.gelu)  # GPT-2's tanh GELU unless model.gelu=exact
         return self.dropout(self.down(h))  # (B, T, C)
 
 
