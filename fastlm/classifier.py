@@ -35,6 +35,10 @@ class Classifier(nn.Module):
         self.gpt = gpt
         self.pad_id = pad_id
         self.pooling = getattr(gpt, "pooling", "last")  # "first": [CLS] pooling (encoders)
+        if self.pooling == "last" and not isinstance(getattr(gpt, "norm_f", None), nn.Module):
+            raise ValueError(f"Classifier: model.arch={gpt.config.arch} has no final norm "
+                             "(norm_f) whose hidden state could be pooled; classification "
+                             "fine-tuning supports gpt2, llama, gcnn and bert")
         self.head = nn.Linear(gpt.config.n_embd, n_classes)
         nn.init.normal_(self.head.weight, 0.0, 0.02)
         nn.init.zeros_(self.head.bias)

@@ -319,7 +319,10 @@ def finetune(args: Args) -> dict:
                             f"{labels}")
         train_y = label_ids(train_ex, labels, f"the training data {args.data}")
         val_y = label_ids(val_ex, labels, f"the training data {args.data}")
-        model: nn.Module = Classifier(gpt, len(labels))
+        try:
+            model: nn.Module = Classifier(gpt, len(labels))
+        except ValueError as exc:
+            raise SetupError(f"--checkpoint {base.path}: {exc}") from None
         extra = {"labels": labels,
                  "majority_baseline": majority_baseline(train_y, val_y)}
         make = lambda ex, y, order: classify_batches(tokenizer, ex, y, max_len,

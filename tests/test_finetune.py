@@ -244,3 +244,11 @@ def test_demo_line_kinds_are_labelled_by_where_the_line_is():
     assert got == {"The radius is in metres and the result in square metres.": "docstring",
                    "multiply by pi, the ratio of circumference to diameter": "comment",
                    "return 3.14159 * radius * radius": "code"}
+
+
+def test_classifier_refuses_a_backbone_without_a_final_hidden_state():
+    from fastlm import models
+    from fastlm.classifier import Classifier
+    from fastlm.config import model_preset
+    with pytest.raises(ValueError, match="model.arch=lstm has no final norm"):
+        Classifier(models.build(model_preset("tiny-lstm")), 2)
