@@ -25,7 +25,11 @@ model, optimizer, RNG states and data position, so the loss curve continues bit 
 A step whose loss or gradient norm is NaN/inf is skipped (and counted); train.max_bad_steps in a
 row stop the run, keeping the last good checkpoint. Schedules: fastlm.schedule; precision
 bf16/fp16 through autocast (fp16 with a gradient scaler); torch.compile and activation
-checkpointing by flag.
+checkpointing by flag; train.max_seconds stops on wall-clock time as if max_steps were reached.
+
+The model is whatever model.arch names (fastlm.models.build); the loop only uses the
+LanguageModel interface: make_batch for the objective's inputs/targets, and for recurrent models
+contiguous stream batches with the hidden state carried (and checkpointed) between them.
 """
 from __future__ import annotations
 
