@@ -7,11 +7,12 @@
 
 Every model is a fastlm.models.base.LanguageModel; the trainer only uses that interface.
 """
-from fastlm.models.base import LanguageModel
+# Import order is registration order, which available() and error messages list.
+from fastlm.models.base import LanguageModel  # noqa: I001
 from fastlm.models.registry import available, build, register
 from fastlm.models.gpt import GPT  # registers gpt2, llama
 from fastlm.models.bert import BERT  # registers bert
 from fastlm.models.rnn import RNNLM  # registers lstm, gru
 from fastlm.models.gcnn import GatedCNN  # registers gcnn
 
-__all__ = ["GPT", "LanguageModel", "available", "build", "register"]
+__all__ = ["BERT", "GPT", "RNNLM", "GatedCNN", "LanguageModel", "available", "build", "register"]

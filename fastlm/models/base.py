@@ -21,6 +21,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from fastlm import ops
 from fastlm.config import ModelConfig
 
 
@@ -62,6 +63,34 @@ class LanguageModel(nn.Module):
         """Repeated blocks for activation checkpointing and FSDP sharding ([] = none)."""
         blocks = getattr(self, "blocks", None)
         return list(blocks) if blocks is not None else []
+
+    # -- output head ---------------------------------------------------------------------------
+    def head_and_loss(self, x: torch.Tensor, targets: torch.Tensor | None = None,
+                      last_only: bool = False, return_logits: bool | None = None,
+                      ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """Final hidden states x (B, T, C) through self.lm_head -> (logits, loss).
+
+        logits: (B, T, V), or (B, 1, V) with last_only; by default only without targets.
+        loss: mean cross-entropy against targets (B, T) (-100 ignored) from
+        fastlm.ops.linear_cross_entropy: the head's matmul fused with the loss chunk by chunk,
+        because the (B*T, V) float32 logits are the largest activation of a small model and
+        are never needed whole.
+        """
+        if last_only:
+            x = x[:, -1:]  # (B, 1, C)
+        if return_logits is None:
+            return_logits = targets is None
+        logits = self.lm_head(x) if return_logits else None  # (B, T, V)
+        loss = None
+        if targets is not None:
+            h, w = x.reshape(-1, x.shape[-1]), self.lm_head.weight  # (B*T, C), (V, C)
+            dev = x.device.type
+            if torch.is_autocast_enabled(dev):  # the op takes one dtype: autocast's, made here
+                dtype = torch.get_autocast_dtype(dev)
+                h, w = h.to(dtype), w.to(dtype)
+            with torch.autocast(dev, enabled=False):  # its inner matmuls keep that dtype
+                loss = ops.linear_cross_entropy(h, w, targets.reshape(-1))
+        return logits, loss
 
     # -- sampling ----------------------------------------------------------------------------
     @torch.no_grad()

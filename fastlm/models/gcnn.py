@@ -37,7 +37,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fastlm import ops
 from fastlm.config import ModelConfig
 from fastlm.models.base import LanguageModel, sample_next
 from fastlm.models.gpt import LayerNorm
@@ -119,22 +118,7 @@ class GatedCNN(LanguageModel):
         x = self.drop(self.wte(idx))  # (B, T, C)
         for block in self.blocks:
             x = block(x)  # (B, T, C)
-        x = self.norm_f(x)
-        if last_only:
-            x = x[:, -1:]  # (B, 1, C)
-        if return_logits is None:
-            return_logits = targets is None
-        logits = self.lm_head(x) if return_logits else None  # (B, T, V)
-        loss = None
-        if targets is not None:
-            h, w = x.reshape(-1, x.shape[-1]), self.lm_head.weight  # (B*T, C), (V, C)
-            dev = x.device.type
-            if torch.is_autocast_enabled(dev):  # the op takes one dtype: autocast's, made here
-                dtype = torch.get_autocast_dtype(dev)
-                h, w = h.to(dtype), w.to(dtype)
-            with torch.autocast(dev, enabled=False):  # its inner matmuls keep that dtype
-                loss = ops.linear_cross_entropy(h, w, targets.reshape(-1))
-        return logits, loss
+        return self.head_and_loss(self.norm_f(x), targets, last_only, return_logits)
 
     @torch.no_grad()
     def generate(self, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,

@@ -284,24 +284,7 @@ class GPT(LanguageModel):
         x = self.drop(x)
         for block in self.blocks:
             x = block(x)  # (B, T, C)
-        x = self.norm_f(x)
-        if last_only:
-            x = x[:, -1:]  # (B, 1, C)
-        if return_logits is None:
-            return_logits = targets is None
-        logits = self.lm_head(x) if return_logits else None  # (B, T, V)
-        loss = None
-        if targets is not None:
-            # The head's matmul fused with the loss, chunk by chunk: the (B*T, V) float32
-            # logits are the largest activation of a small model and are never needed whole.
-            h, w = x.reshape(-1, x.shape[-1]), self.lm_head.weight  # (B*T, C), (V, C)
-            dev = x.device.type
-            if torch.is_autocast_enabled(dev):  # the op takes one dtype: autocast's, made here
-                dtype = torch.get_autocast_dtype(dev)
-                h, w = h.to(dtype), w.to(dtype)
-            with torch.autocast(dev, enabled=False):  # its inner matmuls keep that dtype
-                loss = ops.linear_cross_entropy(h, w, targets.reshape(-1))
-        return logits, loss
+        return self.head_and_loss(self.norm_f(x), targets, last_only, return_logits)
 
     def forward_cached(self, idx: torch.Tensor, cache, positions: torch.Tensor | None = None,
                        mask: torch.Tensor | None = None, last_only: bool = False) -> torch.Tensor:

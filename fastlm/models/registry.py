@@ -10,10 +10,10 @@ with its own constraints defines a classmethod check_config that raises ConfigEr
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
-_ARCHS: dict[str, "Architecture"] = {}
+_ARCHS: dict[str, Architecture] = {}
 
 
 @dataclass(frozen=True)

@@ -27,7 +27,6 @@ import torch
 from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
-from fastlm import ops
 from fastlm.config import ModelConfig
 from fastlm.models.base import LanguageModel, sample_next
 from fastlm.models.registry import register
@@ -132,28 +131,8 @@ class RNNLM(LanguageModel):
         x = self.drop(self.wte(idx))  # (B, T, C)
         h, hx = self.rnn(x, self._initial(state, x))  # (B, T, C); hx: final state per layer
         h = self.drop(h)
-        out = self._head(h, targets, last_only, return_logits)
+        out = self.head_and_loss(h, targets, last_only, return_logits)
         return (*out, self._as_state(hx)) if return_state else out
-
-    def _head(self, h: torch.Tensor, targets: torch.Tensor | None, last_only: bool,
-              return_logits: bool | None) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-        if last_only:
-            h = h[:, -1:]  # (B, 1, C)
-        if return_logits is None:
-            return_logits = targets is None
-        logits = self.lm_head(h) if return_logits else None  # (B, T, V)
-        loss = None
-        if targets is not None:
-            # As GPT.forward: the head's matmul fused with the loss, chunk by chunk; under
-            # autocast the op gets autocast's dtype once, then runs with autocast off.
-            flat, w = h.reshape(-1, h.shape[-1]), self.lm_head.weight  # (B*T, C), (V, C)
-            dev = h.device.type
-            if torch.is_autocast_enabled(dev):
-                dtype = torch.get_autocast_dtype(dev)
-                flat, w = flat.to(dtype), w.to(dtype)
-            with torch.autocast(dev, enabled=False):
-                loss = ops.linear_cross_entropy(flat, w, targets.reshape(-1))
-        return logits, loss
 
     # -- sampling ----------------------------------------------------------------------------
     @torch.no_grad()
@@ -197,7 +176,7 @@ class RNNLM(LanguageModel):
         else:
             h, hx = self._run_left_padded(x, pad, cache.state)
         cache.state, cache.length = self._as_state(hx), cache.length + T
-        return self._head(self.drop(h), None, last_only, True)[0]
+        return self.head_and_loss(self.drop(h), None, last_only, True)[0]
 
     def _run_left_padded(self, x: torch.Tensor, pad: torch.Tensor, state: State | None):
         """The recurrence over left-padded rows x (B, T, C), pad (B, T) True on the left: each
