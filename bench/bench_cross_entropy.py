@@ -72,17 +72,14 @@ STEP_PROVIDERS = ("torch", "fastlm-cpu", "fastlm-cpu-inplace", "fastlm-cuda",
                   "fastlm-cuda-inplace", "fastlm-triton", "fastlm-triton-inplace")
 
 _CHILD = textwrap.dedent("""
-    import json, statistics, sys, time
+    import json, sys
     import torch, torch.nn.functional as F
     import fastlm.ops as ops
+    from fastlm.bench.utils import time_steps_and_peak
     provider, device, N, V, dtype, runs = sys.argv[1:7]
     N, V, runs = int(N), int(V), int(runs)
     device, dtype = torch.device(device), getattr(torch, dtype)
     torch.set_num_threads(int(sys.argv[7]))
-    def status(key):
-        for line in open("/proc/self/status"):
-            if line.startswith(key):
-                return int(line.split()[1]) * 1024
     backend = provider.removeprefix("fastlm-").removesuffix("-inplace")
     inplace = provider.endswith("-inplace")
     if provider == "torch":
@@ -99,21 +96,7 @@ _CHILD = textwrap.dedent("""
         if device.type == "cuda":
             torch.cuda.synchronize()
     step()  # warm-up
-    if device.type == "cuda":
-        start = torch.cuda.memory_allocated()
-        torch.cuda.reset_peak_memory_stats()
-    else:
-        start = status("VmRSS")
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-    times = []
-    for _ in range(runs):
-        t0 = time.perf_counter()
-        step()
-        times.append((time.perf_counter() - t0) * 1e3)
-    peak = (torch.cuda.max_memory_allocated() if device.type == "cuda" else status("VmHWM")) - start
-    print(json.dumps({"median_ms": statistics.median(times), "min_ms": min(times),
-                      "max_ms": max(times), "runs": runs, "peak_mem_bytes": peak}))
+    print(json.dumps(time_steps_and_peak(step, runs, device)))
 """)
 
 

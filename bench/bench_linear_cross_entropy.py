@@ -32,16 +32,13 @@ SHAPES = {
 PROVIDERS = ("torch", "torch-compile", "fastlm-cpu", "fastlm-triton", "liger")
 
 _CHILD = textwrap.dedent("""
-    import json, statistics, sys, time
+    import json, sys
     import torch, torch.nn.functional as F
     import fastlm.ops as ops
+    from fastlm.bench.utils import time_steps_and_peak
     provider, device, N, D, V, dtype, runs = sys.argv[1:8]
     N, D, V, runs = int(N), int(D), int(V), int(runs)
     device, dtype = torch.device(device), getattr(torch, dtype)
-    def status(key):
-        for line in open("/proc/self/status"):
-            if line.startswith(key):
-                return int(line.split()[1]) * 1024
     def materialised(h, w, t):
         return F.cross_entropy(F.linear(h, w).float(), t)
     if provider == "torch":
@@ -65,23 +62,8 @@ _CHILD = textwrap.dedent("""
         if device.type == "cuda":
             torch.cuda.synchronize()
     step()  # warm-up (compilation, allocator); its grads stay allocated like a real step's
-    if device.type == "cuda":
-        h.grad = w.grad = None
-        start = torch.cuda.memory_allocated()
-        torch.cuda.reset_peak_memory_stats()
-    else:
-        h.grad = w.grad = None
-        start = status("VmRSS")
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-    times = []
-    for _ in range(runs):
-        t0 = time.perf_counter()
-        step()
-        times.append((time.perf_counter() - t0) * 1e3)
-    peak = (torch.cuda.max_memory_allocated() if device.type == "cuda" else status("VmHWM")) - start
-    print(json.dumps({"median_ms": statistics.median(times), "min_ms": min(times),
-                      "max_ms": max(times), "runs": runs, "peak_mem_bytes": peak}))
+    h.grad = w.grad = None
+    print(json.dumps(time_steps_and_peak(step, runs, device)))
 """)
 
 

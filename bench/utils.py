@@ -156,6 +156,38 @@ def time_call(fn: Callable[[int], object], device: torch.device, warmup_s: float
     return Timing(statistics.median(samples), min(samples), max(samples), len(samples), q1, q3)
 
 
+def _proc_status_bytes(key: str) -> int:
+    """A kB field of /proc/self/status (VmRSS, VmHWM) in bytes."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(key):
+                return int(line.split()[1]) * 1024
+    raise KeyError(f"/proc/self/status has no {key}")
+
+
+def time_steps_and_peak(step: Callable[[], object], runs: int, device: torch.device) -> dict:
+    """Run step() `runs` times (after the caller's warm-up) -> median/min/max ms and the peak
+    memory above the start: the allocator's peak on CUDA; on a CPU the process's peak resident
+    set (VmHWM, reset to the current RSS through /proc/self/clear_refs, so Linux only). Meant
+    for a fresh child process per measurement, where nothing else moves the peak."""
+    if device.type == "cuda":
+        start = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+    else:
+        start = _proc_status_bytes("VmRSS")
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    times = []
+    for _ in range(runs):
+        t0 = time.perf_counter()
+        step()
+        times.append((time.perf_counter() - t0) * 1e3)
+    peak = (torch.cuda.max_memory_allocated(device) if device.type == "cuda"
+            else _proc_status_bytes("VmHWM")) - start
+    return {"median_ms": statistics.median(times), "min_ms": min(times), "max_ms": max(times),
+            "runs": runs, "peak_mem_bytes": peak}
+
+
 def cache_bytes(device: torch.device) -> int:
     """Bytes of input that overflow the last-level cache (so runs measure memory, not cache)."""
     if device.type == "cuda":
