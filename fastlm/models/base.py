@@ -93,18 +93,23 @@ class LanguageModel(nn.Module):
         return logits, loss
 
     # -- sampling ----------------------------------------------------------------------------
+    @property
+    def generation_window(self) -> int:
+        """Tokens of context generate() runs again at each step."""
+        return self.config.block_size
+
     @torch.no_grad()
     def generate(self, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
                  top_k: int = 0, generator: torch.Generator | None = None) -> torch.Tensor:
         """Sample max_new_tokens continuing idx (B, T0) -> (B, T0 + max_new_tokens), running
-        the last block_size tokens again each step (fastlm.generate is the fast path)."""
+        the last generation_window tokens again each step (fastlm.generate is the fast path)."""
         if self.objective != "causal":
             raise ValueError(f"{type(self).__name__} is a {self.objective} model: it does not "
                              "generate text left to right")
         if temperature <= 0:
             raise ValueError(f"generate: temperature must be > 0, got {temperature}")
         for _ in range(max_new_tokens):
-            context = idx[:, -self.config.block_size:]  # (B, <=block_size)
+            context = idx[:, -self.generation_window:]  # (B, <=window)
             logits, _ = self(context, last_only=True)
             idx = torch.cat((idx, sample_next(logits[:, -1], temperature, top_k, generator)), 1)
         return idx

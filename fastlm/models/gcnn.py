@@ -38,7 +38,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fastlm.config import ModelConfig
-from fastlm.models.base import LanguageModel, sample_next
+from fastlm.models.base import LanguageModel
 from fastlm.models.gpt import LayerNorm
 from fastlm.models.registry import register
 
@@ -120,19 +120,10 @@ class GatedCNN(LanguageModel):
             x = block(x)  # (B, T, C)
         return self.head_and_loss(self.norm_f(x), targets, last_only, return_logits)
 
-    @torch.no_grad()
-    def generate(self, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
-                 top_k: int = 0, generator: torch.Generator | None = None) -> torch.Tensor:
-        """Sample max_new_tokens continuing idx (B, T0) -> (B, T0 + max_new_tokens).
-
-        Each step runs only the last receptive_field tokens: the last position's output depends
-        on nothing earlier, and with at least R tokens in the window the left zero padding
-        reaches none of its inputs, so the logits equal those of the whole context (and of
-        training windows, whose positions >= R - 1 see no padding either)."""
-        if temperature <= 0:
-            raise ValueError(f"generate: temperature must be > 0, got {temperature}")
-        R = self.receptive_field
-        for _ in range(max_new_tokens):
-            logits, _ = self(idx[:, -R:], last_only=True)  # (B, 1, V)
-            idx = torch.cat((idx, sample_next(logits[:, -1], temperature, top_k, generator)), 1)
-        return idx
+    @property
+    def generation_window(self) -> int:
+        """Sampling runs only the last receptive_field tokens: the last position's output
+        depends on nothing earlier, and with at least R tokens in the window the left zero
+        padding reaches none of its inputs, so the logits equal those of the whole context (and
+        of training windows, whose positions >= R - 1 see no padding either)."""
+        return self.receptive_field
