@@ -424,9 +424,11 @@ def _train(cfg: Config, device: torch.device, dist: distributed.DistInfo) -> Tra
         """train.max_seconds has passed (any rank's clock: all ranks stop at the same step)."""
         if not cfg.train.max_seconds:
             return False
-        over = torch.tensor(float(time.perf_counter() - t_start >= cfg.train.max_seconds),
-                            device=device)
-        return distributed.all_reduce_mean(over, dist).item() > 0
+        over = time.perf_counter() - t_start >= cfg.train.max_seconds
+        if not dist.enabled:  # one process: no collective, no device round trip per step
+            return over
+        flag = torch.tensor(float(over), device=device)
+        return distributed.all_reduce_mean(flag, dist).item() > 0
 
     t_start = time.perf_counter()
     val_loss = run_eval() if resume is None else resume.manifest["metrics"].get("val_loss")
