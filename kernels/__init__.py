@@ -3,6 +3,14 @@ the kernels, their launchers and the torch.library registration of fastlm::<op>_
 
 Importing this package imports (and so registers) every op module: fastlm.native imports it on
 the first use of a Triton backend. A new kernels/<op>.py adds its line here.
+
+Imported as a bare `kernels` (the repository root on sys.path), it steps aside for the
+distribution that owns that name: Hugging Face's `kernels`, which transformers imports.
 """
-from fastlm.kernels import (adamw_step, attention, cross_entropy, layer_norm,  # noqa: F401
-                            linear_cross_entropy, rms_norm)
+if __name__ != "fastlm.kernels":
+    from fastlm._no_shadow import hand_over
+
+    hand_over(__name__, __file__)
+else:
+    from fastlm.kernels import (adamw_step, attention, cross_entropy, layer_norm,  # noqa: F401
+                                linear_cross_entropy, rms_norm)
