@@ -115,12 +115,15 @@ def test_generate():
     assert torch.equal(greedy[:, 5], logits[:, -1].argmax(-1))
 
 
+LR = 3e-3
+
+
 def _train_steps(arch: str, backend: str, steps: int = 4):
     """Losses, gradients and final parameters of a few AdamW steps under one backend setting."""
     fastlm.ops.set_backend(backend)
     torch.manual_seed(0)
     model = small(arch, n_kv_head=2) if arch == "llama" else small(arch)
-    opt = AdamW(param_groups(model, 0.1), lr=3e-3, betas=(0.9, 0.95))
+    opt = AdamW(param_groups(model, 0.1), lr=LR, betas=(0.9, 0.95))
     idx = torch.randint(0, 256, (4, 30), generator=torch.Generator().manual_seed(1))  # odd T
     losses, grads = [], []
     for _ in range(steps):  # the same batch every step, so the loss must fall
@@ -149,8 +152,12 @@ def test_whole_model_native_matches_reference(arch):
             # attention/matmul tolerance (DESIGN: 1e-4 for float32 attention)
             torch.testing.assert_close(g[name], rg[name], rtol=1e-4, atol=1e-5,
                                        msg=f"grad {name} at step {step} differs")
+    # Adam divides each gradient by its own running RMS: where a gradient element is near zero, a
+    # difference the gradient check above accepts (1e-5) moves that element's update by a
+    # fraction of lr. 1e-5 absolute held on AMD EPYC and failed on an Intel Xeon by 1.3e-5 at
+    # one element of 5120 (lr 3e-3); 1% of lr per element still catches a wrong update.
     for name in ref_params:
-        torch.testing.assert_close(params[name], ref_params[name], rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(params[name], ref_params[name], rtol=1e-4, atol=LR * 1e-2)
     assert losses[-1] < losses[0]  # the steps did train
 
 
