@@ -16,7 +16,7 @@ import glob
 import os
 import sys
 
-from setuptools import setup
+from setuptools import find_packages, setup
 
 try:
     import torch
@@ -108,8 +108,7 @@ ext_modules = [e for e in (torch_extension(), bpe_extension()) if e is not None]
 
 setup(
     # kernels/ and bench/ live at the top level of the repo but install inside the package.
-    packages=["fastlm", "fastlm.models", "fastlm.tokenizer", "fastlm.data", "fastlm.kernels",
-              "fastlm.bench"],
+    packages=find_packages(include=["fastlm", "fastlm.*"]) + ["fastlm.kernels", "fastlm.bench"],
     package_dir={"fastlm.kernels": "kernels", "fastlm.bench": "bench"},
     package_data={"fastlm": ["configs/*.toml", "web/*.html"]},
     ext_modules=ext_modules,

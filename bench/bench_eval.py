@@ -7,7 +7,7 @@ Both providers score the same token ids with non-overlapping windows of block_si
 context) in batches of `batch` windows, and both turn logits into per-token NLL the same way
 (log-softmax in float32, gather the targets), so the timing compares the models' forward passes
 and the batching around them. fastlm's model is random-init (throughput does not depend on the
-weights); fastlm.export.export_hf writes it as a transformers directory, which
+weights); fastlm.export.hf.export_hf writes it as a transformers directory, which
 AutoModelForCausalLM loads. Each row records the perplexity both computed: they must agree
 (a sanity check that the two models are the same function).
 """
@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from fastlm.bench import utils
 
 from fastlm.config import model_preset
-from fastlm.eval import token_nll
+from fastlm.eval.core import token_nll
 from fastlm.models.gpt import GPT
 
 OP = "eval"
@@ -55,7 +55,7 @@ def run(args) -> list[dict]:
     try:
         from transformers import AutoModelForCausalLM
 
-        from fastlm.export import export_hf
+        from fastlm.export.hf import export_hf
         tmp = tempfile.TemporaryDirectory()
         export_hf(model, tmp.name)
         hf = AutoModelForCausalLM.from_pretrained(tmp.name, dtype=torch.float32).eval()

@@ -11,7 +11,7 @@ cpu --server-clients 16 on the shared 2-core machine.
 
 Weights are random (speed does not depend on them); both sides run greedy in the same --dtype on
 the same device with the same thread count, their runs interleaved. fastlm's model is prepared
-as fastlm.generate.load prepares it (CPU Linear weights packed, fastlm.packed_linear; --no-pack
+as fastlm.generate.decode.load prepares it (CPU Linear weights packed, fastlm.packed_linear; --no-pack
 measures without); transformers runs its model as from_pretrained gives it. Method, identical
 for both providers: time a generation of 1 new token (= prefill + one sampling step) and one of
 1 + N new tokens, each the median of --repeats runs; prefill tokens/s = B * prompt / t(1),
@@ -37,10 +37,10 @@ import torch
 from fastlm.bench import utils
 
 from fastlm.config import model_preset
-from fastlm.export import export_hf
-from fastlm.generate import BatchDecoder, SamplingParams
+from fastlm.export.hf import export_hf
+from fastlm.generate.decode import BatchDecoder, SamplingParams
 from fastlm.models.gpt import GPT
-from fastlm.packed_linear import pack_linears
+from fastlm.models.packed_linear import pack_linears
 
 CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
 _clock = CLOCKS["wall"]
@@ -100,7 +100,7 @@ def server_throughput(model: GPT, clients: int, new: int) -> dict:
     import httpx
     import uvicorn
 
-    from fastlm.generate import LoadedModel
+    from fastlm.generate.decode import LoadedModel
     from fastlm.serve import Limits, create_app
     from fastlm.tokenizer import Tokenizer
 

@@ -259,13 +259,13 @@ def interleaved_steps(ws: Path, data: Path, precisions: list[str], blocks: int,
     above are minutes apart). A step is what both loops do per iteration: forward with targets,
     backward, clip the gradient norm to 1, optimizer step, zero the gradients; nanoGPT's with its
     model.py and configure_optimizers, fastlm's with fastlm.models.gpt.GPT and
-    fastlm.optim.build_optimizer from the preset (bf16: autocast around the forward)."""
+    fastlm.train.optim.build_optimizer from the preset (bf16: autocast around the forward)."""
     import contextlib
     import io
 
     from fastlm.config import parse_args as parse_config
     from fastlm.models.gpt import GPT
-    from fastlm.optim import build_optimizer
+    from fastlm.train.optim import build_optimizer
 
     train = torch.from_numpy(np.frombuffer(data.read_bytes(), dtype=np.uint8).astype(np.int64))
     train = train[:int(len(train) * 0.9)]

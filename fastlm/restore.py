@@ -22,7 +22,7 @@ from torch import nn
 
 from fastlm import checkpoint
 from fastlm.checkpoint import CheckpointError
-from fastlm.classifier import Classifier
+from fastlm.models.classifier import Classifier
 from fastlm.config import ConfigError, ModelConfig, load_config
 from fastlm import models
 from fastlm.tokenizer import Tokenizer

@@ -9,7 +9,7 @@ POST /v1/completions and POST /v1/chat/completions (JSON, or server-sent events 
 "Authorization: Bearer KEY"; / and /health stay open. It binds to 127.0.0.1 unless told otherwise.
 
 Batching: continuous. Requests wait in a bounded queue; one worker thread owns a
-fastlm.generate.ContinuousDecoder with --max-concurrency slots. Between two decode steps it
+fastlm.generate.decode.ContinuousDecoder with --max-concurrency slots. Between two decode steps it
 admits waiting requests into free slots (each is prefilled alone and yields its first token),
 then runs one step for every active row together; a row that finishes (or whose client went
 away) leaves at once and frees its slot for the next request. So a request arriving while
@@ -43,9 +43,9 @@ from pathlib import Path
 from typing import Any
 
 from fastlm import checkpoint as ckpt
-from fastlm.chat import STOP as CHAT_STOP
-from fastlm.chat import format_chat
-from fastlm.generate import ContinuousDecoder, LoadedModel, SamplingParams, load
+from fastlm.chat.cli import STOP as CHAT_STOP
+from fastlm.chat.cli import format_chat
+from fastlm.generate.decode import ContinuousDecoder, LoadedModel, SamplingParams, load
 
 try:
     import uvicorn

@@ -26,7 +26,8 @@ import torch
 import triton
 import triton.language as tl
 
-from fastlm import native, opdefs
+from fastlm.ops import native
+from fastlm.ops import autograd as opdefs
 from fastlm.kernels import utils
 
 LN2 = math.log(2.0)

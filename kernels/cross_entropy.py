@@ -15,7 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
-from fastlm import opdefs
+from fastlm.ops import autograd as opdefs
 from fastlm.kernels import utils
 
 

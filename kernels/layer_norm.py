@@ -8,7 +8,7 @@ and every statistic is float32; y and dx are stored in x's dtype. weight and bia
 float32 by the launcher (they may be float32 while x is bf16/fp16: mixed precision).
 
 Layout of this file, which later row-wise kernels copy: kernels (shapes in comments) -> launchers
-registered with torch.library.custom_op -> fastlm.opdefs.register_layer_norm, which attaches the
+registered with torch.library.custom_op -> fastlm.ops.autograd.register_layer_norm, which attaches the
 fake kernels and the autograd formula shared with the C++ backend.
 """
 from typing import Optional
@@ -17,7 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
-from fastlm import opdefs
+from fastlm.ops import autograd as opdefs
 from fastlm.kernels import utils
 
 

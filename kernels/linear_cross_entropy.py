@@ -11,7 +11,7 @@ The matmuls are cuBLAS's (tensor cores for bf16/fp16): a Triton GEMM would not b
 """
 import torch
 
-from fastlm import opdefs
+from fastlm.ops import autograd as opdefs
 from fastlm.kernels import cross_entropy as ce
 from fastlm.kernels import utils
 

@@ -15,14 +15,14 @@ from typing import NamedTuple
 import torch
 import triton
 
-from fastlm import native
+from fastlm.ops import native
 
 # True when Triton runs kernels on CPU tensors through its interpreter (how CPU CI runs them).
 # Triton reads the variable when it is imported, so it must be set before that (tests/conftest.py
 # does); reading it once here keeps the heuristics in step with what Triton decided.
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
-# Test switch (fastlm.native.set_poison_outputs sets it): fill every output with NaN before a
+# Test switch (fastlm.ops.native.set_poison_outputs sets it): fill every output with NaN before a
 # kernel writes it, so an element a kernel forgets to write fails the comparison with the reference.
 POISON_OUTPUTS = False
 

@@ -16,7 +16,7 @@ if not torch.cuda.is_available():
 
 import pytest  # noqa: E402
 
-import fastlm.native  # noqa: E402
+import fastlm.ops.native  # noqa: E402
 
 torch.set_num_threads(1)
 
@@ -31,9 +31,9 @@ DEVICES = [
 
 @pytest.fixture(autouse=True, scope="session")
 def _poison_native_outputs():
-    fastlm.native.set_poison_outputs(True)
+    fastlm.ops.native.set_poison_outputs(True)
     yield
-    fastlm.native.set_poison_outputs(False)
+    fastlm.ops.native.set_poison_outputs(False)
 
 
 @pytest.fixture(autouse=True)

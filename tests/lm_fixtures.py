@@ -8,7 +8,7 @@ import torch
 from fastlm import checkpoint
 from fastlm.config import ModelConfig
 from fastlm.models.gpt import GPT
-from fastlm.optim import AdamW
+from fastlm.train.optim import AdamW
 
 
 def tiny_config(arch: str = "gpt2", vocab_size: int = 256, block_size: int = 64,

@@ -1,6 +1,6 @@
 """adamw_step: every backend against torch.optim.AdamW's fused step and the float32 reference over
 many steps, in every parameter dtype, with float32 or same-dtype states, many tensors of awkward
-sizes per call; fastlm.optim.AdamW against torch.optim.AdamW on a small model; opcheck and
+sizes per call; fastlm.train.optim.AdamW against torch.optim.AdamW on a small model; opcheck and
 torch.compile of the in-place op.
 """
 import copy
@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import fastlm.ops as ops
-from fastlm import reference
+from fastlm.ops import reference
 from tests.utils import require_backend
 
 OP = "adamw_step"
@@ -62,10 +62,10 @@ def test_matches_reference_over_many_steps(device, backend, dtype, state_dtype):
 
 @pytest.mark.parametrize("backend", ["cpu", "cuda", "triton"])
 def test_optim_adamw_matches_torch(device, backend, monkeypatch):
-    """fastlm.optim.AdamW with this backend against torch.optim.AdamW (fused where available),
+    """fastlm.train.optim.AdamW with this backend against torch.optim.AdamW (fused where available),
     50 steps on a small MLP with decayed and undecayed groups: same parameters."""
     require_backend(OP, backend, device)
-    from fastlm.optim import AdamW
+    from fastlm.train.optim import AdamW
 
     monkeypatch.setenv("FASTLM_BACKEND", f"adamw_step={backend}")
     torch.manual_seed(0)
@@ -92,7 +92,7 @@ def test_optim_adamw_matches_torch(device, backend, monkeypatch):
 @pytest.mark.parametrize("backend", ["cpu", "triton", "cuda"])
 def test_opcheck(device, backend):
     require_backend(OP, backend, device)
-    op = ops._native(OP, backend, "")
+    op = ops.native_op(OP, backend, "")
     params, m, v = make_state(torch.float32, torch.float32, device)
     grads = [torch.randn_like(p) for p in params]
     torch.library.opcheck(op, (params, grads, m, v, 3.0, 1e-3, 0.9, 0.999, 1e-8, 0.01))
@@ -209,13 +209,13 @@ def test_master_and_capturable_opcheck(device, backend):
     grads = [torch.randn_like(p) for p in params]
     masters = [p.float() for p in params]
     hyper = (0.9, 0.999, 1e-8, 0.01)
-    torch.library.opcheck(ops._native(OP, backend, "master"),
+    torch.library.opcheck(ops.native_op(OP, backend, "master"),
                           (params, grads, m, v, masters, 3.0, 1e-3, *hyper))
     steps = [torch.full((), 3.0, device=device) for _ in params]
     lr = torch.tensor(1e-3, dtype=torch.float64, device=device)
-    torch.library.opcheck(ops._native(OP, backend, "capturable"),
+    torch.library.opcheck(ops.native_op(OP, backend, "capturable"),
                           (params, grads, m, v, masters, steps, lr, *hyper))
-    torch.library.opcheck(ops._native(OP, backend, "capturable"),
+    torch.library.opcheck(ops.native_op(OP, backend, "capturable"),
                           (params, grads, m, v, [], steps, lr, *hyper))
 
 

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 import fastlm.ops as ops
-from fastlm import reference
+from fastlm.ops import reference
 from tests.utils import (compare_with_reference, float32_tolerance, forward_backward, fp32_copies,
                          lowp_copies, mismatch_report, randn, require_backend)
 
@@ -139,7 +139,7 @@ def test_non_contiguous_inputs(device, backend):
 def test_opcheck(device, backend):
     """Schema, fake kernel, autograd registration and AOT dispatch of the native ops."""
     require_backend(OP, backend, device)
-    fwd, bwd = ops._native(OP, backend, "fwd"), ops._native(OP, backend, "bwd")
+    fwd, bwd = ops.native_op(OP, backend, "fwd"), ops.native_op(OP, backend, "bwd")
     q, k, v = make_inputs((1, 4, 2, 9, 9, 32), torch.float32, device)
     for causal, window in ((True, 0), (False, 4)):
         torch.library.opcheck(fwd, (q, k, v, causal, 0.2, window))
@@ -167,7 +167,7 @@ def test_lse_is_saved_logsumexp(device, backend):
     (all the backward keeps besides the inputs and out)."""
     require_backend(OP, backend, device)
     q, k, v = (t.detach() for t in make_inputs((1, 2, 1, 12, 20, 32), torch.float32, device))
-    _, lse = ops._native(OP, backend, "fwd")(q, k, v, True, 0.3, 0)
+    _, lse = ops.native_op(OP, backend, "fwd")(q, k, v, True, 0.3, 0)
     scores = q @ k.repeat_interleave(2, dim=1).transpose(-2, -1) * 0.3
     allowed = torch.arange(20)[None, :] <= torch.arange(12)[:, None] + 8
     expected = scores.masked_fill(~allowed.to(device), float("-inf")).logsumexp(-1)

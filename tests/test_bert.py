@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from fastlm import checkpoint, models
 from fastlm.config import ConfigError, ModelConfig
 from fastlm.models.bert import BERT, IGNORE, SPECIALS, mask_tokens, sinusoids
-from fastlm.optim import AdamW
+from fastlm.train.optim import AdamW
 
 
 def tiny_config(**over) -> ModelConfig:
@@ -206,8 +206,8 @@ def _metrics(run_dir):
 
 
 def test_trainer_runs_bert_resumes_exactly_and_evaluates(tmp_path, capsys):
-    from fastlm.eval import main as eval_main
-    from fastlm.train import main
+    from fastlm.eval.core import main as eval_main
+    from fastlm.train.loop import main
     corpus = tmp_path / "corpus.txt"
     corpus.write_text(TEXT)
     common = [f"--data={corpus}", *TINY]
@@ -239,7 +239,7 @@ def test_trainer_runs_bert_resumes_exactly_and_evaluates(tmp_path, capsys):
 
 
 def test_pseudo_perplexity_masks_each_token_alone():
-    from fastlm.mlm_eval import even_windows, mlm_scores, pseudo_nll
+    from fastlm.eval.mlm import even_windows, mlm_scores, pseudo_nll
     from fastlm.tokenizer import Tokenizer
     model = tiny_bert(scale=0.2)
     w = torch.randint(0, 256, (12,))
@@ -261,7 +261,7 @@ def test_pseudo_perplexity_masks_each_token_alone():
 @pytest.mark.parametrize("tie", [True, False])
 def test_export_to_bert_for_masked_lm_logits_equal(tmp_path, tie):
     transformers = pytest.importorskip("transformers", reason="transformers is not installed")
-    from fastlm.export import export_hf
+    from fastlm.export.hf import export_hf
     from fastlm.tokenizer import Tokenizer
     model = tiny_bert(scale=0.2, tie_embeddings=tie)
     export_hf(model, tmp_path, Tokenizer.byte())
@@ -289,7 +289,7 @@ def test_export_to_bert_for_masked_lm_logits_equal(tmp_path, tie):
 # ---------------------------------------------------------------------------------------------
 # Classification fine-tuning with [CLS] pooling
 def test_classifier_pools_cls_and_ignores_padding():
-    from fastlm.classifier import Classifier
+    from fastlm.models.classifier import Classifier
     clf = Classifier(tiny_bert(scale=0.2), 3).eval()
     seq = torch.randint(1, 256, (1, 7))
     padded = torch.cat([seq, torch.zeros(1, 4, dtype=torch.long)], 1)
@@ -304,10 +304,10 @@ def test_classifier_pools_cls_and_ignores_padding():
 
 def test_classification_finetune_on_demo_task_beats_majority(tmp_path):
     from fastlm.data.text import stdlib_files
-    from fastlm.demo_tasks import _line_kinds
-    from fastlm.eval import main as eval_main
-    from fastlm.finetune import main as finetune_main
-    from fastlm.tasks import write_jsonl
+    from fastlm.eval.demo_tasks import _line_kinds
+    from fastlm.eval.core import main as eval_main
+    from fastlm.finetune.loop import main as finetune_main
+    from fastlm.eval.tasks import write_jsonl
     _, files = stdlib_files()
     rng = random.Random(0)
     rows = []  # the demo task's labelling (code / comment / docstring) on some stdlib files
@@ -336,8 +336,8 @@ def test_classification_finetune_on_demo_task_beats_majority(tmp_path):
 
 
 def test_sft_refuses_a_masked_model(tmp_path):
-    from fastlm.finetune import main as finetune_main
-    from fastlm.tasks import write_jsonl
+    from fastlm.finetune.loop import main as finetune_main
+    from fastlm.eval.tasks import write_jsonl
     model = tiny_bert()
     base = tmp_path / "base"
     checkpoint.save(base, 1, model, AdamW(model.parameters()), {"step": 1},

@@ -8,8 +8,8 @@ import math
 import pytest
 
 from fastlm import checkpoint
-from fastlm.compare import COLUMNS, main
-from fastlm.train import main as train_main
+from fastlm.tools.compare import COLUMNS, main
+from fastlm.train.loop import main as train_main
 
 TEXT = ("ROMEO:\nBut, soft! what light through yonder window breaks?\n"
         "It is the east, and Juliet is the sun.\n\n") * 150  # ~14 KB
@@ -106,7 +106,7 @@ def test_comparison_presets_are_the_same_size_and_window():
     """Every causal arch's comparison preset is within 5% of the GPT-2 one's parameters and
     trains on the same 64-byte windows (what 'compared at the same size' rests on)."""
     from fastlm import models
-    from fastlm.compare import DEFAULT_PRESETS
+    from fastlm.tools.compare import DEFAULT_PRESETS
     from fastlm.config import list_presets, parse_args
 
     def size(preset):

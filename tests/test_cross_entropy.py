@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 import fastlm.ops as ops
-from fastlm import reference
+from fastlm.ops import reference
 from tests.utils import (compare_with_reference, forward_backward, fp32_copies, lowp_copies, randn,
                          require_backend)
 
@@ -108,7 +108,7 @@ def test_mean_of_no_rows(device, backend):
 @pytest.mark.parametrize("backend", ["cpu", "triton", "cuda"])
 def test_opcheck(device, backend):
     require_backend(OP, backend, device)
-    fwd, bwd = ops._native(OP, backend, "fwd"), ops._native(OP, backend, "bwd")
+    fwd, bwd = ops.native_op(OP, backend, "fwd"), ops.native_op(OP, backend, "bwd")
     logits, target = make_inputs(6, 37, torch.float32, device)
     torch.library.opcheck(fwd, (logits, target, -100, 0.1, 1e-3))
     _, lse = fwd(logits, target, -100, 0.1, 1e-3)
@@ -295,7 +295,7 @@ def test_inplace_backward_refuses_unsafe_use(backend):
 @pytest.mark.parametrize("backend", ["cpu", "triton", "cuda"])
 def test_inplace_opcheck(device, backend):
     require_backend(OP, backend, device)
-    op = ops._native(OP, backend, "fwd_inplace")
+    op = ops.native_op(OP, backend, "fwd_inplace")
     logits, target = make_inputs(6, 37, torch.float32, device)
     scale = torch.tensor(0.25, device=device)
     torch.library.opcheck(op, (logits.detach().clone(), target, scale, -100, 0.1, 1e-3))

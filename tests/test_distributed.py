@@ -13,7 +13,7 @@ import torch
 from safetensors.torch import load_file
 
 from fastlm import checkpoint
-from fastlm.train import main
+from fastlm.train.loop import main
 from tests.test_train import TEXT, read_metrics
 
 pytestmark = pytest.mark.skipif(not torch.distributed.is_available()

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from fastlm import checkpoint
 from fastlm.checkpoint import CheckpointError
 from fastlm.config import ModelConfig
-from fastlm.eval import (
+from fastlm.eval.core import (
     bits_per_byte,
     bleu,
     loglikelihood,
@@ -23,11 +23,11 @@ from fastlm.eval import (
     token_nll,
     windows,
 )
-from fastlm.metrics import accuracy, macro_f1, majority_baseline
+from fastlm.eval.scores import accuracy, macro_f1, majority_baseline
 from fastlm.models.gpt import GPT
-from fastlm.optim import AdamW
+from fastlm.train.optim import AdamW
 from fastlm.restore import restore
-from fastlm.tasks import TaskError, read_jsonl, write_jsonl
+from fastlm.eval.tasks import TaskError, read_jsonl, write_jsonl
 from fastlm.tokenizer import Tokenizer
 
 

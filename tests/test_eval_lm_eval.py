@@ -8,10 +8,10 @@ import pytest
 
 from fastlm import checkpoint
 from fastlm.config import ModelConfig
-from fastlm.eval import loglikelihood, perplexity
-from fastlm.lm_eval_adapter import FastLM
+from fastlm.eval.core import loglikelihood, perplexity
+from fastlm.eval.lm_eval_adapter import FastLM
 from fastlm.models.gpt import GPT
-from fastlm.optim import AdamW
+from fastlm.train.optim import AdamW
 
 
 @pytest.fixture

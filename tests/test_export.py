@@ -5,8 +5,8 @@ import json
 import pytest
 import torch
 
-from fastlm.export import ExportError, export_hf, import_hf, main
-from fastlm.generate import generate
+from fastlm.export.hf import ExportError, export_hf, import_hf, main
+from fastlm.generate.decode import generate
 from fastlm.tokenizer import Tokenizer
 from tests.lm_fixtures import save_checkpoint, tiny_model
 
@@ -125,7 +125,7 @@ def test_cli_round_trip(tmp_path, capsys):
                  "--out", str(tmp_path / "hf")]) == 0
     assert (tmp_path / "hf" / "tokenizer.json").is_file()
     assert main(["--from-hf", str(tmp_path / "hf"), "--out", str(tmp_path / "back")]) == 0
-    from fastlm.generate import load
+    from fastlm.generate.decode import load
     lm = load(tmp_path / "back")
     idx = torch.randint(0, 256, (1, 9))
     torch.testing.assert_close(lm.model(idx)[0], model(idx)[0], rtol=1e-6, atol=1e-6)

@@ -11,16 +11,16 @@ import torch
 import torch.nn.functional as F
 
 from fastlm import checkpoint
-from fastlm.chat_template import IGNORE, SPECIAL_TOKENS, encode_chat, sft_example
-from fastlm.classifier import Classifier
+from fastlm.chat.template import IGNORE, SPECIAL_TOKENS, encode_chat, sft_example
+from fastlm.models.classifier import Classifier
 from fastlm.config import ConfigError, ModelConfig
-from fastlm.eval import main as eval_main
-from fastlm.finetune import main, parse_args
-from fastlm.lora import LoRALinear, add_lora, merge_lora
+from fastlm.eval.core import main as eval_main
+from fastlm.finetune.loop import main, parse_args
+from fastlm.finetune.lora import LoRALinear, add_lora, merge_lora
 from fastlm.models.gpt import GPT
-from fastlm.optim import AdamW
+from fastlm.train.optim import AdamW
 from fastlm.restore import restore
-from fastlm.tasks import write_jsonl
+from fastlm.eval.tasks import write_jsonl
 from fastlm.tokenizer import Tokenizer
 
 
@@ -234,7 +234,7 @@ def test_sft_from_a_bpe_checkpoint_keeps_its_tokenizer(tmp_path):
 def test_demo_line_kinds_are_labelled_by_where_the_line_is():
     import random
 
-    from fastlm.demo_tasks import _line_kinds
+    from fastlm.eval.demo_tasks import _line_kinds
     source = ('def area(radius):\n    """Compute the area of a circle of this radius.\n\n'
               '    The radius is in metres and the result in square metres.\n    """\n'
               '    # multiply by pi, the ratio of circumference to diameter\n'
@@ -248,7 +248,7 @@ def test_demo_line_kinds_are_labelled_by_where_the_line_is():
 
 def test_classifier_refuses_a_backbone_without_a_final_hidden_state():
     from fastlm import models
-    from fastlm.classifier import Classifier
+    from fastlm.models.classifier import Classifier
     from fastlm.config import model_preset
     with pytest.raises(ValueError, match="model.arch=lstm has no final norm"):
         Classifier(models.build(model_preset("tiny-lstm")), 2)

@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 from fastlm import checkpoint, models
 from fastlm.config import ModelConfig, parse_args
 from fastlm.models.gcnn import GatedCNN
-from fastlm.train import main
+from fastlm.train.loop import main
 
 TEXT = ("To be, or not to be, that is the question:\n"
         "Whether 'tis nobler in the mind to suffer\n") * 80  # ~7 KB, repetitive

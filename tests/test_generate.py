@@ -4,7 +4,7 @@ sampling filters, seeds, stop strings and ids, incremental text, limits, the CLI
 import pytest
 import torch
 
-from fastlm.generate import (
+from fastlm.generate.decode import (
     BatchDecoder,
     ContinuousDecoder,
     SamplingParams,
@@ -14,7 +14,7 @@ from fastlm.generate import (
     main,
     next_tokens,
 )
-from fastlm.kv_cache import KVCache, SlotCache
+from fastlm.generate.kv_cache import KVCache, SlotCache
 from fastlm.tokenizer import Tokenizer
 from tests.lm_fixtures import save_checkpoint, tiny_model
 from tests.utils import assert_lowp_close
@@ -252,7 +252,7 @@ def test_load_and_cli(tmp_path, capsys):
 
 
 def test_chat_format_and_terminal_chat(tmp_path, monkeypatch, capsys):
-    from fastlm import chat
+    from fastlm.chat import cli as chat
     assert chat.format_chat([{"role": "system", "content": "Be kind."},
                              {"role": "user", "content": " hi "}]) == \
         "Be kind.\n\nUser: hi\nAssistant:"

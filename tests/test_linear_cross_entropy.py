@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 import fastlm.ops as ops
-from fastlm import reference
+from fastlm.ops import reference
 from tests.utils import (compare_with_reference, forward_backward, fp32_copies, lowp_copies, randn,
                          require_backend)
 
@@ -154,7 +154,7 @@ def test_peak_memory_far_below_materialised_cuda():
 @pytest.mark.parametrize("backend", ["cpu", "triton"])
 def test_opcheck(device, backend):
     require_backend(OP, backend, device)
-    fwd = ops._native(OP, backend, "fwd")
+    fwd = ops.native_op(OP, backend, "fwd")
     hidden, weight, target = make_inputs(9, 16, 67, torch.float32, device)
     scale = torch.tensor(0.25, device=device)
     torch.library.opcheck(fwd, (hidden, weight, target, scale, -100, 4, True))

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import fastlm.ops as ops
-from fastlm import native
+from fastlm.ops import native
 
 
 def test_reference_and_torch_always_available():

@@ -6,8 +6,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fastlm.generate import BatchDecoder, SamplingParams
-from fastlm.packed_linear import (
+from fastlm.generate.decode import BatchDecoder, SamplingParams
+from fastlm.models.packed_linear import (
     is_packed,
     pack_linears,
     unavailable_reason,

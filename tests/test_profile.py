@@ -6,8 +6,8 @@ import sys
 import pytest
 import torch
 
-import fastlm.profile as prof
-from fastlm import nvml
+import fastlm.tools.profile as prof
+from fastlm.tools import nvml
 from fastlm.config import ModelConfig, model_preset
 
 

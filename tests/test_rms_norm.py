@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 import fastlm.ops as ops
-from fastlm import reference
+from fastlm.ops import reference
 from tests.utils import (compare_with_reference, forward_backward, fp32_copies, lowp_copies, randn,
                          require_backend)
 
@@ -77,7 +77,7 @@ def test_deterministic(device, backend):
 @pytest.mark.parametrize("backend", ["cpu", "triton", "cuda"])
 def test_opcheck(device, backend):
     require_backend(OP, backend, device)
-    fwd, bwd = ops._native(OP, backend, "fwd"), ops._native(OP, backend, "bwd")
+    fwd, bwd = ops.native_op(OP, backend, "fwd"), ops.native_op(OP, backend, "bwd")
     x, w = make_inputs((5, 33), torch.float32, device)
     torch.library.opcheck(fwd, (x, w, EPS))
     _, rstd = fwd(x, w, EPS)
@@ -110,7 +110,7 @@ def test_bad_input_is_a_clear_error(backend):
 def test_native_op_rejects_bad_arguments(backend):
     """The raw ops check what the public function would: no crash, no out-of-bounds read."""
     require_backend(OP, backend, torch.device("cpu"))
-    fwd, bwd = ops._native(OP, backend, "fwd"), ops._native(OP, backend, "bwd")
+    fwd, bwd = ops.native_op(OP, backend, "fwd"), ops.native_op(OP, backend, "bwd")
     with pytest.raises((RuntimeError, ValueError), match="non-empty last"):
         fwd(torch.randn(3, 0), torch.randn(0), EPS)
     x, w, dy = torch.randn(3, 8), torch.randn(8), torch.randn(3, 8)

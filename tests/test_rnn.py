@@ -1,5 +1,5 @@
 """LSTM / GRU language models (fastlm.models.rnn) and the contiguous streams they train on
-(fastlm.train_data.TokenStreams): shapes, learning, the carried hidden state, stream layout and
+(fastlm.data.corpus.TokenStreams): shapes, learning, the carried hidden state, stream layout and
 resume, checkpoint resume through python -m fastlm.train, and state-carrying generation."""
 from __future__ import annotations
 
@@ -14,8 +14,8 @@ from fastlm import checkpoint, models
 from fastlm.config import ModelConfig, parse_args
 from fastlm.data.text import TextData
 from fastlm.tokenizer import Tokenizer
-from fastlm.train import main
-from fastlm.train_data import DataError, TextCorpus, load_data
+from fastlm.train.loop import main
+from fastlm.data.corpus import DataError, TextCorpus, load_data
 
 ARCHS = ["lstm", "gru"]
 

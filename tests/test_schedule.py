@@ -5,7 +5,7 @@ import itertools
 
 import pytest
 
-from fastlm.schedule import SCHEDULES, lr_at
+from fastlm.train.schedule import SCHEDULES, lr_at
 
 BASE = {"lr": 1e-3, "min_lr": 1e-4, "warmup": 10, "total": 110}
 

@@ -12,7 +12,7 @@ pytest.importorskip("fastapi", reason="the serve extra (fastapi, uvicorn) is not
 uvicorn = pytest.importorskip("uvicorn")
 httpx = pytest.importorskip("httpx")
 
-from fastlm.generate import generate, load
+from fastlm.generate.decode import generate, load
 from fastlm.serve import Limits, create_app
 from tests.lm_fixtures import save_checkpoint, tiny_model
 

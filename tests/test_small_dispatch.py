@@ -6,7 +6,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from fastlm import native, ops
+import fastlm.ops.api
+from fastlm import ops
+from fastlm.ops import native
 
 CPU = torch.device("cpu")
 needs_native = pytest.mark.skipif(native.NATIVE_ERROR is not None,
@@ -29,13 +31,13 @@ def test_small_rows_come_first_only_when_nothing_is_forced(monkeypatch):
 def test_linear_cross_entropy_takes_the_materialised_path_for_small_logits(monkeypatch):
     monkeypatch.delenv("FASTLM_BACKEND", raising=False)
     native_calls = []
-    real = ops._native
+    real = ops.native_op
 
     def spy(op, backend, direction="fwd"):
         native_calls.append((op, backend))
         return real(op, backend, direction)
 
-    monkeypatch.setattr(ops, "_native", spy)
+    monkeypatch.setattr(fastlm.ops.api, "native_op", spy)
     D = 16
     small_v = ops.SMALL_LOGITS_BYTES // (4 * 64)  # N=64 rows: exactly at the limit
     for V, chunk_rows, expect_native in ((small_v, None, False), (small_v + 1, None, True),

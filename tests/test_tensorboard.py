@@ -7,8 +7,8 @@ import math
 
 import pytest
 
-from fastlm import tensorboard_log
-from fastlm.train import main
+from fastlm.train import logs as tensorboard_log
+from fastlm.train.loop import main
 
 TEXT = "the quick brown fox jumps over the lazy dog.\n" * 120
 TINY = ["--model.n_layer=1", "--model.n_embd=32", "--model.n_head=2", "--model.block_size=32",

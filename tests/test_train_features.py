@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 from fastlm import checkpoint
 from fastlm.models.gpt import GPT
 from fastlm.tokenizer import Tokenizer
-from fastlm.train import main
+from fastlm.train.loop import main
 from tests.test_train import TEXT, TINY, read_metrics
 
 WORDS = ["alpha", "beta", "gamma", "delta", "epsilon", "zeta", "eta", "theta", "iota", "kappa",
@@ -272,7 +272,7 @@ def test_bare_resume_without_checkpoints_starts_fresh(tmp_path, corpus, capsys):
 
 
 def test_plot_cli(tmp_path, corpus, capsys):
-    from fastlm.plot import main as plot_main
+    from fastlm.train.plot import main as plot_main
     run_dir = tmp_path / "run"
     main([f"--data={corpus}", "--out", str(run_dir), *QUIET, "--train.max_steps=10"])
     (run_dir / "loss.png").unlink()

@@ -17,8 +17,8 @@ if not CHROMIUM:
     pytest.skip("no chromium executable (apt-get install chromium, or set FASTLM_CHROMIUM)",
                 allow_module_level=True)
 
-from fastlm.chat import STOP, format_chat
-from fastlm.generate import generate, load
+from fastlm.chat.cli import STOP, format_chat
+from fastlm.generate.decode import generate, load
 from fastlm.serve import Limits, create_app
 from tests.lm_fixtures import save_checkpoint, tiny_model
 from tests.test_serve import Server

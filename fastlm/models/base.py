@@ -10,7 +10,7 @@ The training loop never asks which architecture it runs; it asks the model:
   recurrent                True: forward(..., state=s, return_state=True) -> (logits, loss, s')
                            carries a hidden state across consecutive batches (truncated BPTT)
   num_params / flops_per_token(seq_len)   throughput and MFU
-  param_groups(weight_decay)              decay matrices only (fastlm.optim.param_groups)
+  param_groups(weight_decay)              decay matrices only (fastlm.train.optim.param_groups)
   checkpoint_units()       the repeated blocks: units of activation checkpointing and FSDP
   generate(idx, n, ...)    sampling for the text the trainer prints
 
@@ -51,7 +51,7 @@ class LanguageModel(nn.Module):
 
     # -- training hooks ----------------------------------------------------------------------
     def param_groups(self, weight_decay: float) -> list[dict]:
-        from fastlm.optim import param_groups
+        from fastlm.train.optim import param_groups
         return param_groups(self, weight_decay)
 
     def make_batch(self, x: torch.Tensor, y: torch.Tensor,

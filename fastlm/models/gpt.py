@@ -119,7 +119,7 @@ class Attention(nn.Module):
                 positions: torch.Tensor | None = None,
                 mask: torch.Tensor | None = None) -> torch.Tensor:
         """x (B, T, C) -> (B, T, C). kv = (k_buf, v_buf, start): this layer's preallocated
-        cache buffers (B, Hkv, T_max, D) (fastlm.kv_cache.KVCache); the new keys/values are
+        cache buffers (B, Hkv, T_max, D) (fastlm.generate.kv_cache.KVCache); the new keys/values are
         written at start .. start + T - 1 and the queries attend to everything up to there.
         positions (B, T): per-row RoPE positions; mask (B, 1, T, start + T) bool: keys each
         query may see (left-padded batches), None = plain causal."""
@@ -289,7 +289,7 @@ class GPT(LanguageModel):
     def forward_cached(self, idx: torch.Tensor, cache, positions: torch.Tensor | None = None,
                        mask: torch.Tensor | None = None, last_only: bool = False) -> torch.Tensor:
         """Logits for new tokens idx (B, T) that follow the cache.length tokens already held by
-        `cache` (fastlm.kv_cache.KVCache), which receives their keys/values -> (B, T, V), or
+        `cache` (fastlm.generate.kv_cache.KVCache), which receives their keys/values -> (B, T, V), or
         (B, 1, V) with last_only. positions (B, T): per-row positions (default cache.length ..
         cache.length + T - 1); mask (B, 1, T, cache.length + T) bool: visible keys (None =
         causal). Used by fastlm.generate; forward() stays the training path."""

@@ -22,7 +22,7 @@ import time
 from collections.abc import Sequence
 
 from fastlm import checkpoint as ckpt
-from fastlm.generate import (
+from fastlm.generate.decode import (
     SamplingParams,
     add_model_args,
     add_sampling_args,

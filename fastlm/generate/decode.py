@@ -4,7 +4,7 @@
         --temperature 0.8 --top-k 50 --top-p 0.95 --min-p 0.05 --repetition-penalty 1.1
         --stop "\\n\\n" --seed 0 --tokenizer tok.json --device cpu]
 
-    from fastlm.generate import generate, load
+    from fastlm.generate.decode import generate, load
     lm = load("runs/x")                      # model (eval mode, CPU Linears packed) + tokenizer
     text = generate(lm.model, lm.tokenizer, "def ", max_new_tokens=50, temperature=0)
 
@@ -42,10 +42,10 @@ import torch
 
 from fastlm import checkpoint as ckpt
 from fastlm.config import ConfigError, ModelConfig
-from fastlm.kv_cache import KVCache, SlotCache
+from fastlm.generate.kv_cache import KVCache, SlotCache
 from fastlm.models import build
 from fastlm.models.gpt import GPT
-from fastlm.packed_linear import pack_linears
+from fastlm.models.packed_linear import pack_linears
 from fastlm.tokenizer import Tokenizer
 
 

@@ -36,11 +36,11 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from fastlm.chat_template import encode_chat, has_chat_tokens
+from fastlm.chat.template import encode_chat, has_chat_tokens
 from fastlm.checkpoint import CheckpointError
-from fastlm.metrics import accuracy, bleu, macro_f1
+from fastlm.eval.scores import accuracy, bleu, macro_f1
 from fastlm.restore import Restored, restore
-from fastlm.tasks import Example, TaskError, read_jsonl
+from fastlm.eval.tasks import Example, TaskError, read_jsonl
 
 __all__ = [
     "bits_per_byte",
@@ -404,7 +404,7 @@ def evaluate_cli(args: argparse.Namespace) -> tuple[dict, Restored]:
             raise TaskError(f"{args.text or 'validation split'}: no text to score")
         results["text"] = desc
         if getattr(restored.model, "objective", "causal") == "masked":  # encoders (bert)
-            from fastlm.mlm_eval import mlm_scores
+            from fastlm.eval.mlm import mlm_scores
             results.update(mlm_scores(restored.model, restored.tokenizer, text,
                                       args.context or None, seed=args.seed,
                                       batch_size=args.batch_size))

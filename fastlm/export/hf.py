@@ -4,7 +4,7 @@
     python -m fastlm.export --checkpoint RUN_DIR --format gguf --out DIR  (fastlm.gguf_export)
     python -m fastlm.export --from-hf HF_DIR --out RUN_DIR     (a fastlm checkpoint to generate,
                                                                serve, evaluate or fine-tune)
-    from fastlm.export import export_hf, import_hf
+    from fastlm.export.hf import export_hf, import_hf
 
 The gpt2 flavour becomes GPT2LMHeadModel, the llama flavour LlamaForCausalLM; both read back
 into fastlm. transformers itself is not needed for either direction (only safetensors): the
@@ -114,7 +114,7 @@ def _llama_tensors(model: GPT) -> dict[str, torch.Tensor]:
 def export_hf(model: GPT, out_dir: str | Path, tokenizer: Tokenizer | None = None) -> Path:
     """Write model (and tokenizer) as a transformers model directory; returns it."""
     if model.config.arch == "bert":  # BertForMaskedLM: its own mapping (fastlm.export_bert)
-        from fastlm.export_bert import export_bert
+        from fastlm.export.bert import export_bert
         return export_bert(model, out_dir, tokenizer)
     if model.config.arch not in ("gpt2", "llama"):
         raise ExportError(f"--format hf: model.arch={model.config.arch} has no Hugging Face "
@@ -296,10 +296,10 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     try:
         if args.checkpoint:
-            from fastlm.generate import load
+            from fastlm.generate.decode import load
             lm = load(args.checkpoint, tokenizer=args.tokenizer, pack=False)  # no packed copies
             if args.format == "gguf":
-                from fastlm.gguf_export import export_gguf
+                from fastlm.export.gguf import export_gguf
                 path = export_gguf(lm.model, args.out, lm.tokenizer, args.gguf_dtype, lm.name)
                 print(f"fastlm.export: {lm.name} -> {path} ({lm.model.config.arch})")
                 return 0
@@ -308,7 +308,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"fastlm.export: {lm.name} -> {args.out} ({lm.model.config.arch}: "
                   f"{written['architectures'][0]})")
         else:
-            from fastlm.optim import AdamW
+            from fastlm.train.optim import AdamW
             model, tok = import_hf(args.from_hf, args.block_size)
             from dataclasses import asdict
             path = ckpt.save(args.out, 0, model, AdamW(model.parameters()), {"step": 0},

@@ -46,20 +46,20 @@ from tqdm import tqdm
 
 from fastlm import checkpoint, ops
 from fastlm import config as config_mod
-from fastlm.chat_template import IGNORE, SPECIAL_TOKENS, messages_of, sft_example
+from fastlm.chat.template import IGNORE, SPECIAL_TOKENS, messages_of, sft_example
 from fastlm.checkpoint import CheckpointError
-from fastlm.classifier import Classifier
+from fastlm.models.classifier import Classifier
 from fastlm.config import Config, ConfigError, load_config, to_dict
-from fastlm.eval import encode_batch, label_ids
-from fastlm.lora import DEFAULT_TARGETS, add_lora, lora_parameters, merge_lora
-from fastlm.metrics import accuracy, majority_baseline
+from fastlm.eval.core import encode_batch, label_ids
+from fastlm.finetune.lora import DEFAULT_TARGETS, add_lora, lora_parameters, merge_lora
+from fastlm.eval.scores import accuracy, majority_baseline
 from fastlm.models.base import LanguageModel
 from fastlm.models.gpt import GPT
-from fastlm.optim import AdamW, param_groups
+from fastlm.train.optim import AdamW, param_groups
 from fastlm.restore import restore
-from fastlm.tasks import Example, TaskError, read_jsonl
+from fastlm.eval.tasks import Example, TaskError, read_jsonl
 from fastlm.tokenizer import Tokenizer
-from fastlm.train import MetricsLog, SetupError, StopFlag, lr_at, pick_device
+from fastlm.train.loop import MetricsLog, SetupError, StopFlag, lr_at, pick_device
 
 
 @dataclass

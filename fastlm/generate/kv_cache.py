@@ -81,7 +81,7 @@ class CacheView:
 
 
 class SlotCache:
-    """The cache of continuous batching (fastlm.generate.ContinuousDecoder): `slots` rows, each
+    """The cache of continuous batching (fastlm.generate.decode.ContinuousDecoder): `slots` rows, each
     with its own length, so a request can join while others are mid-answer and leave when done.
 
     Rows 0 .. active - 1 are in use, kept packed at the front (a leaving row's slot takes the

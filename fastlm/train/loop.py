@@ -51,12 +51,14 @@ import torch
 from torch.utils._pytree import tree_map
 from tqdm import tqdm
 
-from fastlm import checkpoint, distributed, models, ops, tensorboard_log
+from fastlm import checkpoint, models, ops
+from fastlm.train import distributed
+from fastlm.train import logs as tensorboard_log
 from fastlm.config import Config, ConfigError, parse_args, to_dict, to_toml
 from fastlm.models import LanguageModel
-from fastlm.optim import build_optimizer
-from fastlm.schedule import lr_at as schedule_lr
-from fastlm.train_data import DataError, load_data
+from fastlm.train.optim import build_optimizer
+from fastlm.train.schedule import lr_at as schedule_lr
+from fastlm.data.corpus import DataError, load_data
 
 
 @dataclass
@@ -149,7 +151,7 @@ def gpu_peak_flops(device: torch.device, precision: str) -> float | None:
     against a guessed peak. fp32 runs are measured against the bf16 peak (what they forgo)."""
     if device.type != "cuda":
         return None
-    from fastlm.profile import peak_flops
+    from fastlm.tools.profile import peak_flops
     return peak_flops(torch.cuda.get_device_name(device),
                       "float16" if precision == "fp16" else "bfloat16")
 
@@ -182,7 +184,7 @@ def evaluate(model, batches: list[tuple[torch.Tensor, torch.Tensor]],
 class MetricsLog:
     """Appends one JSON object per line to RUN_DIR/metrics.jsonl (rank 0; others pass None).
     Each write opens and closes the file, so a crash never loses a line or a handle. The same
-    rows go to TensorBoard when a fastlm.tensorboard_log.TensorBoardLog is given."""
+    rows go to TensorBoard when a fastlm.train.logs.TensorBoardLog is given."""
 
     def __init__(self, path: Path | None,
                  tensorboard: tensorboard_log.TensorBoardLog | None = None):
@@ -556,7 +558,7 @@ def _train(cfg: Config, device: torch.device, dist: distributed.DistInfo) -> Tra
 
 
 def _write_plot(run_dir: Path) -> None:
-    from fastlm import plot
+    from fastlm.train import plot
     try:
         path = plot.plot_run(run_dir)
         print(f"  plot    {path}")

@@ -13,7 +13,7 @@ import warnings
 
 import torch
 
-from fastlm import opdefs
+from fastlm.ops import autograd as opdefs
 
 try:
     from fastlm import _C  # noqa: F401  (loading it registers torch.ops.fastlm.*)

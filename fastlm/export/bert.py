@@ -1,5 +1,5 @@
 """Export a fastlm BERT (fastlm.models.bert) as Hugging Face BertForMaskedLM (safetensors +
-config.json, and tokenizer.json when a tokenizer is given). fastlm.export.export_hf calls this
+config.json, and tokenizer.json when a tokenizer is given). fastlm.export.hf.export_hf calls this
 for model.arch = "bert"; transformers is not needed to write it.
 
 The architecture already is BertForMaskedLM's (post-LN, exact GELU, learned positions, token

@@ -1,6 +1,6 @@
 """Prepacked Linear weights for inference on CPU: oneDNN's blocked layout, packed once.
 
-    from fastlm.packed_linear import pack_linears, unpack_linears
+    from fastlm.models.packed_linear import pack_linears, unpack_linears
     n = pack_linears(model)   # every CPU float32/bfloat16 nn.Linear of model; returns how many
     ...                       # no_grad forwards now run the packed matmul
     unpack_linears(model)     # back to plain F.linear, the packed copies freed

@@ -1,6 +1,6 @@
 """TensorBoard scalars of a training run, written beside RUN_DIR/metrics.jsonl.
 
-Every numeric field of a metrics row (fastlm.train.MetricsLog) except its step and time_s becomes
+Every numeric field of a metrics row (fastlm.train.loop.MetricsLog) except its step and time_s becomes
 the scalar KIND/FIELD at that step: train/loss, train/lr, train/grad_norm, train/tokens_per_s,
 train/mfu (GPU runs; a null MFU, unknown, is left out rather than written as 0), train/skipped,
 val/val_loss, val/val_bpb. The event files go to RUN_DIR/tensorboard/ (rank 0 only), so

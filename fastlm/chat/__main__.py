@@ -1,0 +1,6 @@
+"""python -m fastlm.chat: see fastlm.chat.cli."""
+import sys
+
+from fastlm.chat.cli import main
+
+sys.exit(main())

@@ -1,0 +1,377 @@
+"""`python -m fastlm.profile`: real training steps of a preset model, measured.
+
+    python -m fastlm.profile --preset gpt2-124m [--steps N] [--warmup W] [--compile]
+                             [--batch B] [--seq-len T] [--dtype bfloat16] [--device cuda]
+                             [--json PATH] [--trace FILE] [--top K]
+
+Each step is what fastlm.train runs: forward with the loss, backward, gradient clipping and a
+fastlm.train.optim.AdamW step, on random token batches (the data does not change the arithmetic).
+Reported: tokens/s and step time (median of the timed steps, after warm-up), MFU (model FLOPs
+per second over the GPU's dense bf16/fp16 peak, see peak_flops), peak memory (CUDA allocator
+peak on a GPU; peak resident set size on CPU), and with NVML (nvidia-ml-py on an NVIDIA GPU) the
+GPU's name, clocks, utilisation and power sampled during the timed steps, energy per step and
+per token. A separate short run under torch.profiler gives the top kernels (GPU) or ops (CPU)
+and their share of the step; --trace writes that run as a Chrome trace (chrome://tracing or
+https://ui.perfetto.dev). Fields that cannot be measured here are null in the JSON, with the
+reason in `notes`.
+
+MFU follows the PaLM paper's definition (appendix B) as nanoGPT computes it: FLOPs per token =
+6 N + 12 L T C (N parameters in matmuls, the tied output head counted; L layers, T the sequence
+length, C the width: the attention scores and weighted sums, non-causal count), see
+GPT.flops_per_token.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import statistics
+import sys
+import time
+
+import torch
+
+from fastlm.tools import nvml
+from fastlm.config import ConfigError, ModelConfig, list_presets, model_preset
+
+# ---------------------------------------------------------------------------------------------
+# Peak FLOP/s of known accelerators: dense (no 2:4 sparsity) tensor-core bf16 and fp16 with
+# float32 accumulation, from the vendors' datasheets (SXM/OAM boards at boost clock unless the
+# name says otherwise). Patterns are tried in order on the lowercased device name, so the more
+# specific ones (PCIe, NVL) come first. Entries with no bf16 support have bf16 None.
+_T = 1e12
+PEAKS: list[tuple[str, dict[str, float | None]]] = [
+    (r"\bgh200\b", {"bfloat16": 989.4 * _T, "float16": 989.4 * _T}),
+    (r"\bh200\b.*\bnvl\b", {"bfloat16": 835.5 * _T, "float16": 835.5 * _T}),
+    (r"\bh200\b", {"bfloat16": 989.4 * _T, "float16": 989.4 * _T}),
+    (r"\bh100\b.*\bnvl\b", {"bfloat16": 835.5 * _T, "float16": 835.5 * _T}),
+    (r"\bh100\b.*\bpcie\b", {"bfloat16": 756.5 * _T, "float16": 756.5 * _T}),
+    (r"\bh100\b", {"bfloat16": 989.4 * _T, "float16": 989.4 * _T}),  # SXM5 (HBM3)
+    (r"\bb200\b", {"bfloat16": 2250 * _T, "float16": 2250 * _T}),
+    (r"\ba100\b", {"bfloat16": 312 * _T, "float16": 312 * _T}),  # SXM4 and PCIe alike
+    (r"\bl40s\b", {"bfloat16": 362.05 * _T, "float16": 362.05 * _T}),
+    (r"\bl40\b", {"bfloat16": 181.05 * _T, "float16": 181.05 * _T}),
+    (r"\bl4\b", {"bfloat16": 121 * _T, "float16": 121 * _T}),
+    (r"\ba10\b", {"bfloat16": 125 * _T, "float16": 125 * _T}),
+    (r"\brtx a6000\b", {"bfloat16": 154.8 * _T, "float16": 154.8 * _T}),
+    (r"\brtx 4090\b", {"bfloat16": 165.2 * _T, "float16": 165.2 * _T}),
+    (r"\brtx 3090\b", {"bfloat16": 71 * _T, "float16": 71 * _T}),
+    (r"\bv100\b", {"bfloat16": None, "float16": 125 * _T}),
+    (r"\bt4\b", {"bfloat16": None, "float16": 65 * _T}),
+    (r"\bmi300x\b", {"bfloat16": 1307.4 * _T, "float16": 1307.4 * _T}),
+    (r"\bmi250x\b", {"bfloat16": 383 * _T, "float16": 383 * _T}),
+]
+
+
+def _dtype_name(dtype) -> str:
+    name = str(dtype).removeprefix("torch.")
+    return {"bf16": "bfloat16", "fp16": "float16", "half": "float16", "fp32": "float32",
+            "float": "float32"}.get(name, name)
+
+
+def peak_flops(device_name: str, dtype) -> float | None:
+    """Dense peak FLOP/s of the named GPU at dtype (torch.bfloat16 / torch.float16 or their
+    names); None for unknown devices, CPUs and float32 (MFU is quoted against the tensor-core
+    peak of the 16-bit type a model trains in)."""
+    name = device_name.lower()
+    for pattern, peaks in PEAKS:
+        if re.search(pattern, name):
+            return peaks.get(_dtype_name(dtype))
+    return None
+
+
+def flops_per_token(model_config: ModelConfig, seq_len: int) -> float:
+    """Training FLOPs (forward + backward) per token at this sequence length: 6 N + 12 L T C,
+    computed by GPT.flops_per_token on a meta-device model (no memory, exact parameter count)."""
+    from fastlm import models
+
+    if seq_len < 1:
+        raise ValueError(f"flops_per_token: seq_len must be >= 1, got {seq_len}")
+    with torch.device("meta"):
+        model = models.build(model_config)
+    return float(model.flops_per_token(seq_len))
+
+
+# ---------------------------------------------------------------------------------------------
+# Memory
+def _status_bytes(key: str) -> int | None:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(key):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def reset_peak_rss() -> bool:
+    """Restart the kernel's peak-RSS mark (VmHWM) so the peak covers only what follows."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def peak_rss_bytes() -> int:
+    peak = _status_bytes("VmHWM")
+    if peak is not None:
+        return peak
+    import resource
+    scale = 1 if sys.platform == "darwin" else 1024  # ru_maxrss: bytes on macOS, KiB on Linux
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale
+
+
+# ---------------------------------------------------------------------------------------------
+# The run
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def make_step(model, optimizer, batches, device):
+    """One training step as fastlm.train runs it (without the logging)."""
+    def step(i: int) -> None:
+        x, y = batches[i % len(batches)]
+        _, loss = model(x, y)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    return step
+
+
+def top_ops(prof, device: torch.device, step_ms_total: float, k: int) -> list[dict]:
+    """The k entries with the most self time: GPU kernels (self device time) on a GPU, operators
+    (self CPU time) on CPU; pct_of_step is their share of the profiled steps' wall time."""
+    gpu = device.type == "cuda"
+    rows = []
+    for e in prof.key_averages():
+        if gpu:
+            us = getattr(e, "self_device_time_total", None)
+            if us is None:
+                us = getattr(e, "self_cuda_time_total", 0)
+        else:
+            us = e.self_cpu_time_total
+        if us > 0:
+            rows.append((us, e))
+    rows.sort(key=lambda r: -r[0])
+    return [{"name": e.key, "calls": e.count, "self_ms": us / 1e3,
+             "pct_of_step": 100 * (us / 1e3) / step_ms_total if step_ms_total else None}
+            for us, e in rows[:k]]
+
+
+def profile(preset: str, steps: int = 10, warmup: int = 3, batch: int | None = None,
+            seq_len: int | None = None, dtype: str | None = None, device: str | None = None,
+            compile: bool = False, trace: str | None = None, top: int = 15,
+            profile_steps: int = 2, seed: int = 0, log=print) -> dict:
+    """Run the measurement and return the report (the JSON written by the CLI)."""
+    from fastlm.bench import utils
+    from fastlm import models
+    from fastlm.train.optim import AdamW, param_groups
+
+    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda: no CUDA GPU is visible to torch")
+    gpu = dev.type == "cuda"
+    cfg = model_preset(preset)
+    T = seq_len or (cfg.block_size if gpu else min(cfg.block_size, 256))
+    B = batch or (8 if gpu else 2)
+    if T > cfg.block_size:
+        raise ValueError(f"--seq-len {T} exceeds the preset's block_size {cfg.block_size}")
+    if steps < 1 or warmup < 0 or B < 1:
+        raise ValueError("--steps and --batch must be >= 1 and --warmup >= 0")
+    dtype_name = _dtype_name(dtype or ("bfloat16" if gpu else "float32"))
+    if dtype_name not in ("float32", "bfloat16", "float16"):
+        raise ValueError(f"--dtype: choose float32, bfloat16 or float16, got {dtype}")
+    torch_dtype = getattr(torch, dtype_name)
+    notes = []
+
+    torch.manual_seed(seed)
+    model = models.build(cfg).to(dev, torch_dtype)  # RoPE tables stay float32 (see Rotary._apply)
+    optimizer = AdamW(param_groups(model, 0.1), lr=1e-4, betas=(0.9, 0.95))
+    runner = torch.compile(model) if compile else model
+    gen = torch.Generator().manual_seed(seed)
+    batches = []
+    for _ in range(2):  # (B, T) token ids and next-token targets
+        ids = torch.randint(0, cfg.vocab_size, (B, T + 1), generator=gen)
+        batches.append((ids[:, :-1].to(dev), ids[:, 1:].to(dev)))
+    step = make_step(runner, optimizer, batches, dev)
+    name = utils.device_name(dev)
+    log(f"fastlm.profile: {preset} ({model.num_params() / 1e6:.1f}M parameters), batch {B} x "
+        f"{T} tokens, {dtype_name}{', compiled' if compile else ''}, on {name}")
+
+    t0 = time.perf_counter()
+    for i in range(warmup):
+        step(i)
+    _sync(dev)
+    warmup_s = time.perf_counter() - t0
+
+    # NVML samples the timed steps only (not the warm-up, compilation or the profiler run).
+    sampler, nvml_info, nvml_reason = None, None, None
+    if gpu:
+        pci = _pci_bus_id(dev)
+        try:
+            nvml_info = nvml.device_info(dev.index or 0, pci)
+            sampler = nvml.NVMLSampler(dev.index or 0, pci)
+        except nvml.NVMLUnavailable as exc:
+            nvml_reason = str(exc)
+    else:
+        nvml_reason = f"no NVIDIA GPU in this run (device {dev.type}); {nvml.NEEDS_GPU}"
+    if nvml_reason:
+        notes.append(nvml_reason)
+
+    if gpu:
+        torch.cuda.reset_peak_memory_stats(dev)
+    elif not reset_peak_rss():
+        notes.append("peak memory: the process's lifetime peak RSS (no /proc/self/clear_refs)")
+    times = []
+    if sampler:
+        sampler.start()
+    try:
+        for i in range(warmup, warmup + steps):
+            t = time.perf_counter()
+            step(i)
+            _sync(dev)
+            times.append((time.perf_counter() - t) * 1e3)
+    finally:
+        if sampler:
+            sampler.stop()
+    peak_mem = torch.cuda.max_memory_allocated(dev) if gpu else peak_rss_bytes()
+
+    step_ms = statistics.median(times)
+    tokens = B * T
+    tokens_per_s = tokens / (step_ms / 1e3)
+    fpt = flops_per_token(cfg, T)
+    achieved = fpt * tokens_per_s
+    peak = peak_flops(name, torch_dtype)  # None for CPUs and unknown GPUs
+    if peak is None:
+        notes.append(f"MFU: no known {dtype_name} peak for '{name}'"
+                     + (" (CPU)" if not gpu else " (add it to fastlm.tools.profile.PEAKS)"))
+
+    power = sampler.summary() if sampler else None
+    energy_step = power["energy_j"] / steps if power and power["energy_j"] is not None else None
+
+    # The profiler run: separate steps, so its overhead does not touch the timings above.
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if gpu else [])
+    with torch_profile(activities=activities) as prof:
+        t = time.perf_counter()
+        for i in range(profile_steps):
+            step(i)
+        _sync(dev)
+        profiled_ms = (time.perf_counter() - t) * 1e3
+    if trace:
+        os.makedirs(os.path.dirname(os.path.abspath(trace)), exist_ok=True)
+        prof.export_chrome_trace(trace)
+
+    return {
+        "preset": preset, "params": model.num_params(), "batch": B, "seq_len": T,
+        "tokens_per_step": tokens, "dtype": dtype_name, "compile": compile,
+        "steps": steps, "warmup_steps": warmup, "warmup_s": warmup_s,
+        "tokens_per_s": tokens_per_s, "step_ms": step_ms,
+        "step_ms_min": min(times), "step_ms_max": max(times),
+        "flops_per_token": fpt, "achieved_tflops": achieved / 1e12,
+        "peak_tflops": None if peak is None else peak / 1e12,
+        "mfu": None if peak is None else achieved / peak,
+        "peak_memory_bytes": peak_mem,
+        "peak_memory_kind": "torch.cuda.max_memory_allocated" if gpu else "peak RSS (VmHWM)",
+        "power_w": power["power_w"] if power else None,
+        "power_w_max": power["power_w_max"] if power else None,
+        "energy_j_per_step": energy_step,
+        "energy_j_per_token": None if energy_step is None else energy_step / tokens,
+        "gpu_util_pct": power["gpu_util_pct"] if power else None,
+        "sm_clock_mhz": power["sm_clock_mhz"] if power else None,
+        "mem_clock_mhz": power["mem_clock_mhz"] if power else None,
+        "nvml": None if nvml_info is None else {**nvml_info, **(power or {})},
+        "profiled_steps": profile_steps,
+        "top_ops": top_ops(prof, dev, profiled_ms, top),
+        "trace": trace,
+        "notes": notes,
+        **utils.environment(dev),
+    }
+
+
+def _pci_bus_id(dev: torch.device) -> str | None:
+    """NVML's form of the GPU's PCI address ('00000000:1B:00.0'), from torch's properties."""
+    props = torch.cuda.get_device_properties(dev)
+    try:
+        return f"{props.pci_domain_id:08X}:{props.pci_bus_id:02X}:{props.pci_device_id:02X}.0"
+    except AttributeError:  # older torch: match by index instead
+        return None
+
+
+# ---------------------------------------------------------------------------------------------
+# CLI
+def format_report(r: dict) -> str:
+    def num(v, fmt, unit=""):
+        return "n/a" if v is None else f"{v:{fmt}}{unit}"
+
+    lines = [
+        f"tokens/s        {r['tokens_per_s']:,.0f}",
+        f"step time       {r['step_ms']:.2f} ms median ({r['step_ms_min']:.2f}..."
+        f"{r['step_ms_max']:.2f}, {r['steps']} steps)",
+        f"model FLOPs     {r['achieved_tflops']:.3g} TFLOP/s ({r['flops_per_token'] / 1e9:.3g} "
+        f"GFLOP/token)",
+        f"MFU             {num(r['mfu'] and 100 * r['mfu'], '.1f', '%')}"
+        + (f" of {r['peak_tflops']:.0f} TFLOP/s" if r["peak_tflops"] else ""),
+        f"peak memory     {r['peak_memory_bytes'] / 2**20:,.0f} MiB ({r['peak_memory_kind']})",
+        f"power           {num(r['power_w'], '.0f', ' W')} mean, "
+        f"{num(r['power_w_max'], '.0f', ' W')} max",
+        f"energy          {num(r['energy_j_per_step'], '.3g', ' J/step')}, "
+        f"{num(r['energy_j_per_token'], '.3g', ' J/token')}",
+        f"GPU util/clocks {num(r['gpu_util_pct'], '.0f', '%')}, SM "
+        f"{num(r['sm_clock_mhz'], '.0f', ' MHz')}, memory {num(r['mem_clock_mhz'], '.0f', ' MHz')}",
+        f"top ops ({r['profiled_steps']} profiled steps, self time, % of step):",
+    ]
+    for op in r["top_ops"]:
+        pct = "" if op["pct_of_step"] is None else f"{op['pct_of_step']:5.1f}%"
+        lines.append(f"  {pct} {op['self_ms'] / r['profiled_steps']:9.3f} ms/step "
+                     f"{op['calls'] // r['profiled_steps']:>5}x  {op['name'][:90]}")
+    lines += [f"note: {n}" for n in r["notes"]]
+    return "\n".join(lines)
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m fastlm.profile", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--preset", required=True, help=f"model preset: {', '.join(list_presets())}")
+    p.add_argument("--steps", type=int, default=10, help="timed steps (default 10)")
+    p.add_argument("--warmup", type=int, default=3, help="untimed steps first (default 3)")
+    p.add_argument("--batch", type=int, default=None,
+                   help="sequences per step (default 8 on a GPU, 2 on CPU)")
+    p.add_argument("--seq-len", type=int, default=None,
+                   help="tokens per sequence (default: block_size on a GPU, <= 256 on CPU)")
+    p.add_argument("--dtype", default=None,
+                   help="float32, bfloat16 or float16 (default bfloat16 on a GPU, float32 on CPU)")
+    p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda if present)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the model")
+    p.add_argument("--top", type=int, default=15, help="how many top kernels/ops to list")
+    p.add_argument("--json", default=None, help="write the report as JSON here")
+    p.add_argument("--trace", default=None, help="write a Chrome trace of the profiled steps")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    try:
+        report = profile(args.preset, args.steps, args.warmup, args.batch, args.seq_len,
+                         args.dtype, args.device, args.compile, args.trace, args.top)
+    except (ValueError, ConfigError) as exc:
+        print(f"fastlm.profile: {exc}", file=sys.stderr)
+        return 2
+    print(format_report(report))
+    if args.json:
+        from fastlm.bench.utils import write_json
+        write_json(report, args.json)
+        print(f"wrote {args.json}")
+    if args.trace:
+        print(f"wrote Chrome trace {args.trace}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
