@@ -5,7 +5,7 @@ a block multiple (128), long sequences past 1000 (C++ only: the Triton interpret
 its part stays at T <= 128), grouped- and multi-query heads, head dims 32/64/128 and padded ones
 (48, 80), decoding shapes (Tq < Tk, queries aligned bottom-right) and sliding windows.
 
-float32 backends: within 1e-4 of the reference (DESIGN: attention/matmul tolerance; long
+float32 backends: within 1e-4 of the reference (the attention/matmul tolerance; long
 reductions over T keys and D features in a different order). bf16/fp16: error at most 2x that of
 PyTorch's own attention computed in that dtype (FlashAttention's rule; tests/utils).
 """

@@ -1,4 +1,4 @@
-"""Tolerances and comparison helpers shared by the kernel tests (DESIGN.md, verification rules).
+"""Tolerances and comparison helpers shared by the kernel tests (README: How an op is verified).
 
 float32 kernels are compared with the float32 reference by rtol/atol (one row per dtype, with
 its reason). bf16/fp16 kernels follow FlashAttention's rule: their error against the float32
@@ -36,7 +36,7 @@ OP_FLOAT32_TOLERANCES = {
     "attention": Tolerance(
         rtol=1e-4, atol=1e-4,
         reason="online softmax over key tiles and tiled dot products over D reorder sums of up "
-               "to T*D terms (DESIGN: 1e-4 for attention/matmul, tf32 off)"),
+               "to T*D terms (1e-4 for attention/matmul, tf32 off)"),
 }
 LOWP_FACTOR = 2.0  # bf16/fp16 kernel error <= 2 x torch's own error at that precision
 
