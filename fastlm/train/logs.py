@@ -1,7 +1,8 @@
-"""TensorBoard scalars of a training run, written beside RUN_DIR/metrics.jsonl.
+"""A training run's logs: RUN_DIR/metrics.jsonl and the same rows as TensorBoard scalars.
 
-Every numeric field of a metrics row (fastlm.train.loop.MetricsLog) except its step and time_s becomes
-the scalar KIND/FIELD at that step: train/loss, train/lr, train/grad_norm, train/tokens_per_s,
+MetricsLog appends each row (a dict with kind, step and fields) to metrics.jsonl and hands it to
+a TensorBoardLog when there is one. There every numeric field except step and time_s becomes the
+scalar KIND/FIELD at that step: train/loss, train/lr, train/grad_norm, train/tokens_per_s,
 train/mfu (GPU runs; a null MFU, unknown, is left out rather than written as 0), train/skipped,
 val/val_loss, val/val_bpb. The event files go to RUN_DIR/tensorboard/ (rank 0 only), so
 
@@ -14,6 +15,7 @@ goes on and says once why there is no TensorBoard log. Switched off with
 """
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 _NOT_SCALARS = ("step", "time_s")  # the x axis, and wall time (TensorBoard records its own)
@@ -59,3 +61,24 @@ def open_log(run_dir: str | Path, enabled: bool) -> tuple[TensorBoardLog | None,
         return None, f"skipped: {reason}"
     log = TensorBoardLog(Path(run_dir) / "tensorboard")
     return log, str(log.log_dir)
+
+
+class MetricsLog:
+    """Appends one JSON object per line to RUN_DIR/metrics.jsonl (rank 0; others pass None).
+    Each write opens and closes the file, so a crash never loses a line or a handle. The same
+    rows go to TensorBoard when a TensorBoardLog is given."""
+
+    def __init__(self, path: Path | None, tensorboard: TensorBoardLog | None = None):
+        self.path = path
+        self.tensorboard = tensorboard
+
+    def write(self, **row) -> None:
+        if self.path is not None:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(row) + "\n")
+        if self.tensorboard is not None:
+            self.tensorboard.write(row)
+
+    def close(self) -> None:
+        if self.tensorboard is not None:
+            self.tensorboard.close()
