@@ -1,6 +1,6 @@
 // Every op schema of fastlm in one place. Kernels register themselves per dispatch key in
 // csrc/<op>/<op>_cpu.cpp and csrc/<op>/<op>_cuda_glue.cpp; fake (meta) kernels and autograd are
-// registered from Python in fastlm/ops.py. Shapes: x is (..., C) and every per-row statistic is
+// registered from Python in fastlm/ops/autograd.py (for the C++ ops by fastlm/ops/native.py). Shapes: x is (..., C) and every per-row statistic is
 // x.shape[:-1], saved in float32 whatever the input dtype.
 #include <Python.h>
 
@@ -57,6 +57,11 @@ TORCH_LIBRARY(fastlm, m) {
         " float z_loss) -> (Tensor loss, Tensor lse)");
   m.def("cross_entropy_bwd(Tensor dloss, Tensor logits, Tensor target, Tensor lse,"
         " int ignore_index, float label_smoothing, float z_loss) -> Tensor dlogits");
+  // cross_entropy_fwd_inplace: per-row loss (N,) float32 as cross_entropy_fwd's, and
+  // scale * dloss_r/dlogits_r written over each row of logits (scale: one float32 value, the
+  // upstream gradient of every row's loss, e.g. 1/valid rows for "mean"; read on the device).
+  m.def("cross_entropy_fwd_inplace(Tensor(a!) logits, Tensor target, Tensor scale,"
+        " int ignore_index, float label_smoothing, float z_loss) -> Tensor loss");
 
   // linear_cross_entropy: loss = scale * sum_r cross_entropy(hidden @ weight^T, target)_r as a
   // 0-dim float32 tensor (scale: 0-dim float32, 1/valid rows for "mean"), with the gradients of
@@ -70,6 +75,17 @@ TORCH_LIBRARY(fastlm, m) {
   m.def("adamw_step(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs,"
         " Tensor(c!)[] exp_avg_sqs, float step, float lr, float beta1, float beta2, float eps,"
         " float weight_decay) -> ()");
+  // adamw_step_master: adamw_step with float32 master weights (one per parameter, float32
+  // states): the master copy is updated and each parameter receives it rounded to its dtype.
+  m.def("adamw_step_master(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs,"
+        " Tensor(c!)[] exp_avg_sqs, Tensor(d!)[] master_params, float step, float lr,"
+        " float beta1, float beta2, float eps, float weight_decay) -> ()");
+  // adamw_step_capturable: the step of each parameter (steps[i], already incremented) and lr
+  // are one-element tensors on the parameters' device, read by the kernel: no host sync, so the
+  // step can be captured in a CUDA graph. master_params is empty or as in adamw_step_master.
+  m.def("adamw_step_capturable(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs,"
+        " Tensor(c!)[] exp_avg_sqs, Tensor(d!)[] master_params, Tensor[] steps, Tensor lr,"
+        " float beta1, float beta2, float eps, float weight_decay) -> ()");
 }
 
 // `import fastlm._C` loads this library (and so runs the registrations above); the module itself

@@ -239,22 +239,6 @@ void adamw_step_capturable_cpu(at::TensorList params, at::TensorList grads,
 
 }  // namespace
 
-// The schemas of the two newer ops live here, beside their kernels (csrc/registration.cpp holds
-// adamw_step's; these fragments join the same fastlm library).
-TORCH_LIBRARY_FRAGMENT(fastlm, m) {
-  // adamw_step_master: adamw_step with float32 master weights (one per parameter, float32
-  // states): the master copy is updated and each parameter receives it rounded to its dtype.
-  m.def("adamw_step_master(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs,"
-        " Tensor(c!)[] exp_avg_sqs, Tensor(d!)[] master_params, float step, float lr,"
-        " float beta1, float beta2, float eps, float weight_decay) -> ()");
-  // adamw_step_capturable: the step of each parameter (steps[i], already incremented) and lr
-  // are one-element tensors on the parameters' device, read by the kernel: no host sync, so the
-  // step can be captured in a CUDA graph. master_params is empty or as in adamw_step_master.
-  m.def("adamw_step_capturable(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs,"
-        " Tensor(c!)[] exp_avg_sqs, Tensor(d!)[] master_params, Tensor[] steps, Tensor lr,"
-        " float beta1, float beta2, float eps, float weight_decay) -> ()");
-}
-
 TORCH_LIBRARY_IMPL(fastlm, CPU, m) {
   m.impl("adamw_step", &adamw_step_cpu);
   m.impl("adamw_step_master", &adamw_step_master_cpu);

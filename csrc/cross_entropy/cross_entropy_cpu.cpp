@@ -158,16 +158,6 @@ at::Tensor cross_entropy_fwd_inplace_cpu(const at::Tensor& logits, const at::Ten
 
 }  // namespace
 
-// The fused in-place op's schema lives here, beside its kernels (csrc/registration.cpp holds the
-// others; this fragment joins the same fastlm library).
-TORCH_LIBRARY_FRAGMENT(fastlm, m) {
-  // cross_entropy_fwd_inplace: per-row loss (N,) float32 as cross_entropy_fwd's, and
-  // scale * dloss_r/dlogits_r written over each row of logits (scale: one float32 value, the
-  // upstream gradient of every row's loss, e.g. 1/valid rows for "mean"; read on the device).
-  m.def("cross_entropy_fwd_inplace(Tensor(a!) logits, Tensor target, Tensor scale,"
-        " int ignore_index, float label_smoothing, float z_loss) -> Tensor loss");
-}
-
 TORCH_LIBRARY_IMPL(fastlm, CPU, m) {
   m.impl("cross_entropy_fwd", &cross_entropy_fwd_cpu);
   m.impl("cross_entropy_bwd", &cross_entropy_bwd_cpu);
