@@ -23,6 +23,7 @@ import triton
 import triton.language as tl
 
 from fastlm.ops import autograd as opdefs
+from fastlm.ops import triton_support
 from fastlm.kernels import utils
 
 BLOCK = 1024
@@ -86,7 +87,7 @@ def _check(params, grads, exp_avgs, exp_avg_sqs) -> None:
         raise ValueError(f"fastlm::{op}: params, grads, exp_avgs and exp_avg_sqs must have equal "
                          "lengths")
     for i, (p, g, m, v) in enumerate(zip(params, grads, exp_avgs, exp_avg_sqs)):
-        reason = utils.native.triton_unavailable_reason(p.device)
+        reason = triton_support.unavailable_reason(p.device)
         if reason is not None:
             raise RuntimeError(f"fastlm::{op}: {reason}")
         if p.dtype not in utils.KERNEL_DTYPES or g.dtype != p.dtype:

@@ -26,8 +26,8 @@ import torch
 import triton
 import triton.language as tl
 
-from fastlm.ops import native
 from fastlm.ops import autograd as opdefs
+from fastlm.ops import triton_support
 from fastlm.kernels import utils
 
 LN2 = math.log(2.0)
@@ -293,7 +293,7 @@ class _Launch:
     """What every kernel of one call shares: shapes, constexprs and autotune keys."""
 
     def __init__(self, op, q, k, v, causal, scale, window):
-        reason = native.triton_unavailable_reason(q.device)
+        reason = triton_support.unavailable_reason(q.device)
         if reason is not None:
             raise RuntimeError(f"fastlm::{op}: {reason}")
         for name, t in (("q", q), ("k", k), ("v", v)):

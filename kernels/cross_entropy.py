@@ -16,6 +16,7 @@ import triton
 import triton.language as tl
 
 from fastlm.ops import autograd as opdefs
+from fastlm.ops import triton_support
 from fastlm.kernels import utils
 
 
@@ -128,7 +129,7 @@ def _ce_fwd_grad_kernel(
 # ---------------------------------------------------------------------------------------------
 # Launchers
 def _check(op: str, logits: torch.Tensor, target: torch.Tensor, ignore_index: int) -> None:
-    reason = utils.native.triton_unavailable_reason(logits.device)
+    reason = triton_support.unavailable_reason(logits.device)
     if reason is not None:
         raise RuntimeError(f"fastlm::{op}: {reason}")
     if logits.dtype not in utils.KERNEL_DTYPES:

@@ -15,7 +15,7 @@ from typing import NamedTuple
 import torch
 import triton
 
-from fastlm.ops import native
+from fastlm.ops import triton_support
 
 # True when Triton runs kernels on CPU tensors through its interpreter (how CPU CI runs them).
 # Triton reads the variable when it is imported, so it must be set before that (tests/conftest.py
@@ -87,7 +87,7 @@ def check_rows(op: str, x: torch.Tensor, weight: torch.Tensor,
 
     Errors name the op and the argument, like the C++ checks in csrc/common/checks.h.
     """
-    reason = native.triton_unavailable_reason(x.device)
+    reason = triton_support.unavailable_reason(x.device)
     if reason is not None:
         raise RuntimeError(f"fastlm::{op}: {reason}")
     if x.dtype not in KERNEL_DTYPES:

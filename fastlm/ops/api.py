@@ -2,7 +2,8 @@
 
 Each op takes `backend=` to force one (see fastlm.ops.dispatch for the rules); the reference
 backend is fastlm.ops.reference, the native ones are torch.library ops (fastlm.ops.native loads
-the C++ module and the Triton kernels; fastlm.ops.autograd holds their fake kernels and autograd).
+the C++ module, native_op below the Triton kernels; fastlm.ops.autograd holds their fake kernels
+and autograd).
 """
 from __future__ import annotations
 
@@ -13,7 +14,20 @@ import torch.nn.functional as F
 
 from fastlm.ops import autograd as opdefs
 from fastlm.ops import reference
-from fastlm.ops.dispatch import SMALL_LOGITS_BYTES, native_op, select_backend
+from fastlm.ops.dispatch import SMALL_LOGITS_BYTES, select_backend
+
+
+def native_op(op: str, backend: str, direction: str = "fwd"):
+    """torch.ops handle of a native backend: fastlm::<op>_<dir> (C++) or ..._triton; direction
+    "" for single ops without a backward (fastlm::adamw_step, fastlm::adamw_step_triton)."""
+    name = f"{op}_{direction}" if direction else op
+    if backend == "triton":
+        # Registers every fastlm::<op>_*_triton on first use (triton is optional and slow to
+        # import). A plain import statement on purpose: torch.compile traces it, while it
+        # refuses importlib.
+        import fastlm.kernels  # noqa: F401
+        return getattr(torch.ops.fastlm, f"{name}_triton")
+    return getattr(torch.ops.fastlm, name)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -24,7 +24,7 @@ import os
 
 import torch
 
-from fastlm.ops import native
+from fastlm.ops import native, triton_support
 
 BACKENDS = ("reference", "torch", "cpu", "cuda", "triton")
 
@@ -39,10 +39,12 @@ IMPLEMENTED: dict[str, tuple[str, ...]] = {
 }
 
 # Preference per op and device type: the first available backend wins. Each row is justified by
-# a bench/ measurement (README, "Dispatch"); change a row only with a number. Triton on CPU is
+# a bench/ measurement (the JSON under bench/results/<device>/, summarised in bench/RESULTS.md and
+# README "Measured numbers"); change a row only with a number. Triton on CPU is
 # the interpreter (a test tool), so it is never chosen automatically there.
 DISPATCH: dict[str, dict[str, tuple[str, ...]]] = {
-    # cpu rows: C++ norms beat F.layer_norm / F.rms_norm fwd+bwd on CPU (README, "Dispatch").
+    # cpu rows: C++ norms beat F.layer_norm / F.rms_norm fwd+bwd on CPU (README, "Measured
+    # numbers"; bench/results/cpu-amd-epyc).
     # cuda rows: torch first until a GPU run of the CUDA and Triton norms (built and compiled for
     # sm_80/sm_90, never yet run) passes the cuda tests and wins in bench/results.
     "layer_norm": {"cpu": ("cpu", "torch"), "cuda": ("torch", "cuda", "triton")},
@@ -88,7 +90,7 @@ def unavailable_reason(op: str, backend: str, device: torch.device) -> str | Non
         return native.cpu_unavailable_reason(device)
     if backend == "cuda":
         return native.cuda_unavailable_reason(device)
-    return native.triton_unavailable_reason(device)
+    return triton_support.unavailable_reason(device)
 
 
 def available_backends(op_name: str, device: torch.device | str) -> list[str]:
@@ -163,13 +165,3 @@ def select_backend(op: str, device: torch.device, backend: str | None = None,
 def _check_op(op: str) -> None:
     if op not in IMPLEMENTED:
         raise ValueError(f"unknown op '{op}'; ops are {', '.join(IMPLEMENTED)}")
-
-
-def native_op(op: str, backend: str, direction: str = "fwd"):
-    """torch.ops handle of a native backend: fastlm::<op>_<dir> (C++) or ..._triton; direction
-    "" for single ops without a backward (fastlm::adamw_step, fastlm::adamw_step_triton)."""
-    name = f"{op}_{direction}" if direction else op
-    if backend == "triton":
-        native.load_triton_kernels()  # registers fastlm::<op>_*_triton on first use
-        return getattr(torch.ops.fastlm, f"{name}_triton")
-    return getattr(torch.ops.fastlm, name)

@@ -1,8 +1,9 @@
-"""Loading of the native backends and the reason each one is missing.
+"""Loading of the C++ backends (fastlm._C) and the reason each one is missing.
 
 fastlm imports without any native code: if fastlm._C was not built (or fails to load), the cpu and
 cuda backends are reported unavailable with the reason, once, and everything falls back to the
-torch and reference backends. Triton kernels (fastlm.kernels) are imported on first use, since
+torch and reference backends. The Triton backend's availability is fastlm.ops.triton_support's;
+its kernels (fastlm.kernels) are imported on first use by fastlm.ops.api.native_op, since
 importing triton costs a second and is only useful on a GPU or under TRITON_INTERPRET=1.
 """
 from __future__ import annotations
@@ -14,6 +15,7 @@ import warnings
 import torch
 
 from fastlm.ops import autograd as opdefs
+from fastlm.ops import triton_support
 
 try:
     from fastlm import _C  # noqa: F401  (loading it registers torch.ops.fastlm.*)
@@ -61,39 +63,9 @@ def cuda_unavailable_reason(device: torch.device) -> str | None:
     return None
 
 
-@functools.cache
-def _triton_import_error() -> str | None:
-    try:
-        import triton  # noqa: F401
-    except ImportError as exc:
-        return f"triton is not installed ({exc}); `pip install triton`"
-    return None
-
-
-def triton_unavailable_reason(device: torch.device) -> str | None:
-    error = _triton_import_error()
-    if error is not None:
-        return error
-    if device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
-        return ("Triton kernels run on CPU tensors only under the interpreter: set "
-                "TRITON_INTERPRET=1 before triton is imported (tests do)")
-    if device.type not in ("cpu", "cuda"):
-        return f"Triton kernels need a CUDA device, got {device}"
-    return None
-
-
-def load_triton_kernels() -> None:
-    """Import fastlm.kernels, which imports every kernels/<op>.py and so registers the
-    fastlm::<op>_*_triton ops. A plain import statement on purpose: torch.compile traces it,
-    while it refuses importlib."""
-    import fastlm.kernels  # noqa: F401
-
-
-
-
 def set_poison_outputs(enabled: bool) -> None:
     """Test switch: fill every native output with NaN before its kernel writes it."""
-    if _triton_import_error() is None:
+    if triton_support.import_error() is None:
         from fastlm.kernels import utils as triton_utils  # the Triton launchers' allocator
 
         triton_utils.POISON_OUTPUTS = enabled
