@@ -96,15 +96,16 @@ def measure(makers: dict, prompts: torch.Tensor, new: int, repeats: int) -> list
 def server_throughput(model: GPT, clients: int, new: int) -> dict:
     import socket
     import threading
+    from pathlib import Path
 
     import httpx
     import uvicorn
 
-    from fastlm.generate.decode import LoadedModel
+    from fastlm.restore import Meta, Restored
     from fastlm.serve import Limits, create_app
     from fastlm.tokenizer import Tokenizer
 
-    lm = LoadedModel(model, Tokenizer.byte(), "bench", None)
+    lm = Restored(model, Tokenizer.byte(), Meta(Path("bench"), {}))
     app = create_app(lm, limits=Limits(max_concurrency=clients, max_queue=clients,
                                        max_tokens=new))
     sock = socket.socket()

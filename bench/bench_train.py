@@ -237,8 +237,8 @@ def score_nanogpt(ws: Path, out_dir: Path, x: torch.Tensor, y: torch.Tensor) -> 
 
 def score_fastlm(run_dir: Path, x: torch.Tensor, y: torch.Tensor) -> float:
     from fastlm import checkpoint
-    from fastlm.restore import restore
-    model = restore(checkpoint.latest(run_dir)).model.eval()
+    from fastlm.restore import load
+    model = load(checkpoint.latest(run_dir)).model
     return mean_loss(model, x, y)
 
 

@@ -1,12 +1,17 @@
 """An OpenAI-compatible HTTP server with a web chat page (FastAPI + uvicorn).
 
     python -m fastlm.serve --checkpoint RUN_DIR [--host 127.0.0.1 --port 8000 --api-key KEY
-        --max-concurrency 8 --max-queue 32 --max-tokens 512 --max-body-bytes 1000000]
+        --tokenizer FILE --device cpu --dtype float32 --max-concurrency 8 --max-queue 32 --max-tokens 512 --max-body-bytes 1000000]
 
 Endpoints: GET / (the chat page, fastlm/web/index.html), GET /health, GET /v1/models,
 POST /v1/completions and POST /v1/chat/completions (JSON, or server-sent events with
 "stream": true). The API key (--api-key or FASTLM_API_KEY) is checked on every /v1 endpoint as
 "Authorization: Bearer KEY"; / and /health stay open. It binds to 127.0.0.1 unless told otherwise.
+
+Chat: /v1/chat/completions (and so the chat page, which sends its conversation there) builds its
+prompt with fastlm.chat.template.chat_prompt: the <|user|>...<|assistant|> template a model
+fine-tuned with fastlm.finetune --task sft was trained on, stopping at <|end|>, or the plain
+"User: ... Assistant:" transcript for a model without the chat tokens, stopping at "\nUser:".
 
 Batching: continuous. Requests wait in a bounded queue; one worker thread owns a
 fastlm.generate.decode.ContinuousDecoder with --max-concurrency slots. Between two decode steps it
@@ -43,9 +48,14 @@ from pathlib import Path
 from typing import Any
 
 from fastlm import checkpoint as ckpt
-from fastlm.chat.cli import STOP as CHAT_STOP
-from fastlm.chat.cli import format_chat
-from fastlm.generate.decode import ContinuousDecoder, LoadedModel, SamplingParams, load
+from fastlm.chat.template import chat_prompt
+from fastlm.generate.decode import (
+    ContinuousDecoder,
+    SamplingParams,
+    add_model_args,
+    load_from_args,
+)
+from fastlm.restore import Restored
 
 try:
     import uvicorn
@@ -94,7 +104,7 @@ class Job:
 
 
 class Engine:
-    def __init__(self, lm: LoadedModel, limits: Limits):
+    def __init__(self, lm: Restored, limits: Limits):
         self.lm, self.limits = lm, limits
         self.jobs: queue.Queue[Job] = queue.Queue(maxsize=limits.max_queue)
         self.busy_rows = 0
@@ -234,13 +244,14 @@ def _sse(obj: Any) -> str:
 
 # ---------------------------------------------------------------------------------------------
 # The app
-def create_app(lm: LoadedModel, api_key: str | None = None, limits: Limits | None = None):
+def create_app(lm: Restored, api_key: str | None = None, limits: Limits | None = None):
     if _IMPORT_ERROR is not None:
         raise RuntimeError(f"fastlm.serve needs fastapi and uvicorn ({_IMPORT_ERROR}); "
                            "pip install 'fastlm[serve]'")
     limits = limits or Limits()
     max_prompt = limits.max_prompt_tokens or lm.model.config.block_size - 1
     engine = Engine(lm, limits)
+    name = lm.meta.name
 
     @contextlib.asynccontextmanager
     async def lifespan(app):
@@ -292,13 +303,12 @@ def create_app(lm: LoadedModel, api_key: str | None = None, limits: Limits | Non
         if not isinstance(body, dict):
             raise ApiError(400, "the body must be a JSON object", code="invalid_json")
         model = body.get("model")
-        if model is not None and model != lm.name:
-            raise ApiError(404, f"model {model!r} does not exist; this server has {lm.name!r}",
+        if model is not None and model != name:
+            raise ApiError(404, f"model {model!r} does not exist; this server has {name!r}",
                            param="model", code="model_not_found")
         return body
 
-    def encode(text: str, param: str) -> list[int]:
-        ids = lm.tokenizer.encode(text, allowed_special="all")
+    def check_length(ids: list[int], param: str) -> list[int]:
         if not ids:
             raise ApiError(400, f"'{param}' is empty", param=param)
         if len(ids) > max_prompt:
@@ -330,7 +340,7 @@ def create_app(lm: LoadedModel, api_key: str | None = None, limits: Limits | Non
         rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
         created = int(time.time())
         obj = "chat.completion" if chat else "text_completion"
-        base = {"id": rid, "created": created, "model": lm.name}
+        base = {"id": rid, "created": created, "model": name}
 
         def choice(text: str | None, finish: str | None, first: bool = False) -> dict:
             if not chat:
@@ -390,7 +400,7 @@ def create_app(lm: LoadedModel, api_key: str | None = None, limits: Limits | Non
 
     @app.get("/health")
     async def health():
-        return {"status": "ok", "model": lm.name, "queued": engine.jobs.qsize(),
+        return {"status": "ok", "model": name, "queued": engine.jobs.qsize(),
                 "decoding": engine.busy_rows}
 
     @app.get("/", response_class=HTMLResponse)
@@ -400,7 +410,7 @@ def create_app(lm: LoadedModel, api_key: str | None = None, limits: Limits | Non
     @app.get("/v1/models")
     async def models(request: Request):
         check_key(request)
-        return {"object": "list", "data": [{"id": lm.name, "object": "model", "created": started,
+        return {"object": "list", "data": [{"id": name, "object": "model", "created": started,
                                             "owned_by": "fastlm",
                                             "context_length": lm.model.config.block_size}]}
 
@@ -415,7 +425,8 @@ def create_app(lm: LoadedModel, api_key: str | None = None, limits: Limits | Non
             raise ApiError(400, "'prompt' must be a string (one prompt per request)",
                            param="prompt")
         params = sampling_from_body(body, limits)
-        return await reply(request, body, encode(prompt, "prompt"), params, chat=False)
+        ids = check_length(lm.tokenizer.encode(prompt, allowed_special="all"), "prompt")
+        return await reply(request, body, ids, params, chat=False)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
@@ -425,12 +436,12 @@ def create_app(lm: LoadedModel, api_key: str | None = None, limits: Limits | Non
         if not isinstance(messages, list):
             raise ApiError(400, "'messages' must be a list of {role, content} objects",
                            param="messages")
-        try:
-            prompt = format_chat(messages)
+        try:  # the chat template fastlm.finetune trains on, or the plain transcript
+            ids, stop = chat_prompt(lm.tokenizer, messages)
         except ValueError as exc:
             raise ApiError(400, str(exc), param="messages") from None
-        params = sampling_from_body(body, limits, CHAT_STOP)
-        return await reply(request, body, encode(prompt, "messages"), params, chat=True)
+        params = sampling_from_body(body, limits, stop)
+        return await reply(request, body, check_length(ids, "messages"), params, chat=True)
 
     return app
 
@@ -438,9 +449,7 @@ def create_app(lm: LoadedModel, api_key: str | None = None, limits: Limits | Non
 # ---------------------------------------------------------------------------------------------
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m fastlm.serve", description=__doc__.split("\n")[0])
-    ap.add_argument("--checkpoint", required=True, help="checkpoint or run directory")
-    ap.add_argument("--tokenizer", default=None)
-    ap.add_argument("--device", default="cpu")
+    add_model_args(ap)
     ap.add_argument("--host", default="127.0.0.1", help="address to bind (default loopback only)")
     ap.add_argument("--port", type=int, default=8000)
     ap.add_argument("--api-key", default=os.environ.get("FASTLM_API_KEY"),
@@ -461,7 +470,7 @@ def main(argv: list[str] | None = None) -> int:
               "pip install 'fastlm[serve]'", file=sys.stderr)
         return 2
     try:
-        lm = load(args.checkpoint, args.device, args.tokenizer)
+        lm = load_from_args(args)
     except (ValueError, OSError, ckpt.CheckpointError) as exc:
         print(f"fastlm.serve: {exc}", file=sys.stderr)
         return 2
@@ -470,7 +479,7 @@ def main(argv: list[str] | None = None) -> int:
               "can reach this port can use the model", file=sys.stderr)
     limits = Limits(args.max_concurrency, args.max_queue, args.max_tokens, args.max_body_bytes)
     app = create_app(lm, args.api_key, limits)
-    print(f"fastlm.serve: {lm.name} ({', '.join(lm.notes)}) on http://{args.host}:{args.port}/",
+    print(f"fastlm.serve: {lm.meta.name} ({', '.join(lm.meta.notes)}) on http://{args.host}:{args.port}/",
           file=sys.stderr)
     uvicorn.run(app, host=args.host, port=args.port, log_level="info")
     return 0

@@ -26,7 +26,7 @@ from fastlm.eval.core import (
 from fastlm.eval.scores import accuracy, macro_f1, majority_baseline
 from fastlm.models.gpt import GPT
 from fastlm.train.optim import AdamW
-from fastlm.restore import restore
+from fastlm.restore import load
 from fastlm.eval.tasks import TaskError, read_jsonl, write_jsonl
 from fastlm.tokenizer import Tokenizer
 
@@ -188,11 +188,11 @@ def test_bad_checkpoints_are_named(tmp_path):
     data["config"]["model"]["n_embd"] = 64  # weights of another shape than the config says
     manifest.write_text(json.dumps(data))
     with pytest.raises(CheckpointError, match="model.safetensors does not fit"):
-        restore(run)
+        load(run)
     data["config"]["model"]["num_experts"] = 8  # a config this GPT does not know
     manifest.write_text(json.dumps(data))
     with pytest.raises(CheckpointError, match=r"manifest\.json: its model config.*num_experts"):
-        restore(run)
+        load(run)
     with pytest.raises(SystemExit, match="not a checkpoint directory"):
         main(["--checkpoint", str(tmp_path), "--no-progress"])
 

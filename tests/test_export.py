@@ -125,8 +125,8 @@ def test_cli_round_trip(tmp_path, capsys):
                  "--out", str(tmp_path / "hf")]) == 0
     assert (tmp_path / "hf" / "tokenizer.json").is_file()
     assert main(["--from-hf", str(tmp_path / "hf"), "--out", str(tmp_path / "back")]) == 0
-    from fastlm.generate.decode import load
+    from fastlm.restore import load
     lm = load(tmp_path / "back")
     idx = torch.randint(0, 256, (1, 9))
     torch.testing.assert_close(lm.model(idx)[0], model(idx)[0], rtol=1e-6, atol=1e-6)
-    assert "tokenizer.json" in lm.notes[0]
+    assert "tokenizer.json" in lm.meta.notes[0]

@@ -19,7 +19,7 @@ from fastlm.finetune.loop import main, parse_args
 from fastlm.finetune.lora import LoRALinear, add_lora, merge_lora
 from fastlm.models.gpt import GPT
 from fastlm.train.optim import AdamW
-from fastlm.restore import restore
+from fastlm.restore import load
 from fastlm.eval.tasks import write_jsonl
 from fastlm.tokenizer import Tokenizer
 
@@ -140,8 +140,8 @@ def test_classify_finetune_then_eval(tmp_path):
     main(["--checkpoint", base, "--task", "classify", "--data", str(data), "--out", str(out),
           "--train.max_steps=40", "--eval.interval=20", "--train.batch_size=8",
           "--train.progress=false", "--optim.lr=3e-3"])
-    r = restore(out)
-    assert r.task == "classify" and r.labels == ["alpha", "beta"]
+    r = load(out)
+    assert r.meta.task == "classify" and r.meta.labels == ["alpha", "beta"]
     res_path = tmp_path / "res.json"
     eval_main(["--checkpoint", str(out), "--task", str(test), "--task-type", "classify",
                "--json", str(res_path), "--no-progress"])
@@ -154,7 +154,7 @@ def test_classify_finetune_then_eval(tmp_path):
 
 def test_sft_lora_finetune_merges_to_plain_checkpoint(tmp_path):
     base = save_base(tmp_path)
-    before = restore(base).model.state_dict()
+    before = load(base).model.state_dict()
     data = tmp_path / "sft.jsonl"
     write_jsonl(data, [{"prompt": f"say {w}", "response": w} for w in ["yes", "no"] * 8]
                 + [{"messages": [{"role": "system", "content": "terse"},
@@ -164,8 +164,8 @@ def test_sft_lora_finetune_merges_to_plain_checkpoint(tmp_path):
     main(["--checkpoint", base, "--task", "sft", "--data", str(data), "--out", str(out),
           "--lora.rank=4", "--train.max_steps=20", "--eval.interval=10",
           "--train.progress=false", "--optim.lr=1e-2"])
-    r = restore(out)
-    assert r.task == "sft" and r.model.config.vocab_size == 256 + len(SPECIAL_TOKENS)
+    r = load(out)
+    assert r.meta.task == "sft" and r.model.config.vocab_size == 256 + len(SPECIAL_TOKENS)
     assert not any("lora" in k for k in r.model.state_dict())
     # old embedding rows still those of the base (LoRA froze them), new rows appended
     torch.testing.assert_close(r.model.wte.weight[:256], before["wte.weight"])
@@ -219,13 +219,13 @@ def test_sft_from_a_bpe_checkpoint_keeps_its_tokenizer(tmp_path):
     base = save_base(tmp_path, tiny(vocab=272))  # 2 spare ids: the embedding must grow by 2
     ckpt_dir = checkpoint.latest(base)
     tok.save(ckpt_dir / "tokenizer.json")  # as fastlm.train stores a run's tokenizer
-    assert restore(base).tokenizer == tok
+    assert load(base).tokenizer == tok
     data = tmp_path / "sft.jsonl"
     write_jsonl(data, [{"prompt": "add", "response": "a + b"}] * 4)
     out = tmp_path / "sft"
     main(["--checkpoint", base, "--task", "sft", "--data", str(data), "--out", str(out),
           "--train.max_steps=2", "--train.progress=false"])
-    r = restore(out)
+    r = load(out)
     assert r.model.config.vocab_size == 270 + len(SPECIAL_TOKENS)
     assert r.tokenizer.tokens[:270] == tok.tokens  # the BPE vocabulary is kept, specials appended
     assert r.tokenizer.encode_ordinary("return a + b") == tok.encode_ordinary("return a + b")

@@ -10,11 +10,11 @@ from fastlm.generate.decode import (
     SamplingParams,
     TextStream,
     generate,
-    load,
     main,
     next_tokens,
 )
 from fastlm.generate.kv_cache import KVCache, SlotCache
+from fastlm.restore import load
 from fastlm.tokenizer import Tokenizer
 from tests.lm_fixtures import save_checkpoint, tiny_model
 from tests.utils import assert_lowp_close
@@ -241,7 +241,7 @@ def test_load_and_cli(tmp_path, capsys):
     model = tiny_model("llama")
     save_checkpoint(tmp_path / "run", model)
     lm = load(tmp_path / "run")
-    assert "byte tokenizer" in lm.notes[0]
+    assert "byte tokenizer" in lm.meta.notes[0]
     want = generate(model, Tokenizer.byte(), "ab", max_new_tokens=6, temperature=0)
     assert generate(lm.model, lm.tokenizer, "ab", max_new_tokens=6, temperature=0) == want
     assert main(["--checkpoint", str(tmp_path / "run"), "--prompt", "ab", "--temperature", "0",
@@ -253,11 +253,12 @@ def test_load_and_cli(tmp_path, capsys):
 
 def test_chat_format_and_terminal_chat(tmp_path, monkeypatch, capsys):
     from fastlm.chat import cli as chat
-    assert chat.format_chat([{"role": "system", "content": "Be kind."},
-                             {"role": "user", "content": " hi "}]) == \
+    from fastlm.chat.template import PLAIN_STOP, format_plain
+    assert format_plain([{"role": "system", "content": "Be kind."},
+                         {"role": "user", "content": " hi "}]) == \
         "Be kind.\n\nUser: hi\nAssistant:"
     with pytest.raises(ValueError, match=r"messages\[0\].role"):
-        chat.format_chat([{"role": "bot", "content": "x"}])
+        format_plain([{"role": "bot", "content": "x"}])
     model = tiny_model("gpt2")
     save_checkpoint(tmp_path / "run", model)
     lines = iter(["hello", "/reset", "again", ""])
@@ -266,7 +267,7 @@ def test_chat_format_and_terminal_chat(tmp_path, monkeypatch, capsys):
                       "--max-new-tokens", "8"]) == 0
     out = capsys.readouterr()
     want = generate(model, Tokenizer.byte(), "User: again\nAssistant:", max_new_tokens=8,
-                    temperature=0, stop=chat.STOP)
+                    temperature=0, stop=PLAIN_STOP)
     assert out.out.count("bot> ") == 2 and out.out.endswith("bot> " + want + "\n")
     assert "tokens/s" in out.err
 

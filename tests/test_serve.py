@@ -12,7 +12,8 @@ pytest.importorskip("fastapi", reason="the serve extra (fastapi, uvicorn) is not
 uvicorn = pytest.importorskip("uvicorn")
 httpx = pytest.importorskip("httpx")
 
-from fastlm.generate.decode import generate, load
+from fastlm.generate.decode import generate
+from fastlm.restore import load
 from fastlm.serve import Limits, create_app
 from tests.lm_fixtures import save_checkpoint, tiny_model
 
@@ -64,7 +65,7 @@ def client(server):
 
 
 def test_models_and_health(server, client, lm):
-    assert [m.id for m in client.models.list().data] == [lm.name]
+    assert [m.id for m in client.models.list().data] == [lm.meta.name]
     r = httpx.get(server.url + "/health")  # no key needed
     assert r.status_code == 200 and r.json()["status"] == "ok"
     page = httpx.get(server.url + "/")
@@ -73,10 +74,10 @@ def test_models_and_health(server, client, lm):
 
 def test_completion_matches_generate(client, lm):
     want = generate(lm.model, lm.tokenizer, "def f(", max_new_tokens=10, temperature=0)
-    r = client.completions.create(model=lm.name, prompt="def f(", max_tokens=10, temperature=0)
+    r = client.completions.create(model=lm.meta.name, prompt="def f(", max_tokens=10, temperature=0)
     assert r.choices[0].text == want and r.choices[0].finish_reason == "length"
     assert r.usage.prompt_tokens == 6 and r.usage.completion_tokens == 10
-    chunks = list(client.completions.create(model=lm.name, prompt="def f(", max_tokens=10,
+    chunks = list(client.completions.create(model=lm.meta.name, prompt="def f(", max_tokens=10,
                                             temperature=0, stream=True))
     assert "".join(c.choices[0].text for c in chunks) == want
     assert chunks[-1].choices[0].finish_reason == "length"
@@ -84,11 +85,11 @@ def test_completion_matches_generate(client, lm):
 
 def test_chat_stream_and_not(client, lm):
     msgs = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "hi"}]
-    r = client.chat.completions.create(model=lm.name, messages=msgs, max_tokens=12,
+    r = client.chat.completions.create(model=lm.meta.name, messages=msgs, max_tokens=12,
                                        temperature=0.7, seed=5)
     text = r.choices[0].message.content
     assert r.choices[0].message.role == "assistant" and r.object == "chat.completion"
-    stream = client.chat.completions.create(model=lm.name, messages=msgs, max_tokens=12,
+    stream = client.chat.completions.create(model=lm.meta.name, messages=msgs, max_tokens=12,
                                             temperature=0.7, seed=5, stream=True,
                                             stream_options={"include_usage": True})
     chunks = list(stream)

@@ -17,8 +17,9 @@ if not CHROMIUM:
     pytest.skip("no chromium executable (apt-get install chromium, or set FASTLM_CHROMIUM)",
                 allow_module_level=True)
 
-from fastlm.chat.cli import STOP, format_chat
-from fastlm.generate.decode import generate, load
+from fastlm.chat.template import PLAIN_STOP, format_plain
+from fastlm.generate.decode import generate
+from fastlm.restore import load
 from fastlm.serve import Limits, create_app
 from tests.lm_fixtures import save_checkpoint, tiny_model
 from tests.test_serve import Server
@@ -69,8 +70,8 @@ def test_chat_page(setup):
             page.press("#input", "Enter")
             first = answer_text(page, 0)
             msgs = [{"role": "user", "content": "hello there"}]
-            want = generate(lm.model, lm.tokenizer, format_chat(msgs), max_new_tokens=24,
-                            temperature=0, stop=STOP)
+            want = generate(lm.model, lm.tokenizer, format_plain(msgs), max_new_tokens=24,
+                            temperature=0, stop=PLAIN_STOP)
             assert first == want
             assert "tokens/s" in page.inner_text("#stats")
             # the second turn is sent with the whole conversation
@@ -79,8 +80,8 @@ def test_chat_page(setup):
             second = answer_text(page, 1)
             msgs += [{"role": "assistant", "content": first},
                      {"role": "user", "content": "and again"}]
-            assert second == generate(lm.model, lm.tokenizer, format_chat(msgs),
-                                      max_new_tokens=24, temperature=0, stop=STOP)
+            assert second == generate(lm.model, lm.tokenizer, format_plain(msgs),
+                                      max_new_tokens=24, temperature=0, stop=PLAIN_STOP)
             # stop: a long answer ends early, the server drops the row, the page is ready again
             slow_down(lm.model, 0.05)  # 200 tokens would take 10 s
             page.fill("#max_tokens", "200")

@@ -1,27 +1,23 @@
-"""Chat on top of a base language model: the prompt template and an interactive terminal chat.
+"""An interactive terminal chat with a checkpoint.
 
-    python -m fastlm.chat --checkpoint RUN_DIR [--temperature 0.8 --max-new-tokens 200 ...]
+    python -m fastlm.chat --checkpoint RUN_DIR [--system "Be terse." --temperature 0.8
+        --max-new-tokens 200 ...]
 
-fastlm models are trained on plain text, without a chat template of their own, so a
-conversation is written as a transcript the model continues:
-
-    {system}\n\n          (only when there is a system message)
-    User: {message}\n
-    Assistant: {reply}\n
-    ...
-    Assistant:
-
-and the reply ends at the next "\nUser:" (a stop string) or <|endoftext|>. The server
-(fastlm.serve) uses the same template for /v1/chat/completions.
+Each turn sends the whole conversation through fastlm.chat.template.chat_prompt, the same
+prompt builder the server uses and the same template fastlm.finetune --task sft trains on: a
+chat-tuned model sees <|user|>...<|end|><|assistant|> and stops at <|end|>; a base model without
+the chat tokens continues a plain "User: ... Assistant:" transcript and stops at "\nUser:".
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 import time
-from collections.abc import Sequence
 
 from fastlm import checkpoint as ckpt
+from fastlm.chat.template import chat_prompt
+from fastlm.tokenizer import Tokenizer
 from fastlm.generate.decode import (
     SamplingParams,
     add_model_args,
@@ -31,32 +27,15 @@ from fastlm.generate.decode import (
     stream,
 )
 
-ROLES = {"user": "User", "assistant": "Assistant"}
-STOP = ("\nUser:",)
 
-
-def format_chat(messages: Sequence[dict]) -> str:
-    """[{"role": "system"|"user"|"assistant", "content": str}, ...] -> the prompt text, ending
-    with "Assistant:" for the model to continue. ValueError names a bad message."""
-    if not messages:
-        raise ValueError("messages: at least one message is needed")
-    parts = []
-    for i, m in enumerate(messages):
-        if not isinstance(m, dict) or not isinstance(m.get("content"), str):
-            raise ValueError(f"messages[{i}]: needs a 'role' and a string 'content'")  # noqa: TRY004 -- a request error (HTTP 400), like the others here
-        role = m.get("role")
-        if role == "system":
-            parts.append(m["content"].strip() + "\n\n")
-        elif role in ROLES:
-            parts.append(f"{ROLES[role]}: {m['content'].strip()}\n")
-        else:
-            raise ValueError(f"messages[{i}].role: must be system, user or assistant, got {role!r}")
-    return "".join(parts) + "Assistant:"
-
-
-def chat_params(params: SamplingParams) -> SamplingParams:
-    """params with the transcript's stop string added."""
-    return SamplingParams(**{**params.__dict__, "stop": tuple(params.stop) + STOP})
+def next_turn(tokenizer: Tokenizer, block_size: int, history: list[dict],
+              params: SamplingParams) -> tuple[list[int], SamplingParams]:
+    """(prompt ids, sampling) of the assistant's next answer to `history`: chat_prompt's ids,
+    the newest of them when the conversation outgrows the context, and its stop strings added
+    to the user's."""
+    ids, stop = chat_prompt(tokenizer, history)
+    keep = max(1, block_size - params.max_new_tokens)
+    return ids[-keep:], dataclasses.replace(params, stop=params.stop + stop)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -66,13 +45,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--system", default="", help="system message")
     args = ap.parse_args(argv)
     try:
-        params = chat_params(sampling_from_args(args))
+        params = sampling_from_args(args)
         lm = load_from_args(args)
     except (ValueError, OSError, ckpt.CheckpointError) as exc:
         print(f"fastlm.chat: {exc}", file=sys.stderr)
         return 2
-    print(f"fastlm.chat: {lm.name} ({', '.join(lm.notes)}). Empty line or Ctrl-D quits, "
-          "/reset forgets the conversation.", file=sys.stderr)
+    print(f"fastlm.chat: {lm.meta.name} ({', '.join(lm.meta.notes)}). Empty line or Ctrl-D "
+          "quits, /reset forgets the conversation.", file=sys.stderr)
     history = [{"role": "system", "content": args.system}] if args.system else []
     while True:
         try:
@@ -86,14 +65,11 @@ def main(argv: list[str] | None = None) -> int:
             history = history[:1] if args.system else []
             continue
         history.append({"role": "user", "content": line})
-        prompt = format_chat(history)
-        ids = lm.tokenizer.encode(prompt, allowed_special="all")
-        keep = max(1, lm.model.config.block_size - params.max_new_tokens)
-        ids = ids[-keep:]  # the newest turns when the conversation outgrows the context
+        ids, turn = next_turn(lm.tokenizer, lm.model.config.block_size, history, params)
         print("bot> ", end="", flush=True)
         reply, n, t0 = "", 0, time.perf_counter()
         try:
-            for ev in stream(lm.model, lm.tokenizer, [ids], params):
+            for ev in stream(lm.model, lm.tokenizer, [ids], turn):
                 n += ev.token is not None
                 reply += ev.text
                 print(ev.text, end="", flush=True)

@@ -1,6 +1,11 @@
-"""The chat template of fastlm's instruction tuning, and the token-level loss mask.
+"""The chat template: how a conversation becomes tokens, for training (sft) and for chatting.
 
-A conversation becomes one token sequence:
+Every user of a conversation goes through this file: fastlm.finetune's sft examples, the terminal
+chat (fastlm.chat.cli), the server's /v1/chat/completions (fastlm.serve, and through it the web
+page), and fastlm.eval's generate task on a chat-tuned model. So a model is always prompted with
+exactly the tokens it was trained on.
+
+The template. A conversation becomes one token sequence:
 
     <|system|>You are terse.<|end|><|user|>What is 2+2?<|end|><|assistant|>4<|end|>
 
@@ -9,14 +14,31 @@ text, so user text cannot forge a turn). A prompt/response pair is the conversat
 [user: prompt, assistant: response]. Training targets are the assistant's content and its
 <|end|> (so the model learns to stop); everything else, the markers included, is masked with
 IGNORE, so prompt tokens contribute no loss and receive no gradient through the loss.
-Generation prompts end with "<|assistant|>" and stop at <|end|>.
+A chat prompt ends with "<|assistant|>" and the reply stops at <|end|>.
+
+The plain transcript, for a model whose tokenizer lacks those special tokens (a base model
+trained on plain text, never fine-tuned for chat), which can only continue text:
+
+    {system}\\n\\n          (only when there is a system message)
+    User: {message}\\n
+    Assistant: {reply}\\n
+    ...
+    Assistant:
+
+and the reply stops at the next "\\nUser:" (or <|endoftext|>). chat_prompt() is the one place
+that picks between the two.
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 SPECIAL_TOKENS = ("<|system|>", "<|user|>", "<|assistant|>", "<|end|>")
 IGNORE = -100  # the target value fastlm.ops.cross_entropy skips
+ROLES = ("system", "user", "assistant")
+TEMPLATE_STOP = ("<|end|>",)  # as text: the decoder's stop strings see the special token's text
+PLAIN_NAMES = {"user": "User", "assistant": "Assistant"}
+PLAIN_STOP = ("\nUser:",)
 
 
 def messages_of(fields: dict[str, Any]) -> list[dict[str, str]]:
@@ -27,11 +49,23 @@ def messages_of(fields: dict[str, Any]) -> list[dict[str, str]]:
             {"role": "assistant", "content": fields["response"]}]
 
 
+def check_messages(messages: Sequence[dict]) -> None:
+    """ValueError naming the first bad message of [{"role": ..., "content": str}, ...]."""
+    if not messages:
+        raise ValueError("messages: at least one message is needed")
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict) or not isinstance(m.get("content"), str):
+            raise ValueError(f"messages[{i}]: needs a 'role' and a string 'content'")  # noqa: TRY004 -- a request error (HTTP 400), like the others here
+        if m.get("role") not in ROLES:
+            raise ValueError(f"messages[{i}].role: must be system, user or assistant, got "
+                             f"{m.get('role')!r}")
+
+
 def has_chat_tokens(tokenizer) -> bool:
     return all(t in tokenizer.special_tokens for t in SPECIAL_TOKENS)
 
 
-def encode_chat(tokenizer, messages: list[dict[str, str]],
+def encode_chat(tokenizer, messages: Sequence[dict[str, str]],
                 add_generation_prompt: bool = False) -> tuple[list[int], list[bool]]:
     """(ids, trained) for a conversation: trained[i] is True where ids[i] is a token the
     model should learn to produce (assistant content and its <|end|>)."""
@@ -59,3 +93,26 @@ def sft_example(tokenizer, messages: list[dict[str, str]],
     ids, trained = ids[:max_len + 1], trained[:max_len + 1]
     targets = [t if ok else IGNORE for t, ok in zip(ids[1:], trained[1:])]
     return ids[:-1], targets
+
+
+def format_plain(messages: Sequence[dict]) -> str:
+    """The plain transcript's text of a conversation, ending with "Assistant:" for the model to
+    continue (messages checked first)."""
+    check_messages(messages)
+    parts = []
+    for m in messages:
+        if m["role"] == "system":
+            parts.append(m["content"].strip() + "\n\n")
+        else:
+            parts.append(f"{PLAIN_NAMES[m['role']]}: {m['content'].strip()}\n")
+    return "".join(parts) + "Assistant:"
+
+
+def chat_prompt(tokenizer, messages: Sequence[dict]) -> tuple[list[int], tuple[str, ...]]:
+    """(prompt ids, stop strings) to generate the assistant's next turn of `messages`: the
+    template when the tokenizer has its special tokens (exactly the ids sft trains on, up to
+    and including <|assistant|>), else the plain transcript. ValueError names a bad message."""
+    check_messages(messages)
+    if has_chat_tokens(tokenizer):
+        return encode_chat(tokenizer, messages, add_generation_prompt=True)[0], TEMPLATE_STOP
+    return tokenizer.encode(format_plain(messages), allowed_special="all"), PLAIN_STOP

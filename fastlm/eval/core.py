@@ -39,7 +39,7 @@ from tqdm import tqdm
 from fastlm.chat.template import encode_chat, has_chat_tokens
 from fastlm.checkpoint import CheckpointError
 from fastlm.eval.scores import accuracy, bleu, macro_f1
-from fastlm.restore import Restored, restore
+from fastlm.restore import Restored, load
 from fastlm.eval.tasks import Example, TaskError, read_jsonl
 
 __all__ = [
@@ -253,7 +253,7 @@ def classify(classifier, tokenizer, texts: Sequence[str], batch_size: int = 32,
 
 def classification_scores(restored: Restored, examples: Sequence[Example], batch_size: int = 32,
                           progress: bool = False) -> dict:
-    golds = label_ids(examples, restored.labels, f"training of {restored.path}")
+    golds = label_ids(examples, restored.meta.labels, f"training of {restored.meta.path}")
     preds = classify(restored.model, restored.tokenizer, [ex["text"] for ex in examples],
                      batch_size, progress)
     return {"accuracy": accuracy(preds, golds), "macro_f1": macro_f1(preds, golds),
@@ -326,7 +326,7 @@ def read_text(spec: str, max_bytes: int) -> tuple[str, str]:
 def run_validation_text(restored: Restored, max_bytes: int) -> tuple[str, str]:
     """The validation split of the data the run was trained on (same split as fastlm.train)."""
     from fastlm.data.text import load_text
-    data_cfg = restored.config.get("data", {})
+    data_cfg = restored.meta.config.get("data", {})
     data = load_text(data_cfg.get("path", ""), data_cfg.get("max_bytes", 0),
                      data_cfg.get("val_fraction", 0.1))
     val = bytes(data.val.numpy())[:max_bytes or None]
@@ -369,24 +369,25 @@ def parse(argv: list[str]) -> argparse.Namespace:
 
 
 def evaluate_cli(args: argparse.Namespace) -> tuple[dict, Restored]:
-    restored = restore(args.checkpoint, args.device)
+    restored = load(args.checkpoint, args.device)
+    meta = restored.meta
     progress = not args.no_progress
-    results: dict = {"checkpoint": str(restored.path), "step": restored.step}
+    results: dict = {"checkpoint": str(meta.path), "step": meta.step}
     t0 = time.perf_counter()
     if args.task:
         examples = read_jsonl(args.task, args.task_type)[:args.limit or None]
         results.update(task=args.task, task_type=args.task_type)
         if args.task_type == "classify":
-            if restored.task != "classify":
+            if meta.task != "classify":
                 raise TaskError(f"--task-type classify needs a classification fine-tune; "
-                                f"{restored.path} is a {restored.task} checkpoint")
+                                f"{meta.path} is a {meta.task} checkpoint")
             results.update(classification_scores(restored, examples, args.batch_size, progress))
         else:
-            if restored.task == "classify":
-                raise TaskError(f"{restored.path} is a classifier; --task-type "
+            if meta.task == "classify":
+                raise TaskError(f"{meta.path} is a classifier; --task-type "
                                 f"{args.task_type} needs a language model checkpoint")
             if getattr(restored.model, "objective", "causal") != "causal":
-                raise TaskError(f"{restored.path} is a masked-LM encoder; --task-type "
+                raise TaskError(f"{meta.path} is a masked-LM encoder; --task-type "
                                 f"{args.task_type} needs a causal language model")
             if args.task_type == "mc":
                 results.update(multiple_choice_accuracy(restored.model, restored.tokenizer,
@@ -395,8 +396,8 @@ def evaluate_cli(args: argparse.Namespace) -> tuple[dict, Restored]:
                 results.update(generation_scores(restored, examples, args.max_new_tokens,
                                                  args.temperature, args.seed, progress))
     if args.text or not args.task:
-        if restored.task == "classify":
-            raise TaskError(f"{restored.path} is a classifier: evaluate it with "
+        if meta.task == "classify":
+            raise TaskError(f"{meta.path} is a classifier: evaluate it with "
                             "--task FILE.jsonl --task-type classify")
         text, desc = (read_text(args.text, args.max_bytes) if args.text
                       else run_validation_text(restored, args.max_bytes))
@@ -422,7 +423,7 @@ def main(argv: list[str] | None = None) -> int:
         results, restored = evaluate_cli(args)
     except (CheckpointError, TaskError, FileNotFoundError, ValueError, ImportError) as exc:
         raise SystemExit(f"fastlm.eval: error: {exc}") from None
-    print(f"fastlm.eval: {restored.path}")
+    print(f"fastlm.eval: {restored.meta.path}")
     print_table(results)
     for key in ("bleu_signature", "chrf_signature"):
         if key in results:
@@ -431,7 +432,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  sample: {s['source']!r} -> {s['hypothesis']!r} (reference {s['reference']!r})")
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
-    metrics = restored.run_dir / "metrics.jsonl"
+    metrics = restored.meta.run_dir / "metrics.jsonl"
     if metrics.exists():
         with open(metrics, "a") as f:
             f.write(json.dumps({"kind": "eval", **{k: v for k, v in results.items()

@@ -19,7 +19,7 @@ from __future__ import annotations
 import sys
 
 from fastlm.eval.core import generate_greedy, loglikelihood, token_nll
-from fastlm.restore import restore
+from fastlm.restore import load
 
 try:
     from lm_eval.api.model import LM
@@ -41,10 +41,9 @@ class FastLM(LM):
     def __init__(self, checkpoint: str, device: str = "cpu", batch_size: int | str = 16,
                  max_gen_toks: int = 256, **_ignored):
         super().__init__()  # (without lm_eval the class still works on objects with .args)
-        restored = restore(checkpoint, device or "cpu")
-        if restored.task == "classify":
-            raise ValueError(f"{restored.path} is a classifier, not a language model")
-        self.model, self.tok = restored.model, restored.tokenizer
+        self.model, self.tok, meta = load(checkpoint, device or "cpu")
+        if meta.task == "classify":
+            raise ValueError(f"{meta.path} is a classifier, not a language model")
         self.batch_size = int(batch_size) if str(batch_size).isdigit() else 16
         self.max_gen_toks = int(max_gen_toks)
         eot = self.tok.eot_id

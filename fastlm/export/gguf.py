@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from fastlm.models.base import LanguageModel
 from fastlm.models.gpt import GPT
 from fastlm.tokenizer import Tokenizer
 
@@ -98,7 +99,7 @@ def _vocab(tokenizer: Tokenizer, vocab_size: int) -> tuple[list[str], list[int],
     return tokens, [int(t) for t in types], list(doc["model"]["merges"])
 
 
-def export_gguf(model: GPT, out_dir: str | Path, tokenizer: Tokenizer | None = None,
+def export_gguf(model: LanguageModel, out_dir: str | Path, tokenizer: Tokenizer | None = None,
                 dtype: str = "f32", name: str = "fastlm") -> Path:
     """Write out_dir/model.gguf; returns its path."""
     try:

@@ -31,6 +31,7 @@ from safetensors.torch import load_file, save_file
 
 from fastlm import checkpoint as ckpt
 from fastlm.config import ConfigError, ModelConfig
+from fastlm.models.base import LanguageModel
 from fastlm.models.gpt import GPT
 from fastlm.tokenizer import Tokenizer
 
@@ -111,7 +112,7 @@ def _llama_tensors(model: GPT) -> dict[str, torch.Tensor]:
     return out
 
 
-def export_hf(model: GPT, out_dir: str | Path, tokenizer: Tokenizer | None = None) -> Path:
+def export_hf(model: LanguageModel, out_dir: str | Path, tokenizer: Tokenizer | None = None) -> Path:
     """Write model (and tokenizer) as a transformers model directory; returns it."""
     if model.config.arch == "bert":  # BertForMaskedLM: its own mapping (fastlm.export_bert)
         from fastlm.export.bert import export_bert
@@ -296,16 +297,19 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     try:
         if args.checkpoint:
-            from fastlm.generate.decode import load
-            lm = load(args.checkpoint, tokenizer=args.tokenizer, pack=False)  # no packed copies
+            from fastlm.restore import load
+            model, tok, meta = load(args.checkpoint, tokenizer=args.tokenizer)
+            if meta.task == "classify":
+                raise ExportError(f"{meta.path}: a classification fine-tune has no Hugging Face "
+                                  "or GGUF mapping; export its base language model")
             if args.format == "gguf":
                 from fastlm.export.gguf import export_gguf
-                path = export_gguf(lm.model, args.out, lm.tokenizer, args.gguf_dtype, lm.name)
-                print(f"fastlm.export: {lm.name} -> {path} ({lm.model.config.arch})")
+                path = export_gguf(model, args.out, tok, args.gguf_dtype, meta.name)
+                print(f"fastlm.export: {meta.name} -> {path} ({model.config.arch})")
                 return 0
-            export_hf(lm.model, args.out, lm.tokenizer)
+            export_hf(model, args.out, tok)
             written = json.loads((Path(args.out) / "config.json").read_text())
-            print(f"fastlm.export: {lm.name} -> {args.out} ({lm.model.config.arch}: "
+            print(f"fastlm.export: {meta.name} -> {args.out} ({model.config.arch}: "
                   f"{written['architectures'][0]})")
         else:
             from fastlm.train.optim import AdamW

@@ -14,11 +14,13 @@ sections of their own:
               (validations without improvement before stopping), max_len (0 = block_size)
 
 classify  {"text", "label"} lines; a linear head on the last non-pad token's hidden state
-          (fastlm.classifier), or on the [CLS] position of an encoder (model.arch=bert).
+          (fastlm.models.classifier), or on the [CLS] position of an encoder (model.arch=bert).
           The label list (sorted) is saved in the checkpoint manifest.
 sft       {"prompt", "response"} or {"messages": [...]} lines through the chat template
-          (fastlm.chat_template): special tokens are added to the vocabulary (new embedding rows)
-          when the base model lacks them; loss only on assistant tokens. Examples are padded
+          (fastlm.chat.template, which fastlm.chat and fastlm.serve prompt the result with):
+          special tokens are added to the vocabulary (new embedding rows) when the base model
+          lacks them, and the manifest's tokenizer record says how fastlm.restore.load finds
+          the grown tokenizer; loss only on assistant tokens. Examples are padded
           (right, to the longest in the batch) rather than packed: ops.attention is causal-only,
           so packing would let an example attend to the one before it.
 
@@ -53,10 +55,9 @@ from fastlm.config import Config, ConfigError, load_config, to_dict
 from fastlm.eval.core import encode_batch, label_ids
 from fastlm.finetune.lora import DEFAULT_TARGETS, add_lora, lora_parameters, merge_lora
 from fastlm.eval.scores import accuracy, majority_baseline
-from fastlm.models.base import LanguageModel
-from fastlm.models.gpt import GPT
+from fastlm.models import LanguageModel, build
 from fastlm.train.optim import AdamW, param_groups
-from fastlm.restore import restore
+from fastlm.restore import load
 from fastlm.eval.tasks import Example, TaskError, read_jsonl
 from fastlm.tokenizer import Tokenizer
 from fastlm.train.loop import MetricsLog, SetupError, StopFlag, lr_at, pick_device
@@ -184,9 +185,11 @@ def load_examples(args: Args, task: str) -> tuple[list[Example], list[Example]]:
     return split(train, args.finetune.val_fraction)
 
 
-def with_chat_tokens(model: GPT, tokenizer: Tokenizer) -> tuple[GPT, Tokenizer]:
+def with_chat_tokens(model: LanguageModel, tokenizer: Tokenizer
+                     ) -> tuple[LanguageModel, Tokenizer]:
     """Add the chat template's special tokens (as new ids after the vocabulary) when the
-    tokenizer lacks them, growing the embedding and head when the model has no spare ids."""
+    tokenizer lacks them, growing the embedding and head when the model has no spare ids
+    (a model of the same architecture, built through fastlm.models.build)."""
     missing = [t for t in SPECIAL_TOKENS if t not in tokenizer.special_tokens]
     if not missing:
         return model, tokenizer
@@ -200,15 +203,16 @@ def with_chat_tokens(model: GPT, tokenizer: Tokenizer) -> tuple[GPT, Tokenizer]:
     if tokenizer.vocab_size <= old.vocab_size:  # spare ids in the embedding already
         return model, tokenizer
     cfg = dataclasses.replace(old, vocab_size=tokenizer.vocab_size)
-    bigger = GPT(cfg).to(next(model.parameters()).device)
+    bigger = build(cfg).to(next(model.parameters()).device)
     state = model.state_dict()
     with torch.no_grad():
         for name, p in bigger.state_dict().items():
             src = state[name]
             if p.shape == src.shape:
                 p.copy_(src)
-            else:  # wte / lm_head: old rows kept; new rows near the mean of the old ones, with
-                # noise so the new tokens differ even when LoRA keeps the embedding frozen
+            else:  # the embedding / head (vocabulary rows first): old rows kept; new rows
+                # near the mean of the old ones, with noise so the new tokens differ even when
+                # LoRA keeps the embedding frozen
                 p[:old.vocab_size] = src
                 mean = src.mean(0, keepdim=True)
                 p[old.vocab_size:] = mean + 0.02 * torch.randn_like(p[old.vocab_size:])
@@ -216,8 +220,8 @@ def with_chat_tokens(model: GPT, tokenizer: Tokenizer) -> tuple[GPT, Tokenizer]:
 
 
 def tokenizer_spec(tokenizer: Tokenizer, run_dir: Path) -> dict:
-    """How restore() finds the tokenizer: byte tokens + specials in the manifest, otherwise
-    RUN_DIR/tokenizer.json (written here)."""
+    """The manifest's tokenizer record, which fastlm.restore.load reads: byte tokens + specials
+    in the manifest, otherwise RUN_DIR/tokenizer.json (written here)."""
     if tokenizer.pattern == "none" and tokenizer.tokens[:256] == [bytes([b]) for b in range(256)] \
             and tokenizer.vocab_size == 256 + len(tokenizer.special_tokens):
         return {"kind": "byte", "special_tokens": sorted(tokenizer.special_tokens,
@@ -296,12 +300,12 @@ def finetune(args: Args) -> dict:
     except ValueError as exc:
         raise SetupError(f"kernels.backend: {exc}") from None
     device = pick_device(cfg.train.device)
-    base = restore(args.checkpoint, "cpu")
+    base = load(args.checkpoint, "cpu")
     if not isinstance(base.model, LanguageModel):
-        raise SetupError(f"--checkpoint {base.path}: a {base.task} fine-tune; start from a "
-                         "language-model checkpoint")
+        raise SetupError(f"--checkpoint {base.meta.path}: a {base.meta.task} fine-tune; start "
+                         "from a language-model checkpoint")
     if args.task == "sft" and base.model.objective != "causal":
-        raise SetupError(f"--checkpoint {base.path}: a {base.model.config.arch} model "
+        raise SetupError(f"--checkpoint {base.meta.path}: a {base.model.config.arch} model "
                          f"({base.model.objective} objective) does not generate text; "
                          "--task sft needs a causal model (classify works with either)")
     torch.manual_seed(cfg.train.seed)
@@ -322,7 +326,7 @@ def finetune(args: Args) -> dict:
         try:
             model: nn.Module = Classifier(gpt, len(labels))
         except ValueError as exc:
-            raise SetupError(f"--checkpoint {base.path}: {exc}") from None
+            raise SetupError(f"--checkpoint {base.meta.path}: {exc}") from None
         extra = {"labels": labels,
                  "majority_baseline": majority_baseline(train_y, val_y)}
         make = lambda ex, y, order: classify_batches(tokenizer, ex, y, max_len,
@@ -351,10 +355,11 @@ def finetune(args: Args) -> dict:
     metrics = MetricsLog(run_dir / "metrics.jsonl")
     spec = tokenizer_spec(tokenizer, run_dir)
     saved_config = {**to_dict(cfg), "model": dataclasses.asdict(gpt.config), "tokenizer": spec,
-                    "finetune": {"task": args.task, "base": str(base.path), "data": args.data,
+                    "finetune": {"task": args.task, "base": str(base.meta.path),
+                                 "data": args.data,
                                  "lora": dataclasses.asdict(lora),
                                  **dataclasses.asdict(args.finetune), **extra}}
-    print(f"fastlm.finetune: {args.task} from {base.path} -> {run_dir}")
+    print(f"fastlm.finetune: {args.task} from {base.meta.path} -> {run_dir}")
     print(f"  data    {len(train_ex)} train / {len(val_ex)} val examples from {args.data}"
           + (f" and {args.val}" if args.val else ""))
     print(f"  model   {trainable:,} trainable of {sum(p.numel() for p in model.parameters()):,} "

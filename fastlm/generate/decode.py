@@ -4,9 +4,10 @@
         --temperature 0.8 --top-k 50 --top-p 0.95 --min-p 0.05 --repetition-penalty 1.1
         --stop "\\n\\n" --seed 0 --tokenizer tok.json --device cpu]
 
-    from fastlm.generate.decode import generate, load
-    lm = load("runs/x")                      # model (eval mode, CPU Linears packed) + tokenizer
-    text = generate(lm.model, lm.tokenizer, "def ", max_new_tokens=50, temperature=0)
+    from fastlm.generate.decode import generate
+    from fastlm.restore import load
+    model, tokenizer, meta = load("runs/x", pack=True)  # eval mode, CPU Linears packed
+    text = generate(model, tokenizer, "def ", max_new_tokens=50, temperature=0)
 
 How a batch of prompts of different lengths runs (BatchDecoder): the prompts are LEFT-padded to
 the longest one, so every row's newest token sits in the same cache slot and one (B, 1) forward
@@ -31,21 +32,19 @@ from __future__ import annotations
 
 import argparse
 import codecs
-import dataclasses
 import sys
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
-from pathlib import Path
+from dataclasses import dataclass
 
 import torch
 
 from fastlm import checkpoint as ckpt
-from fastlm.config import ConfigError, ModelConfig
+from fastlm.config import ModelConfig
 from fastlm.generate.kv_cache import KVCache, SlotCache
-from fastlm.models import build
+from fastlm.models.base import LanguageModel
 from fastlm.models.gpt import GPT
-from fastlm.models.packed_linear import pack_linears
+from fastlm.restore import Restored, load
 from fastlm.tokenizer import Tokenizer
 
 
@@ -178,7 +177,7 @@ class BatchDecoder:
     batch (their tokens are ignored) until every row is done.
     """
 
-    def __init__(self, model: GPT, prompts: Sequence[Sequence[int]],
+    def __init__(self, model: LanguageModel, prompts: Sequence[Sequence[int]],
                  params: SamplingParams | Sequence[SamplingParams],
                  stop_ids: Sequence[int] = (), vocab_limit: int | None = None):
         cfg = model.config
@@ -332,7 +331,7 @@ def stop_ids_of(tokenizer: Tokenizer) -> list[int]:
     return [] if tokenizer.eot_id is None else [tokenizer.eot_id]
 
 
-def stream(model: GPT, tokenizer: Tokenizer, prompts: Sequence[str | Sequence[int]],
+def stream(model: LanguageModel, tokenizer: Tokenizer, prompts: Sequence[str | Sequence[int]],
            params: SamplingParams | Sequence[SamplingParams],
            decoder_hook=None) -> Iterator[Event]:
     """Generate for every prompt together, yielding Events as text becomes safe to show.
@@ -391,7 +390,8 @@ class ContinuousDecoder:
     once. Sampling, stop ids and stop strings are BatchDecoder's and TextStream's.
     """
 
-    def __init__(self, model: GPT, tokenizer: Tokenizer, slots: int, max_len: int | None = None):
+    def __init__(self, model: LanguageModel, tokenizer: Tokenizer, slots: int,
+                 max_len: int | None = None):
         if not isinstance(model, GPT):
             raise TypeError(f"continuous batching needs a transformer with a KV cache (GPT); "
                             f"{type(model).__name__} has no per-row cache slots")
@@ -502,7 +502,7 @@ class ContinuousDecoder:
             self._last[i] = self._last[moved]
 
 
-def generate(model: GPT, tokenizer: Tokenizer, prompt: str | Sequence[str],
+def generate(model: LanguageModel, tokenizer: Tokenizer, prompt: str | Sequence[str],
              **sampling) -> str | list[str]:
     """The continuation of prompt (a str -> str; a list of str -> list of str, batched).
     Keyword arguments are SamplingParams fields (max_new_tokens, temperature, top_k, top_p,
@@ -518,73 +518,7 @@ def generate(model: GPT, tokenizer: Tokenizer, prompt: str | Sequence[str],
 
 
 # ---------------------------------------------------------------------------------------------
-# Loading a trained model
-@dataclass
-class LoadedModel:
-    model: GPT
-    tokenizer: Tokenizer
-    name: str
-    path: Path
-    notes: list[str] = field(default_factory=list)
-
-
-def find_tokenizer(path: Path, vocab_size: int, explicit: str | None = None
-                   ) -> tuple[Tokenizer, str]:
-    """The tokenizer for a checkpoint: `explicit`, else tokenizer.json in the checkpoint or its
-    run directory, else the byte tokenizer (what fastlm.train's byte-level data uses)."""
-    candidates = [Path(explicit)] if explicit else [
-        path / "tokenizer.json", path.parent.parent / "tokenizer.json", path.parent / "tokenizer.json"]
-    for c in candidates:
-        if c.is_file():
-            tok = Tokenizer.load(c)
-            if tok.vocab_size > vocab_size:
-                raise ValueError(f"{c}: the tokenizer has {tok.vocab_size} ids but the model only "
-                                 f"{vocab_size}; pass the tokenizer it was trained with")
-            return tok, str(c)
-        if explicit:
-            raise FileNotFoundError(f"--tokenizer {explicit}: no such file")
-    if vocab_size < 256:
-        raise ValueError(f"{path}: no tokenizer.json found and the model's vocabulary "
-                         f"({vocab_size}) is too small for bytes; pass --tokenizer")
-    return Tokenizer.byte(), "byte tokenizer (no tokenizer.json next to the checkpoint)"
-
-
-def model_config_of(manifest: dict) -> ModelConfig:
-    raw = dict(manifest.get("config", {}).get("model", {}))
-    known = {f.name for f in dataclasses.fields(ModelConfig)}
-    unknown = sorted(set(raw) - known)
-    if unknown:
-        raise ckpt.CheckpointError(f"manifest model config has keys this fastlm does not know: "
-                                   f"{unknown} (saved by a newer version?)")
-    try:
-        cfg = ModelConfig(**raw)
-        cfg.validate()
-    except (TypeError, ConfigError) as exc:
-        raise ckpt.CheckpointError(f"manifest model config is invalid: {exc}") from None
-    return cfg
-
-
-def load(path: str | Path, device: str | torch.device = "cpu", tokenizer: str | None = None,
-         dtype: torch.dtype | None = None, pack: bool = True) -> LoadedModel:
-    """A checkpoint (step directory, or a run directory: its latest) ready for generation.
-    pack: on the CPU, keep every Linear's weight also in oneDNN's packed layout
-    (fastlm.packed_linear: decode matmuls 1.6-2.7x faster, at twice the weights'
-    memory)."""
-    c = ckpt.load(path)
-    cfg = model_config_of(c.manifest)
-    model = build(cfg)  # the architecture cfg.arch names (fastlm.models.registry)
-    c.load_model(model)
-    model.eval().to(device)
-    if dtype is not None:
-        model.to(dtype)
-    tok, source = find_tokenizer(c.path, cfg.vocab_size, tokenizer)
-    run = c.path.parent.parent.name if c.path.parent.name == "checkpoints" else c.path.name
-    notes = [f"tokenizer: {source}"]
-    if pack and (n := pack_linears(model)):
-        notes.append(f"{n} linears packed for the CPU")
-    return LoadedModel(model, tok, f"{run}-{c.path.name}", c.path, notes)
-
-
+# The command line (also fastlm.chat's and fastlm.serve's model options)
 def add_model_args(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--checkpoint", required=True, help="checkpoint or run directory")
     ap.add_argument("--tokenizer", default=None, help="tokenizer JSON (default: found next to "
@@ -610,8 +544,15 @@ def sampling_from_args(args: argparse.Namespace) -> SamplingParams:
                           args.seed).validate()
 
 
-def load_from_args(args: argparse.Namespace) -> LoadedModel:
-    return load(args.checkpoint, args.device, args.tokenizer, getattr(torch, args.dtype))
+def load_from_args(args: argparse.Namespace) -> Restored:
+    """The checkpoint of add_model_args' options through fastlm.restore.load, Linears packed
+    for CPU decoding; CheckpointError when it is not a model that generates text."""
+    lm = load(args.checkpoint, args.device, args.tokenizer, getattr(torch, args.dtype), pack=True)
+    if getattr(lm.model, "objective", None) != "causal":
+        kind = lm.meta.task if lm.meta.task == "classify" else lm.model.config.arch
+        raise ckpt.CheckpointError(f"{lm.meta.path}: a {kind} model does not generate text "
+                                   "left to right")
+    return lm
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -628,7 +569,7 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, OSError, ckpt.CheckpointError) as exc:
         print(f"fastlm.generate: {exc}", file=sys.stderr)
         return 2
-    print(f"# {lm.name} ({', '.join(lm.notes)})", file=sys.stderr)
+    print(f"# {lm.meta.name} ({', '.join(lm.meta.notes)})", file=sys.stderr)
     t0, n = time.perf_counter(), 0
     single = len(args.prompt) == 1
     outs = [""] * len(args.prompt)

@@ -201,16 +201,13 @@ def _calibrate_main(argv: list[str]) -> int:
 def full_val_loss(run_dir: Path, val: torch.Tensor) -> tuple[float, int]:
     """Mean loss (nats per token) of the run's final checkpoint over every consecutive window of
     the validation tokens `val` (uint8, 1-D) at the run's seq_len, and the tokens scored."""
-    from fastlm import checkpoint, models
     from fastlm.config import load_config
+    from fastlm.restore import load
     from fastlm.train.loop import pick_device
 
     cfg = load_config(run_dir / "config.toml")
     device = pick_device(cfg.train.device)
-    ckpt = checkpoint.load(run_dir)
-    model = models.build(cfg.model)
-    ckpt.load_model(model)
-    model.to(device).eval()
+    model = load(run_dir, device).model
     T = cfg.seq_len
     n = (len(val) - 1) // T
     if n < 1:
