@@ -256,16 +256,18 @@ def interleaved_steps(ws: Path, data: Path, precisions: list[str], blocks: int,
                       block_steps: int = 10) -> dict[str, float]:
     """Median ms per training step of each model, measured in this process with blocks of
     block_steps steps taking turns, so a change of load hits every provider alike (the full runs
-    above are minutes apart). A step is what both loops do per iteration: forward with targets,
-    backward, clip the gradient norm to 1, optimizer step, zero the gradients; nanoGPT's with its
-    model.py and configure_optimizers, fastlm's with fastlm.models.gpt.GPT and
-    fastlm.train.optim.build_optimizer from the preset (bf16: autocast around the forward)."""
+    above are minutes apart). A step is what both loops do per iteration, run by the one
+    fastlm.train.step for both: forward with targets, backward, clip the gradient norm to 1,
+    optimizer step, zero the gradients; nanoGPT's with its model.py and configure_optimizers,
+    fastlm's with fastlm.models.gpt.GPT and fastlm.train.optim.build_optimizer from the preset
+    (bf16: autocast around the forward)."""
     import contextlib
     import io
 
     from fastlm.config import parse_args as parse_config
     from fastlm.models.gpt import GPT
     from fastlm.train.optim import build_optimizer
+    from fastlm.train.step import TrainStep
 
     train = torch.from_numpy(np.frombuffer(data.read_bytes(), dtype=np.uint8).astype(np.int64))
     train = train[:int(len(train) * 0.9)]
@@ -277,16 +279,10 @@ def interleaved_steps(ws: Path, data: Path, precisions: list[str], blocks: int,
         y = torch.stack([train[i + 1:i + 1 + SEQ_LEN] for i in ix])
         return (x, y) if vocab_map is None else (vocab_map[x], vocab_map[y])
 
-    def stepper(model, optimizer, autocast, vocab_map=None):
-        def step():
-            x, y = batch(vocab_map)
-            with autocast():
-                _, loss = model(x, y)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-        return step
+    def stepper(model, optimizer, precision, vocab_map=None):
+        train_step = TrainStep(model, optimizer, device=torch.device("cpu"), precision=precision,
+                               grad_clip=1.0)
+        return lambda: train_step(lambda _micro: model(*batch(vocab_map))[1])
 
     import pickle
     with open(ws / "data/shakespeare_char/meta.pkl", "rb") as f:
@@ -300,17 +296,14 @@ def interleaved_steps(ws: Path, data: Path, precisions: list[str], blocks: int,
         n_model = ng.GPT(ng.GPTConfig(block_size=SEQ_LEN, vocab_size=len(stoi), n_layer=4,
                                       n_head=4, n_embd=128, dropout=0.0, bias=False))
         n_opt = n_model.configure_optimizers(0.1, 1e-3, (0.9, 0.99), "cpu")
-    steps = {"nanogpt": stepper(n_model, n_opt, contextlib.nullcontext, to_char)}
+    steps = {"nanogpt": stepper(n_model, n_opt, "fp32", to_char)}
     cfg = parse_config(["--model.preset=shakespeare_char_cpu"])
     cfg.model.vocab_size = 256
     for precision in precisions:
         torch.manual_seed(0)
         model = GPT(cfg.model)
-        o = cfg.optim
-        opt = build_optimizer(model, o.name, o.lr, o.weight_decay, o.betas, o.eps)
-        cast = (contextlib.nullcontext if precision == "fp32" else
-                lambda: torch.autocast("cpu", dtype=torch.bfloat16))
-        steps[f"fastlm-{precision}"] = stepper(model, opt, cast)
+        steps[f"fastlm-{precision}"] = stepper(model, build_optimizer(model, cfg.optim),
+                                               precision)
     times: dict[str, list[float]] = {name: [] for name in steps}
     for name, step in steps.items():  # warm-up
         for _ in range(3):

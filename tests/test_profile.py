@@ -1,5 +1,6 @@
-"""fastlm.profile: the FLOPs-per-token formula by hand, peak_flops' table, MFU, a CPU run of
-the tiny preset (valid JSON, NVML fields null with the reason) and NVML without NVML."""
+"""fastlm.train.flops: the FLOPs-per-token formula by hand and peak_flops' table; fastlm.profile:
+MFU, a CPU run of the tiny preset (valid JSON, NVML fields null with the reason), a bf16 run
+through the trainer's step, and NVML without NVML."""
 import json
 import sys
 
@@ -7,8 +8,9 @@ import pytest
 import torch
 
 import fastlm.tools.profile as prof
-from fastlm.tools import nvml
 from fastlm.config import ModelConfig, model_preset
+from fastlm.tools import nvml
+from fastlm.train import flops
 
 
 def test_flops_per_token_gpt2_by_hand():
@@ -18,7 +20,7 @@ def test_flops_per_token_gpt2_by_hand():
     block = 2 * (2 * C) + (C * 3 * C + 3 * C) + (C * C + C) + (C * 4 * C + 4 * C) + (4 * C * C + C)
     N = L * block + 2 * C + V * C  # + final LayerNorm + the (tied) output head's matmul
     for T in (128, 64):
-        assert prof.flops_per_token(model_preset("tiny"), T) == 6 * N + 12 * L * T * C
+        assert flops.flops_per_token(model_preset("tiny"), T) == 6 * N + 12 * L * T * C
 
 
 def test_flops_per_token_llama_gqa_by_hand():
@@ -29,12 +31,12 @@ def test_flops_per_token_llama_gqa_by_hand():
     # Per block: 2 RMSNorms (C), qkv C -> (H + 2 Hkv) D, proj C*C, SwiGLU up C -> 2F, down F*C.
     block = 2 * C + C * (H + 2 * Hkv) * D + C * C + C * 2 * F + F * C
     N = L * block + C + V * C  # + final RMSNorm + the untied head (the embedding is not a matmul)
-    assert prof.flops_per_token(cfg, 16) == 6 * N + 12 * L * 16 * C == 136128
+    assert flops.flops_per_token(cfg, 16) == 6 * N + 12 * L * 16 * C == 136128
 
 
 def test_flops_per_token_rejects_empty_sequences():
     with pytest.raises(ValueError, match="seq_len must be >= 1"):
-        prof.flops_per_token(model_preset("tiny"), 0)
+        flops.flops_per_token(model_preset("tiny"), 0)
 
 
 @pytest.mark.parametrize("name, dtype, tflops", [
@@ -49,7 +51,7 @@ def test_flops_per_token_rejects_empty_sequences():
     ("Tesla T4", torch.float16, 65),
 ])
 def test_peak_flops_known_gpus(name, dtype, tflops):
-    assert prof.peak_flops(name, dtype) == pytest.approx(tflops * 1e12)
+    assert flops.peak_flops(name, dtype) == pytest.approx(tflops * 1e12)
 
 
 @pytest.mark.parametrize("name, dtype", [
@@ -57,7 +59,7 @@ def test_peak_flops_known_gpus(name, dtype, tflops):
     ("NVIDIA H100 80GB HBM3", torch.float32), ("Tesla T4", torch.bfloat16),
 ])
 def test_peak_flops_unknown_is_none(name, dtype):
-    assert prof.peak_flops(name, dtype) is None
+    assert flops.peak_flops(name, dtype) is None
 
 
 @pytest.fixture(scope="module")
@@ -75,7 +77,7 @@ def test_cpu_run_writes_valid_json(cpu_report):
     assert r["preset"] == "tiny" and r["batch"] == 2 and r["seq_len"] == 64
     assert r["tokens_per_step"] == 128 and r["steps"] == 2
     assert r["step_ms"] > 0 and r["tokens_per_s"] == pytest.approx(128 / (r["step_ms"] / 1e3))
-    assert r["flops_per_token"] == prof.flops_per_token(model_preset("tiny"), 64)
+    assert r["flops_per_token"] == flops.flops_per_token(model_preset("tiny"), 64)
     assert r["peak_memory_bytes"] > 0
     assert r["mfu"] is None  # no known peak for a CPU
     for key in ("power_w", "energy_j_per_token", "energy_j_per_step", "nvml"):
@@ -91,9 +93,21 @@ def test_mfu_is_model_flops_over_the_peak(monkeypatch):
     monkeypatch.setattr(prof, "peak_flops", lambda name, dtype: 2e9)
     r = prof.profile("tiny", steps=1, warmup=0, batch=1, seq_len=32, device="cpu",
                      profile_steps=1, log=lambda *_: None)
-    expected = prof.flops_per_token(model_preset("tiny"), 32) * r["tokens_per_s"] / 2e9
+    expected = flops.flops_per_token(model_preset("tiny"), 32) * r["tokens_per_s"] / 2e9
     assert r["mfu"] == pytest.approx(expected)
     assert r["peak_tflops"] == pytest.approx(2e-3)
+
+
+def test_bf16_runs_the_trainers_autocast_step(monkeypatch):
+    # --dtype bfloat16 is train.precision=bf16: every forward under the trainer's autocast
+    import fastlm.train.step as step_module
+    real, seen = step_module.precision_context, []
+    monkeypatch.setattr(step_module, "precision_context",
+                        lambda precision, device: seen.append(precision) or real(precision, device))
+    r = prof.profile("tiny", steps=1, warmup=0, batch=1, seq_len=32, dtype="bf16",
+                     device="cpu", profile_steps=1, log=lambda *_: None)
+    assert r["dtype"] == "bfloat16" and r["step_ms"] > 0
+    assert seen and set(seen) == {"bf16"}
 
 
 @pytest.mark.parametrize("argv, message", [

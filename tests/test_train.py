@@ -13,7 +13,8 @@ import torch
 from fastlm import checkpoint
 from fastlm.config import load_config, parse_args
 from fastlm.data.text import expand_paths, load_text, split_files, stdlib_files
-from fastlm.train.loop import lr_at, main
+from fastlm.train.loop import main
+from fastlm.train.runtime import lr_at
 
 TEXT = ("def greet(name):\n    return 'hello, ' + name\n\n"
         "class Point:\n    x: int = 0\n    y: int = 0\n\n") * 60  # ~5 KB, very repetitive

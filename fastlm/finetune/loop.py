@@ -60,7 +60,9 @@ from fastlm.train.optim import AdamW, param_groups
 from fastlm.restore import load
 from fastlm.eval.tasks import Example, TaskError, read_jsonl
 from fastlm.tokenizer import Tokenizer
-from fastlm.train.loop import MetricsLog, SetupError, StopFlag, lr_at, pick_device
+from fastlm.train.logs import MetricsLog
+from fastlm.train.runtime import SetupError, StopFlag, lr_at, pick_device
+from fastlm.train.step import TrainStep
 
 
 @dataclass
@@ -349,6 +351,8 @@ def finetune(args: Args) -> dict:
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     optimizer = AdamW(param_groups(model, cfg.optim.weight_decay), lr=cfg.optim.lr,
                       betas=cfg.optim.betas, eps=cfg.optim.eps)
+    train_step = TrainStep(model, optimizer, device=device, precision=cfg.train.precision,
+                           grad_clip=cfg.train.grad_clip)
 
     run_dir = Path(args.out)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -402,15 +406,7 @@ def finetune(args: Args) -> dict:
                 epoch_batches = make(train_ex, train_y, order)
             batch = epoch_batches.pop(0)
             lr = lr_at(step, cfg)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            _, loss = forward(model, batch, device)
-            loss.backward()
-            if cfg.train.grad_clip:
-                torch.nn.utils.clip_grad_norm_(
-                    [p for p in model.parameters() if p.requires_grad], cfg.train.grad_clip)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+            loss = train_step(lambda _micro: forward(model, batch, device)[1], lr).loss
             step += 1
             bar.update(1)
             if step % cfg.train.log_interval == 0:

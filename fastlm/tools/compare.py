@@ -137,37 +137,34 @@ def run_config(preset: str, args: argparse.Namespace, extra: list[str], run_dir:
 
 def calibrate(cfg, seconds: float) -> float:
     """Optimizer steps per second of cfg's model at its batch shape on cfg's device: the
-    trainer's step (forward with the loss, backward, clipping, AdamW) on random tokens."""
+    trainer's step (fastlm.train.step: accumulation, precision, clipping, the optimizer) on
+    random tokens."""
     from fastlm import models
     from fastlm.train.optim import build_optimizer
-    from fastlm.train.loop import grad_accum_steps, pick_device
+    from fastlm.train.runtime import grad_accum_steps, pick_device
+    from fastlm.train.step import TrainStep
 
     device = pick_device(cfg.train.device)
     torch.manual_seed(cfg.train.seed)
     model = models.build(cfg.model).to(device).train()
-    o = cfg.optim
-    opt = build_optimizer(model, o.name, o.lr, o.weight_decay, o.betas, o.eps, o.momentum,
-                          o.nesterov)
-    B, T, accum = cfg.train.batch_size, cfg.seq_len, grad_accum_steps(cfg, 1)
+    B, T = cfg.train.batch_size, cfg.seq_len
+    train_step = TrainStep(model, build_optimizer(model, cfg.optim), device=device,
+                           precision=cfg.train.precision, grad_clip=cfg.train.grad_clip,
+                           accum=grad_accum_steps(cfg, 1))
     gen = torch.Generator().manual_seed(0)
 
-    def step() -> None:
-        for _ in range(accum):
-            x = torch.randint(0, cfg.model.vocab_size, (B, T), generator=gen)
-            x, y = model.make_batch(x, torch.roll(x, -1, 1), gen)
-            _, loss = model(x.to(device), y.to(device))
-            (loss / accum).backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip or float("inf"))
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+    def micro_loss(_micro: int) -> torch.Tensor:
+        x = torch.randint(0, cfg.model.vocab_size, (B, T), generator=gen)  # (B, T)
+        x, y = model.make_batch(x, torch.roll(x, -1, 1), gen)
+        return model(x.to(device), y.to(device))[1]
 
     for _ in range(2):  # warm-up: allocator, kernels, lazy init
-        step()
+        train_step(micro_loss)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     n, t0 = 0, time.perf_counter()
     while time.perf_counter() - t0 < seconds or n < 3:
-        step()
+        train_step(micro_loss)
         n += 1
         if device.type == "cuda":
             torch.cuda.synchronize(device)
@@ -392,7 +389,7 @@ def plot(report: dict, path: Path) -> str:
 
 
 def machine(threads: int, device: str) -> dict:
-    from fastlm.train.loop import pick_device
+    from fastlm.train.runtime import pick_device
 
     dev = pick_device(device)
     name = platform.processor() or platform.machine()

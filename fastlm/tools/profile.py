@@ -4,10 +4,12 @@
                              [--batch B] [--seq-len T] [--dtype bfloat16] [--device cuda]
                              [--json PATH] [--trace FILE] [--top K]
 
-Each step is what fastlm.train runs: forward with the loss, backward, gradient clipping and a
-fastlm.train.optim.AdamW step, on random token batches (the data does not change the arithmetic).
+Each step is what fastlm.train runs (fastlm.train.step: forward with the loss under the
+precision's autocast, backward, gradient clipping, a fastlm.train.optim.AdamW step; --dtype is
+train.precision: float32 weights, bfloat16/float16 autocast, float16 with the gradient scaler),
+on random token batches (the data does not change the arithmetic).
 Reported: tokens/s and step time (median of the timed steps, after warm-up), MFU (model FLOPs
-per second over the GPU's dense bf16/fp16 peak, see peak_flops), peak memory (CUDA allocator
+per second over the GPU's dense bf16/fp16 peak, fastlm.train.flops), peak memory (CUDA allocator
 peak on a GPU; peak resident set size on CPU), and with NVML (nvidia-ml-py on an NVIDIA GPU) the
 GPU's name, clocks, utilisation and power sampled during the timed steps, energy per step and
 per token. A separate short run under torch.profiler gives the top kernels (GPU) or ops (CPU)
@@ -16,80 +18,26 @@ https://ui.perfetto.dev). Fields that cannot be measured here are null in the JS
 reason in `notes`.
 
 MFU follows the PaLM paper's definition (appendix B) as nanoGPT computes it: FLOPs per token =
-6 N + 12 L T C (N parameters in matmuls, the tied output head counted; L layers, T the sequence
-length, C the width: the attention scores and weighted sums, non-causal count), see
-GPT.flops_per_token.
+6 N + 12 L T C, see fastlm.train.flops.
 """
 from __future__ import annotations
 
 import argparse
 import os
-import re
 import statistics
 import sys
 import time
 
 import torch
 
+from fastlm.config import ConfigError, list_presets, model_preset
 from fastlm.tools import nvml
-from fastlm.config import ConfigError, ModelConfig, list_presets, model_preset
+from fastlm.train import flops
+from fastlm.train.flops import flops_per_token, peak_flops
+from fastlm.train.step import TrainStep
 
-# ---------------------------------------------------------------------------------------------
-# Peak FLOP/s of known accelerators: dense (no 2:4 sparsity) tensor-core bf16 and fp16 with
-# float32 accumulation, from the vendors' datasheets (SXM/OAM boards at boost clock unless the
-# name says otherwise). Patterns are tried in order on the lowercased device name, so the more
-# specific ones (PCIe, NVL) come first. Entries with no bf16 support have bf16 None.
-_T = 1e12
-PEAKS: list[tuple[str, dict[str, float | None]]] = [
-    (r"\bgh200\b", {"bfloat16": 989.4 * _T, "float16": 989.4 * _T}),
-    (r"\bh200\b.*\bnvl\b", {"bfloat16": 835.5 * _T, "float16": 835.5 * _T}),
-    (r"\bh200\b", {"bfloat16": 989.4 * _T, "float16": 989.4 * _T}),
-    (r"\bh100\b.*\bnvl\b", {"bfloat16": 835.5 * _T, "float16": 835.5 * _T}),
-    (r"\bh100\b.*\bpcie\b", {"bfloat16": 756.5 * _T, "float16": 756.5 * _T}),
-    (r"\bh100\b", {"bfloat16": 989.4 * _T, "float16": 989.4 * _T}),  # SXM5 (HBM3)
-    (r"\bb200\b", {"bfloat16": 2250 * _T, "float16": 2250 * _T}),
-    (r"\ba100\b", {"bfloat16": 312 * _T, "float16": 312 * _T}),  # SXM4 and PCIe alike
-    (r"\bl40s\b", {"bfloat16": 362.05 * _T, "float16": 362.05 * _T}),
-    (r"\bl40\b", {"bfloat16": 181.05 * _T, "float16": 181.05 * _T}),
-    (r"\bl4\b", {"bfloat16": 121 * _T, "float16": 121 * _T}),
-    (r"\ba10\b", {"bfloat16": 125 * _T, "float16": 125 * _T}),
-    (r"\brtx a6000\b", {"bfloat16": 154.8 * _T, "float16": 154.8 * _T}),
-    (r"\brtx 4090\b", {"bfloat16": 165.2 * _T, "float16": 165.2 * _T}),
-    (r"\brtx 3090\b", {"bfloat16": 71 * _T, "float16": 71 * _T}),
-    (r"\bv100\b", {"bfloat16": None, "float16": 125 * _T}),
-    (r"\bt4\b", {"bfloat16": None, "float16": 65 * _T}),
-    (r"\bmi300x\b", {"bfloat16": 1307.4 * _T, "float16": 1307.4 * _T}),
-    (r"\bmi250x\b", {"bfloat16": 383 * _T, "float16": 383 * _T}),
-]
-
-
-def _dtype_name(dtype) -> str:
-    name = str(dtype).removeprefix("torch.")
-    return {"bf16": "bfloat16", "fp16": "float16", "half": "float16", "fp32": "float32",
-            "float": "float32"}.get(name, name)
-
-
-def peak_flops(device_name: str, dtype) -> float | None:
-    """Dense peak FLOP/s of the named GPU at dtype (torch.bfloat16 / torch.float16 or their
-    names); None for unknown devices, CPUs and float32 (MFU is quoted against the tensor-core
-    peak of the 16-bit type a model trains in)."""
-    name = device_name.lower()
-    for pattern, peaks in PEAKS:
-        if re.search(pattern, name):
-            return peaks.get(_dtype_name(dtype))
-    return None
-
-
-def flops_per_token(model_config: ModelConfig, seq_len: int) -> float:
-    """Training FLOPs (forward + backward) per token at this sequence length: 6 N + 12 L T C,
-    computed by GPT.flops_per_token on a meta-device model (no memory, exact parameter count)."""
-    from fastlm import models
-
-    if seq_len < 1:
-        raise ValueError(f"flops_per_token: seq_len must be >= 1, got {seq_len}")
-    with torch.device("meta"):
-        model = models.build(model_config)
-    return float(model.flops_per_token(seq_len))
+# --dtype -> the trainer's train.precision (weights stay float32; 16-bit types via autocast)
+PRECISION = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -131,15 +79,14 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def make_step(model, optimizer, batches, device):
-    """One training step as fastlm.train runs it (without the logging)."""
+def make_step(model, optimizer, batches, device, precision: str = "fp32"):
+    """One training step as fastlm.train runs it (fastlm.train.step, without the logging):
+    step(i) trains on batches[i % len(batches)], clipping at norm 1."""
+    train_step = TrainStep(model, optimizer, device=device, precision=precision, grad_clip=1.0)
+
     def step(i: int) -> None:
         x, y = batches[i % len(batches)]
-        _, loss = model(x, y)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        train_step(lambda _micro: model(x, y)[1])
     return step
 
 
@@ -183,14 +130,13 @@ def profile(preset: str, steps: int = 10, warmup: int = 3, batch: int | None = N
         raise ValueError(f"--seq-len {T} exceeds the preset's block_size {cfg.block_size}")
     if steps < 1 or warmup < 0 or B < 1:
         raise ValueError("--steps and --batch must be >= 1 and --warmup >= 0")
-    dtype_name = _dtype_name(dtype or ("bfloat16" if gpu else "float32"))
-    if dtype_name not in ("float32", "bfloat16", "float16"):
+    dtype_name = flops.dtype_name(dtype or ("bfloat16" if gpu else "float32"))
+    if dtype_name not in PRECISION:
         raise ValueError(f"--dtype: choose float32, bfloat16 or float16, got {dtype}")
-    torch_dtype = getattr(torch, dtype_name)
     notes = []
 
     torch.manual_seed(seed)
-    model = models.build(cfg).to(dev, torch_dtype)  # RoPE tables stay float32 (see Rotary._apply)
+    model = models.build(cfg).to(dev)  # float32 weights, as fastlm.train keeps them
     optimizer = AdamW(param_groups(model, 0.1), lr=1e-4, betas=(0.9, 0.95))
     runner = torch.compile(model) if compile else model
     gen = torch.Generator().manual_seed(seed)
@@ -198,7 +144,7 @@ def profile(preset: str, steps: int = 10, warmup: int = 3, batch: int | None = N
     for _ in range(2):  # (B, T) token ids and next-token targets
         ids = torch.randint(0, cfg.vocab_size, (B, T + 1), generator=gen)
         batches.append((ids[:, :-1].to(dev), ids[:, 1:].to(dev)))
-    step = make_step(runner, optimizer, batches, dev)
+    step = make_step(runner, optimizer, batches, dev, PRECISION[dtype_name])
     name = utils.device_name(dev)
     log(f"fastlm.profile: {preset} ({model.num_params() / 1e6:.1f}M parameters), batch {B} x "
         f"{T} tokens, {dtype_name}{', compiled' if compile else ''}, on {name}")
@@ -246,10 +192,10 @@ def profile(preset: str, steps: int = 10, warmup: int = 3, batch: int | None = N
     tokens_per_s = tokens / (step_ms / 1e3)
     fpt = flops_per_token(cfg, T)
     achieved = fpt * tokens_per_s
-    peak = peak_flops(name, torch_dtype)  # None for CPUs and unknown GPUs
+    peak = peak_flops(name, dtype_name)  # None for CPUs and unknown GPUs
     if peak is None:
         notes.append(f"MFU: no known {dtype_name} peak for '{name}'"
-                     + (" (CPU)" if not gpu else " (add it to fastlm.tools.profile.PEAKS)"))
+                     + (" (CPU)" if not gpu else " (add it to fastlm.train.flops.PEAKS)"))
 
     power = sampler.summary() if sampler else None
     energy_step = power["energy_j"] / steps if power and power["energy_j"] is not None else None

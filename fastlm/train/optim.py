@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from fastlm import ops
+from fastlm.config import OptimConfig
 
 _LOW_PRECISION = (torch.bfloat16, torch.float16)
 
@@ -200,19 +201,19 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
             {"params": no_decay, "weight_decay": 0.0}]
 
 
-def build_optimizer(model: nn.Module, name: str, lr: float, weight_decay: float,
-                    betas: tuple[float, float] = (0.9, 0.95), eps: float = 1e-8,
-                    momentum: float = 0.9, nesterov: bool = False) -> torch.optim.Optimizer:
-    """The optimizer `name` ("adamw" or "sgd") over the model's weight-decay groups.
+def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer:
+    """The optimizer cfg.name ("adamw" or "sgd") over the model's weight-decay groups, with the
+    hyperparameters of cfg (the config's [optim] section; lr is the peak, a schedule sets it
+    per step).
 
     SGD is torch.optim.SGD (its weight decay is L2, added to the gradient); Nesterov needs a
     momentum > 0."""
-    groups = (model.param_groups(weight_decay) if hasattr(model, "param_groups")
-              else param_groups(model, weight_decay))  # a LanguageModel may group its own
-    if name == "adamw":
-        return AdamW(groups, lr=lr, betas=betas, eps=eps)
-    if name == "sgd":
-        if nesterov and momentum <= 0:
+    groups = (model.param_groups(cfg.weight_decay) if hasattr(model, "param_groups")
+              else param_groups(model, cfg.weight_decay))  # a LanguageModel may group its own
+    if cfg.name == "adamw":
+        return AdamW(groups, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps)
+    if cfg.name == "sgd":
+        if cfg.nesterov and cfg.momentum <= 0:
             raise ValueError("SGD: nesterov needs momentum > 0")
-        return torch.optim.SGD(groups, lr=lr, momentum=momentum, nesterov=nesterov)
-    raise ValueError(f"optimizer must be adamw or sgd, got {name!r}")
+        return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov)
+    raise ValueError(f"optimizer must be adamw or sgd, got {cfg.name!r}")
