@@ -30,9 +30,9 @@ import sys
 
 import torch
 from fastlm.bench import utils
+from fastlm.ops.dispatch import IMPLEMENTED
 
-KERNEL_OPS = ("layer_norm", "rms_norm", "attention", "cross_entropy", "linear_cross_entropy",
-              "adamw_step")  # the default set: ops with kernels and peers
+KERNEL_OPS = tuple(IMPLEMENTED)  # the default set: fastlm's ops (kernels and peers), in its order
 SUBCOMMANDS = ("compare", "plot", "report")
 
 

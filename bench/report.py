@@ -17,6 +17,7 @@ import sys
 from collections import defaultdict
 
 from fastlm.bench import utils
+from fastlm.ops.dispatch import IMPLEMENTED
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 KERNEL_COLUMNS = ("provider", "shape", "dtype", "mode", "median ms", "spread", "throughput",
@@ -148,8 +149,7 @@ def build(root: str) -> str:
     results = load_results(root)
     if not results:
         lines.append(f"No results yet under {root}.")
-    order = {op: i for i, op in enumerate(("layer_norm", "rms_norm", "attention", "cross_entropy",
-                                           "linear_cross_entropy", "adamw_step"))}
+    order = {op: i for i, op in enumerate(IMPLEMENTED)}  # fastlm's ops first, in its order
     for device, files in results.items():
         per_op = latest_per_op(files)
         profiles = latest_profiles(files)

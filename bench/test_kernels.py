@@ -6,11 +6,14 @@ tracking with pytest-benchmark's own storage and comparison:
     pytest bench/ --benchmark-only --benchmark-compare --benchmark-compare-fail=median:10%
     FASTLM_BENCH_SIZE=medium pytest bench/ --benchmark-only -k layer_norm
 
-Cases come from each bench_<op>.py (make_case + providers, the first shape of the size), inputs
-rotate through the harness's cache-defeating sets, and GPU calls are synchronised so the timer
-sees the kernel time. linear_cross_entropy is left out: its bench measures each provider's peak
-memory in a child process, which a pytest-benchmark round cannot do.
+Every op of fastlm.ops.IMPLEMENTED is timed: its case comes from bench/bench_<op>.py (make_case +
+providers, the first shape of the size), inputs rotate through the harness's cache-defeating sets,
+and GPU calls are synchronised so the timer sees the kernel time. A new op needs no line here when
+its bench follows the norms' layout (SHAPES, make_case(shape, dtype, device), providers(device));
+collection fails loudly when it does not. linear_cross_entropy is left out: its bench measures
+each provider's peak memory in a child process, which a pytest-benchmark round cannot do.
 """
+import importlib
 import itertools
 import os
 
@@ -19,31 +22,39 @@ import torch
 
 pytest.importorskip("pytest_benchmark", reason="pip install pytest-benchmark")
 
-from fastlm.bench import (
-    bench_adamw_step,
-    bench_attention,
-    bench_cross_entropy,
-    bench_layer_norm,
-    bench_rms_norm,
-    utils,
-)
+from fastlm.bench import bench_adamw_step, utils
+from fastlm.ops.dispatch import IMPLEMENTED
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 DTYPE = torch.bfloat16 if DEVICE.type == "cuda" else torch.float32
 SIZE = os.environ.get("FASTLM_BENCH_SIZE", "small")
 
 
+def _rows_case(module):
+    """(make_case, providers) of a bench in the norms' layout: SHAPES presets of row shapes."""
+    shape = module.SHAPES[SIZE][0]
+    return (lambda: module.make_case(shape, DTYPE, DEVICE)), module.providers(DEVICE)
+
+
+def _attention_case(module):
+    """Attention's presets are T and D lists; the case is causal self-attention."""
+    T, D = module.SIZES[SIZE]["T"][0], module.SIZES[SIZE]["D"][0]
+    shape = module.shape_for(T, D, DEVICE)
+    return (lambda: module.make_case(shape, DTYPE, True, DEVICE)), module.providers(DEVICE, True)
+
+
+# Ops whose bench is not in the norms' layout: their case builder, or None where the op is timed
+# elsewhere (adamw_step: test_adamw_step below) or not at all (see the module docstring).
+OWN_LAYOUT = {"attention": _attention_case, "adamw_step": None, "linear_cross_entropy": None}
+
+
 def _kernel_cases():
-    """(op, case, providers) for the ops that go through utils.bench_kernel."""
+    """(op, make_case, providers) for the ops that go through utils.bench_kernel."""
     out = []
-    for module in (bench_layer_norm, bench_rms_norm, bench_cross_entropy):
-        shape = module.SHAPES[SIZE][0]
-        out.append((module.OP, lambda m=module, s=shape: m.make_case(s, DTYPE, DEVICE),
-                    module.providers(DEVICE)))
-    T, D = bench_attention.SIZES[SIZE]["T"][0], bench_attention.SIZES[SIZE]["D"][0]
-    shape = bench_attention.shape_for(T, D, DEVICE)
-    out.append(("attention", lambda: bench_attention.make_case(shape, DTYPE, True, DEVICE),
-                bench_attention.providers(DEVICE, True)))
+    for op in IMPLEMENTED:
+        builder = OWN_LAYOUT.get(op, _rows_case)
+        if builder is not None:
+            out.append((op, *builder(importlib.import_module(f"fastlm.bench.bench_{op}"))))
     return out
 
 

@@ -6,6 +6,7 @@ import sys
 import pytest
 from fastlm.bench import __main__ as cli
 from fastlm.bench import bench_layer_norm, compare, plot, report, utils
+from fastlm.ops.dispatch import IMPLEMENTED
 
 FAST = ["--dtypes", "float32", "--budget", "0.02", "--providers", "torch,fastlm-cpu"]
 ENV_KEYS = ("device", "device_type", "torch", "triton", "cuda", "commit", "date", "threads")
@@ -19,6 +20,11 @@ def norm_run(tmp_path_factory):
                        "--modes", "fwd,full", *FAST, "--json", str(path)])
     assert status == 0
     return path, json.loads(path.read_text())
+
+
+def test_default_ops_are_fastlm_ops_in_their_order():
+    """The defaults come from fastlm.ops' one op list; an op without a bench would drop out."""
+    assert cli.parse_args([]).ops == list(IMPLEMENTED)
 
 
 def test_json_rows_carry_case_timing_and_environment(norm_run):
