@@ -10,8 +10,10 @@ sections or keys, wrong types, values out of range and unknown choices raise Con
 message naming the key (`section.key`), where the value came from and what is allowed, so a run
 fails before it loads data or builds a model.
 
-Field metadata carries the checks: `min`/`max` (inclusive), `gt` (exclusive lower bound),
-`choices`, and `help` (shown by `python -m fastlm.train --help`).
+A field that offers a fixed set of values is typed Literal[...], the one list of what is allowed
+(checked, and named in the error). Field metadata carries the other checks: `min`/`max`
+(inclusive), `gt` (exclusive lower bound), and `help` (shown by `python -m fastlm.train --help`).
+model.arch is open (architectures register themselves), so fastlm.models.registry checks it.
 """
 from __future__ import annotations
 
@@ -23,16 +25,14 @@ import re
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
+
+from fastlm.errors import ConfigError
 
 try:
     import tomllib
 except ModuleNotFoundError:  # Python 3.10: the same parser as a package
     import tomli as tomllib
-
-
-class ConfigError(ValueError):
-    """A bad config key or value; the message names the key and what is allowed."""
 
 
 def _f(default: Any, help: str, **checks: Any) -> Any:
@@ -63,9 +63,9 @@ class ModelConfig:
     dropout: float = _f(0.0, "dropout on embeddings and residual branches", min=0.0, max=0.99)
     norm_eps: float = _f(1e-5, "epsilon of LayerNorm/RMSNorm", gt=0.0)
     rope_theta: float = _f(10000.0, "RoPE base frequency (llama flavour)", gt=0.0)
-    gelu: str = _f("tanh", "gpt2 MLP activation: tanh (GPT-2's approximation, HF gelu_new) or "
-                           "exact (erf; nanoGPT's nn.GELU, HF gelu; 3x cheaper on CPUs)",
-                   choices=("tanh", "exact"))
+    gelu: Literal["tanh", "exact"] = _f(
+        "tanh", "gpt2 MLP activation: tanh (GPT-2's approximation, HF gelu_new) or exact (erf; "
+                "nanoGPT's nn.GELU, HF gelu; 3x cheaper on CPUs)")
     mlm_probability: float = _f(0.15, "bert: share of tokens the masked-LM objective predicts "
                                       "(of those: 80% [MASK], 10% random, 10% kept)",
                                 gt=0.0, max=1.0)
@@ -91,7 +91,9 @@ class ModelConfig:
 
     def validate(self) -> None:
         _check_fields("model", self)
-        from fastlm.models import registry  # late: the models import this module
+        # Late: importing the registry runs fastlm.models (torch and every model), which loading
+        # a config or printing --help does not need until a model config is checked.
+        from fastlm.models import registry
         check = getattr(registry.get(self.arch).cls, "check_config", None)
         if check is not None:
             check(self)
@@ -130,14 +132,14 @@ class TrainConfig:
                               min=0)
     grad_clip: float = _f(1.0, "clip the global gradient norm to this (0 = off; the norm is "
                                "logged either way)", min=0.0)
-    precision: str = _f("fp32", "fp32; bf16 (autocast); fp16 (autocast + gradient scaler)",
-                        choices=("fp32", "bf16", "fp16"))
-    compile: str = _f("auto", "torch.compile the model: auto = on on GPU, off on CPU",
-                      choices=("auto", "true", "false"))
+    precision: Literal["fp32", "bf16", "fp16"] = _f(
+        "fp32", "fp32; bf16 (autocast); fp16 (autocast + gradient scaler)")
+    compile: Literal["auto", "true", "false"] = _f(
+        "auto", "torch.compile the model: auto = on on GPU, off on CPU")
     activation_checkpointing: bool = _f(False, "recompute each block's activations in the "
                                                "backward instead of keeping them (less memory)")
-    parallel: str = _f("ddp", "under torchrun: ddp (replicated weights) or fsdp (FSDP2 "
-                              "fully_shard per block)", choices=("ddp", "fsdp"))
+    parallel: Literal["ddp", "fsdp"] = _f("ddp", "under torchrun: ddp (replicated weights) or "
+                                                "fsdp (FSDP2 fully_shard per block)")
     max_bad_steps: int = _f(5, "a step whose loss or gradient norm is NaN/inf is skipped; stop "
                                "after this many in a row", min=1)
     log_interval: int = _f(10, "steps between training-loss lines in metrics.jsonl", min=1)
@@ -149,15 +151,14 @@ class TrainConfig:
 @dataclass
 class OptimConfig:
     """The optimizer (fastlm.optim) and the learning-rate schedule (fastlm.schedule)."""
-    name: str = _f("adamw", "adamw or sgd", choices=("adamw", "sgd"))
+    name: Literal["adamw", "sgd"] = _f("adamw", "adamw or sgd")
     lr: float = _f(3e-3, "peak learning rate (tuned for the tiny default run; ~6e-4 suits "
                          "gpt2-124m)", gt=0.0)
     min_lr: float = _f(3e-4, "learning rate at the end of the cosine decay", min=0.0)
     warmup_steps: int = _f(100, "linear warmup steps from 0 to lr", min=0)
-    schedule: str = _f("cosine", "after warmup: cosine or linear decay to min_lr, constant, "
-                                 "or wsd (stable, then linear decay over the last "
-                                 "decay_fraction of the steps)",
-                       choices=("cosine", "linear", "constant", "wsd"))
+    schedule: Literal["cosine", "linear", "constant", "wsd"] = _f(
+        "cosine", "after warmup: cosine or linear decay to min_lr, constant, or wsd (stable, then "
+                  "linear decay over the last decay_fraction of the steps)")
     decay_fraction: float = _f(0.2, "wsd: share of max_steps spent decaying", min=0.0, max=1.0)
     betas: tuple[float, float] = _f((0.9, 0.95), "AdamW betas, e.g. --optim.betas=0.9,0.95",
                                     min=0.0, max=0.999999)
@@ -210,6 +211,10 @@ class Config:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     kernels: KernelsConfig = field(default_factory=KernelsConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
+    # Not a section: the "section.key" names set by a file or the command line (not defaults or
+    # presets), filled by load_config. A derived value such as model.vocab_size (from the
+    # tokenizer) may replace only what nobody asked for.
+    explicit: frozenset[str] = field(default=frozenset(), compare=False, repr=False)
 
     def validate(self) -> None:
         """Every field's own checks, then the checks that relate fields."""
@@ -235,7 +240,8 @@ class Config:
         return self.train.seq_len or self.model.block_size
 
 
-SECTIONS: dict[str, type] = {f.name: f.default_factory for f in dataclasses.fields(Config)}
+SECTIONS: dict[str, type] = {f.name: f.default_factory for f in dataclasses.fields(Config)
+                             if f.name != "explicit"}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -260,6 +266,8 @@ def _convert(key: str, value: Any, tp: Any, source: str, text: bool = False) -> 
         return ConfigError(f"{key}: expected {_describe(tp)}, got {value!r}{extra} "
                            f"(from {source})")
 
+    if typing.get_origin(tp) is Literal:  # converted as its values' type; _check_value checks it
+        return _convert(key, value, type(typing.get_args(tp)[0]), source, text)
     if text and isinstance(value, str) and tp is not str:
         text = value.strip()
         try:
@@ -304,13 +312,13 @@ def _convert(key: str, value: Any, tp: Any, source: str, text: bool = False) -> 
     raise TypeError(f"config type {tp} of {key} is not supported")  # a bug in this file
 
 
-def _check_value(key: str, value: Any, meta: dict[str, Any], source: str = "") -> None:
+def _check_value(key: str, value: Any, tp: Any, meta: dict[str, Any], source: str = "") -> None:
     where = f" (from {source})" if source else ""
+    choices = typing.get_args(tp) if typing.get_origin(tp) is Literal else None
     items = value if isinstance(value, tuple) else (value,)
     for v in items:
-        if "choices" in meta and v not in meta["choices"]:
-            raise ConfigError(f"{key}: must be one of {', '.join(meta['choices'])}; "
-                              f"got {v!r}{where}")
+        if choices is not None and v not in choices:
+            raise ConfigError(f"{key}: must be one of {', '.join(choices)}; got {v!r}{where}")
         if isinstance(v, float) and not math.isfinite(v):
             raise ConfigError(f"{key}: must be a finite number, got {v}{where}")
         if "min" in meta and v < meta["min"]:
@@ -327,7 +335,7 @@ def _check_fields(section: str, obj: Any) -> None:
         key = f"{section}.{f.name}"
         value = getattr(obj, f.name)
         _convert(key, value, hints[f.name], "the config object")  # type check
-        _check_value(key, value, dict(f.metadata))
+        _check_value(key, value, hints[f.name], dict(f.metadata))
 
 
 def _unknown(what: str, name: str, known: list[str], source: str,
@@ -435,7 +443,7 @@ def _apply(obj: Any, section: str, values: dict[str, tuple[Any, str, bool]]) -> 
     for key, (value, source, text) in values.items():
         name = f"{section}.{key}"
         converted = _convert(name, value, hints[key], source, text)
-        _check_value(name, converted, meta[key], source)
+        _check_value(name, converted, hints[key], meta[key], source)
         setattr(obj, key, converted)
 
 
@@ -467,8 +475,6 @@ def load_config(config_file: str | Path | None = None,
     for section, values in raw.items():
         _apply(getattr(cfg, section), section, values)
     cfg.validate()
-    # Keys set by a file or the command line (not defaults or presets): a derived value such
-    # as model.vocab_size (from the tokenizer) may replace only what nobody asked for.
     cfg.explicit = frozenset(f"{s}.{k}" for s, values in raw.items() for k in values)
     return cfg
 

@@ -2,10 +2,14 @@
 naming the key at fault."""
 from __future__ import annotations
 
+import dataclasses
+import typing
+
 import pytest
 import torch
 
 from fastlm.config import (
+    SECTIONS,
     Config,
     ConfigError,
     ModelConfig,
@@ -186,3 +190,31 @@ def test_recipe_preset_sets_other_sections_below_the_command_line(tmp_path):
 def test_model_preset_unknown_name():
     with pytest.raises(ConfigError, match="unknown preset 'gpt5'"):
         model_preset("gpt5")
+
+
+@pytest.mark.parametrize("argv, expected", [
+    (["--train.precision=fp8"], "train.precision: must be one of fp32, bf16, fp16; got 'fp8'"),
+    (["--train.parallel=tp"], "train.parallel: must be one of ddp, fsdp; got 'tp'"),
+    (["--model.gelu=relu"], "model.gelu: must be one of tanh, exact; got 'relu'"),
+])
+def test_choices_are_the_literal_types(argv, expected):
+    """A field's Literal type is its one list of allowed values: checked and named."""
+    section, key = argv[0][2:].partition("=")[0].split(".")
+    field = next(f for f in dataclasses.fields(SECTIONS[section]) if f.name == key)
+    assert typing.get_origin(typing.get_type_hints(SECTIONS[section])[key]) is typing.Literal
+    assert "choices" not in field.metadata
+    with pytest.raises(ConfigError, match=expected):
+        parse_args(argv)
+
+
+def test_choice_of_the_wrong_type_says_what_is_expected(tmp_path):
+    with pytest.raises(ConfigError, match="optim.name: expected a string, got 3"):
+        parse_args(["--config", write(tmp_path, "[optim]\nname = 3\n")])
+
+
+def test_explicit_keys_are_a_declared_field_not_compared():
+    cfg = parse_args(["--train.max_steps=7", "--optim.lr=1e-3"])
+    assert cfg.explicit == {"train.max_steps", "optim.lr"}
+    assert Config().explicit == frozenset() and "explicit" not in SECTIONS
+    assert dataclasses.replace(cfg, explicit=frozenset()) == cfg  # settings, not their origin
+

@@ -138,6 +138,11 @@ def test_adamw_step_backends_agree():
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+def read(path: str) -> str:
+    with open(os.path.join(ROOT, path)) as f:
+        return f.read()
+
+
 def test_every_op_list_follows_implemented():
     """IMPLEMENTED is the one op list: each op has its pieces (the README's "Adding a kernel"
     recipe) and nothing lists an op it does not have. kernels/__init__ and the benchmarks read
@@ -145,8 +150,7 @@ def test_every_op_list_follows_implemented():
     ops_table = ops.IMPLEMENTED
     assert set(ops.DISPATCH) == set(ops_table)
     assert set(ops.SMALL_DISPATCH) <= set(ops_table)
-    registration = open(os.path.join(ROOT, "csrc", "registration.cpp")).read()
-    readme = open(os.path.join(ROOT, "README.md")).read()
+    registration, readme = read("csrc/registration.cpp"), read("README.md")
     for op, backends in ops_table.items():
         assert callable(getattr(ops, op)) and callable(getattr(ops.reference, op)), op
         for path in (f"tests/test_{op}.py", f"bench/bench_{op}.py"):
@@ -171,5 +175,5 @@ def test_every_schema_is_in_registration_cpp():
         for name in names:
             path = os.path.join(dirpath, name)
             if name.endswith((".cpp", ".cu", ".h", ".cuh")) and name != "registration.cpp":
-                text = open(path).read()
+                text = read(path)
                 assert "TORCH_LIBRARY(" not in text and "TORCH_LIBRARY_FRAGMENT" not in text, path

@@ -7,11 +7,18 @@ An architecture module registers its class once:
 
 The class is built as cls(config); config.validate() calls check_config(config), so a model
 with its own constraints defines a classmethod check_config that raises ConfigError.
+
+The table is full whenever this module can be reached: Python runs fastlm/models/__init__.py,
+which imports every architecture module, before any `fastlm.models.*` import returns. So this
+module imports no architecture (they import it, to register) and no config (fastlm.config reads
+it to check model.arch).
 """
 from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+
+from fastlm.errors import ConfigError
 
 _ARCHS: dict[str, Architecture] = {}
 
@@ -34,20 +41,13 @@ def register(*names: str, summary: str) -> Callable[[type], type]:
     return add
 
 
-def _load() -> None:
-    import fastlm.models  # noqa: F401  (imports every architecture module, which registers)
-
-
 def available() -> list[str]:
     """Registered model.arch names, in registration order."""
-    _load()
     return list(_ARCHS)
 
 
 def get(name: str) -> Architecture:
-    _load()
     if name not in _ARCHS:
-        from fastlm.config import ConfigError
         raise ConfigError(f"model.arch: must be one of {', '.join(_ARCHS)}; got {name!r}")
     return _ARCHS[name]
 
