@@ -29,7 +29,7 @@ import re
 import sys
 
 import torch
-from fastlm.bench import utils
+from fastlm.bench import compare, plot, report, utils
 from fastlm.ops.dispatch import IMPLEMENTED
 
 KERNEL_OPS = tuple(IMPLEMENTED)  # the default set: fastlm's ops (kernels and peers), in its order
@@ -272,13 +272,11 @@ def main(argv=None) -> int:
     if args.plot:
         status |= _plot(rows, args.plot)
     if args.compare:
-        from fastlm.bench import compare
         status |= compare.report(compare.load(args.compare), rows, args.threshold)
     return status
 
 
 def _plot(rows, out_dir) -> int:
-    from fastlm.bench import plot
     try:
         paths = plot.plot_rows(rows, out_dir)
     except plot.MissingMatplotlib as exc:
@@ -290,10 +288,8 @@ def _plot(rows, out_dir) -> int:
 
 def subcommand(name: str, argv: list[str]) -> int:
     if name == "compare":
-        from fastlm.bench import compare
         return compare.main(argv)
     if name == "report":
-        from fastlm.bench import report
         return report.main(argv)
     p = argparse.ArgumentParser(prog="python -m fastlm.bench plot",
                                 description="PNG plots (time vs size per provider) of bench JSON")

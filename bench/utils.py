@@ -27,6 +27,8 @@ from typing import Callable
 
 import torch
 
+from fastlm import ops
+
 SIZES = ("small", "medium", "large")
 MODES = ("fwd", "bwd", "full")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -401,8 +403,6 @@ def write_json(rows: list[dict], path: str) -> None:
 def fastlm_providers(op: str, device: torch.device, call: Callable[[str], Callable]) -> list[Provider]:
     """One Provider per fastlm backend of `op` (reference and the native ones); call(backend)
     returns the function to time. Unavailable backends stay in the table with their reason."""
-    import fastlm.ops as ops
-
     providers = []
     for backend in ("reference", "cpu", "cuda", "triton"):
         if backend not in ops.IMPLEMENTED[op]:

@@ -91,8 +91,9 @@ class ModelConfig:
 
     def validate(self) -> None:
         _check_fields("model", self)
-        # Late: importing the registry runs fastlm.models (torch and every model), which loading
-        # a config or printing --help does not need until a model config is checked.
+        # Late: importing the registry first runs fastlm.models' __init__, whose model classes
+        # import this module (they take a ModelConfig), so it can only run once this module is
+        # loaded; it also keeps torch out of importing fastlm.config.
         from fastlm.models import registry
         check = getattr(registry.get(self.arch).cls, "check_config", None)
         if check is not None:
