@@ -11,21 +11,27 @@ import os
 import sys
 
 
-def hand_over(name: str, init_file: str) -> None:
+def hand_over(name: str, init_file: str, keep_if_unowned: bool = False) -> bool:
     """Replace the bare module `name` being imported from `init_file`'s folder by the one the
-    rest of sys.path provides, or fail as if the repository root were not on sys.path."""
+    rest of sys.path provides. Where nothing else provides it: fail as if the repository root
+    were not on sys.path, or with keep_if_unowned stay this folder (it then hides nothing) and
+    return False."""
     root = os.path.dirname(os.path.dirname(os.path.abspath(init_file)))
     saved = sys.path[:]
     # "" (and ".") stand for the working directory, which is the root when Python starts there.
     sys.path[:] = [p for p in saved if os.path.abspath(p or os.curdir) != root]
-    del sys.modules[name]
+    ours = sys.modules.pop(name)
     try:
         # Re-entrant: this thread already holds `name`'s import lock, and the rest of sys.path
         # (and every meta-path finder, editable installs included) is searched as usual.
         importlib.import_module(name)
+        return True
     except ModuleNotFoundError as e:
         if e.name != name:
             raise
+        if keep_if_unowned:
+            sys.modules[name] = ours
+            return False
         raise ModuleNotFoundError(
             f"No module named {name!r}: the repository's {name}/ folder is fastlm.{name}, "
             f"import it under that name", name=name) from None
