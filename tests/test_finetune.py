@@ -175,6 +175,18 @@ def test_sft_lora_finetune_merges_to_plain_checkpoint(tmp_path):
                "--max-new-tokens", "5", "--no-progress"])
 
 
+def test_finetune_uses_the_configured_optimizer(tmp_path):
+    base = save_base(tmp_path)
+    data = tmp_path / "train.jsonl"
+    write_classify(data, 16)
+    out = tmp_path / "sgd"
+    main(["--checkpoint", base, "--task", "classify", "--data", str(data), "--out", str(out),
+          "--train.max_steps=4", "--eval.interval=2", "--optim.name=sgd", "--optim.momentum=0.9",
+          "--optim.lr=0.5", "--train.progress=false"])
+    opt = checkpoint.load(out).optimizer_state()
+    assert opt["param_groups"][0]["momentum"] == 0.9 and "momentum_buffer" in opt["state"][0]
+
+
 def test_early_stopping_on_patience(tmp_path):
     base = save_base(tmp_path)
     data = tmp_path / "train.jsonl"

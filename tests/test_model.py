@@ -12,7 +12,8 @@ import torch.nn.functional as F
 import fastlm.ops
 from fastlm.config import model_preset
 from fastlm.models.gpt import GPT, LayerNorm, RMSNorm
-from fastlm.train.optim import AdamW, param_groups
+from fastlm.models.base import param_groups
+from fastlm.train.optim import AdamW
 from tests.utils import assert_close
 
 

@@ -11,7 +11,8 @@ import torch
 import fastlm.ops
 from fastlm.config import model_preset
 from fastlm.models.gpt import GPT
-from fastlm.train.optim import AdamW, param_groups
+from fastlm.models.base import param_groups
+from fastlm.train.optim import AdamW
 
 HYPER = {"lr": 1e-2, "betas": (0.9, 0.95), "eps": 1e-8}
 

@@ -56,7 +56,7 @@ from fastlm.eval.core import encode_batch, label_ids
 from fastlm.finetune.lora import DEFAULT_TARGETS, add_lora, lora_parameters, merge_lora
 from fastlm.eval.scores import accuracy, majority_baseline
 from fastlm.models import LanguageModel, build
-from fastlm.train.optim import AdamW, param_groups
+from fastlm.train.optim import build_optimizer
 from fastlm.restore import load
 from fastlm.eval.tasks import Example, TaskError, read_jsonl
 from fastlm.tokenizer import Tokenizer
@@ -349,8 +349,7 @@ def finetune(args: Args) -> dict:
             raise SetupError(f"lora.targets: {exc}") from None
     model.to(device).train()
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    optimizer = AdamW(param_groups(model, cfg.optim.weight_decay), lr=cfg.optim.lr,
-                      betas=cfg.optim.betas, eps=cfg.optim.eps)
+    optimizer = build_optimizer(model, cfg.optim)  # --optim.name=sgd too
     train_step = TrainStep(model, optimizer, device=device, precision=cfg.train.precision,
                            grad_clip=cfg.train.grad_clip)
 

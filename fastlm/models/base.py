@@ -10,7 +10,7 @@ The training loop never asks which architecture it runs; it asks the model:
   recurrent                True: forward(..., state=s, return_state=True) -> (logits, loss, s')
                            carries a hidden state across consecutive batches (truncated BPTT)
   num_params / flops_per_token(seq_len)   throughput and MFU
-  param_groups(weight_decay)              decay matrices only (fastlm.train.optim.param_groups)
+  param_groups(weight_decay)              decay matrices only (param_groups below)
   checkpoint_units()       the repeated blocks: units of activation checkpointing and FSDP
   generate(idx, n, ...)    sampling for the text the trainer prints
 
@@ -23,6 +23,33 @@ from torch import nn
 
 from fastlm import ops
 from fastlm.config import ModelConfig
+
+
+_NO_DECAY_MODULES = (nn.Embedding, nn.LayerNorm, nn.RMSNorm)
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """Two groups: matrices of linear layers decay; norms, biases and embeddings do not.
+
+    Decaying a norm's gain or a bias pulls it towards 0, which only fights the model; embeddings
+    are lookup tables whose rows see few updates each. A weight shared between modules (tied
+    embedding and output head) is an embedding and appears once. Frozen parameters (LoRA's base
+    weights) are left out.
+    """
+    no_decay_ids = set()
+    for module in model.modules():
+        is_norm = isinstance(module, _NO_DECAY_MODULES) or type(module).__name__.endswith("Norm")
+        for name, p in module.named_parameters(recurse=False):
+            if is_norm or name == "bias" or isinstance(module, nn.Embedding) or p.dim() < 2:
+                no_decay_ids.add(id(p))
+    decay, no_decay, seen = [], [], set()
+    for p in model.parameters():  # deduplicates shared parameters
+        if not p.requires_grad or id(p) in seen:
+            continue
+        seen.add(id(p))
+        (no_decay if id(p) in no_decay_ids else decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay},
+            {"params": no_decay, "weight_decay": 0.0}]
 
 
 class LanguageModel(nn.Module):
@@ -51,7 +78,6 @@ class LanguageModel(nn.Module):
 
     # -- training hooks ----------------------------------------------------------------------
     def param_groups(self, weight_decay: float) -> list[dict]:
-        from fastlm.train.optim import param_groups
         return param_groups(self, weight_decay)
 
     def make_batch(self, x: torch.Tensor, y: torch.Tensor,

@@ -200,7 +200,7 @@ def full_val_loss(run_dir: Path, val: torch.Tensor) -> tuple[float, int]:
     the validation tokens `val` (uint8, 1-D) at the run's seq_len, and the tokens scored."""
     from fastlm.config import load_config
     from fastlm.restore import load
-    from fastlm.train.loop import pick_device
+    from fastlm.train.runtime import pick_device
 
     cfg = load_config(run_dir / "config.toml")
     device = pick_device(cfg.train.device)

@@ -117,7 +117,8 @@ def profile(preset: str, steps: int = 10, warmup: int = 3, batch: int | None = N
     """Run the measurement and return the report (the JSON written by the CLI)."""
     from fastlm.bench import utils
     from fastlm import models
-    from fastlm.train.optim import AdamW, param_groups
+    from fastlm.models.base import param_groups
+    from fastlm.train.optim import AdamW
 
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if dev.type == "cuda" and not torch.cuda.is_available():

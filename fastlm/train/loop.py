@@ -84,7 +84,7 @@ def check_backends(device: torch.device) -> dict[str, str]:
 
 def resolve_vocab(cfg: Config, vocab: int) -> None:
     """model.vocab_size follows the tokenizer unless set explicitly (then it must fit)."""
-    explicit = "model.vocab_size" in getattr(cfg, "explicit", ())
+    explicit = "model.vocab_size" in cfg.explicit
     if explicit and cfg.model.vocab_size < vocab:
         raise SetupError(f"model.vocab_size ({cfg.model.vocab_size}) is smaller than the data's "
                          f"vocabulary ({vocab}); leave it unset to follow the tokenizer")

@@ -17,6 +17,7 @@ from torch import nn
 
 from fastlm import ops
 from fastlm.config import OptimConfig
+from fastlm.models.base import param_groups
 
 _LOW_PRECISION = (torch.bfloat16, torch.float16)
 
@@ -173,32 +174,6 @@ def _local(t: torch.Tensor) -> torch.Tensor:
     """The shard this process holds of an FSDP2 (DTensor) tensor; the update is elementwise,
     so each rank updates its shard in place. Plain tensors pass through."""
     return t.to_local() if hasattr(t, "to_local") else t
-
-
-_NO_DECAY_MODULES = (nn.Embedding, nn.LayerNorm, nn.RMSNorm)
-
-
-def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """Two groups: matrices of linear layers decay; norms, biases and embeddings do not.
-
-    Decaying a norm's gain or a bias pulls it towards 0, which only fights the model; embeddings
-    are lookup tables whose rows see few updates each. A weight shared between modules (tied
-    embedding and output head) is an embedding and appears once.
-    """
-    no_decay_ids = set()
-    for module in model.modules():
-        is_norm = isinstance(module, _NO_DECAY_MODULES) or type(module).__name__.endswith("Norm")
-        for name, p in module.named_parameters(recurse=False):
-            if is_norm or name == "bias" or isinstance(module, nn.Embedding) or p.dim() < 2:
-                no_decay_ids.add(id(p))
-    decay, no_decay, seen = [], [], set()
-    for p in model.parameters():  # deduplicates shared parameters
-        if not p.requires_grad or id(p) in seen:
-            continue
-        seen.add(id(p))
-        (no_decay if id(p) in no_decay_ids else decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay},
-            {"params": no_decay, "weight_decay": 0.0}]
 
 
 def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer:
