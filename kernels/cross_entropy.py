@@ -32,8 +32,11 @@ def _row_lse(x_row, V, BLOCK_V: tl.constexpr, HAS_SMOOTHING: tl.constexpr):
     for start in range(0, V, BLOCK_V):
         mask = start + cols < V
         x = tl.load(x_row + start + cols, mask=mask, other=float("-inf")).to(tl.float32)
-        m_new = tl.maximum(m, tl.max(x, axis=0))  # finite: every block has a valid column
-        s = s * tl.exp(m - m_new) + tl.sum(tl.exp(x - m_new), axis=0)
+        m_new = tl.maximum(m, tl.max(x, axis=0))
+        # -inf while every logit so far is -inf (masked tokens): exp(-inf - -inf) would be NaN.
+        # Subtracting 0 instead adds exp(-inf) = 0 and keeps s = 0 until a finite logit comes.
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        s = s * tl.exp(m - m_safe) + tl.sum(tl.exp(x - m_safe), axis=0)
         m = m_new
         if HAS_SMOOTHING:
             xs += tl.sum(tl.where(mask, x, 0.0), axis=0)
@@ -119,9 +122,12 @@ def _ce_fwd_grad_kernel(
     x_row = x_ptr + row * V
     target = tl.load(t_ptr + row)
     lse, xs = _row_lse(x_row, V, BLOCK_V, HAS_SMOOTHING)
-    # The loss reads x[target] before _row_grad overwrites the row (same program, in order).
     tl.store(loss_ptr + row, _row_loss(x_row, target, ignore_index, lse, xs, V, label_smoothing,
                                        z_loss, HAS_SMOOTHING))
+    # The thread that stored the loss read x[target] first, but the warps run apart: without a
+    # barrier the warp owning the target column may overwrite it with its gradient before that
+    # read (the CUDA kernel's __syncthreads). tests/test_triton_aot.py checks the compiled order.
+    tl.debug_barrier()
     _row_grad(x_row, x_row, target, ignore_index, lse, tl.load(scale_ptr), V, label_smoothing,
               z_loss, BLOCK_V)
 

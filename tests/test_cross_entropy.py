@@ -299,3 +299,59 @@ def test_inplace_opcheck(device, backend):
     logits, target = make_inputs(6, 37, torch.float32, device)
     scale = torch.tensor(0.25, device=device)
     torch.library.opcheck(op, (logits.detach().clone(), target, scale, -100, 0.1, 1e-3))
+
+
+# Rows whose first columns are -inf (masked special tokens): k = 1 poisons only the first column,
+# 33 the first of a CUDA warp's threads, 600 every one of the 512 CUDA threads' first element,
+# 2100 whole Triton blocks (1024 columns under the interpreter, 2048 on a GPU for V > 8192).
+NEG_INF_PREFIXES = [1, 33, 600, 2100, 9000]
+
+
+@pytest.mark.parametrize("inplace", [False, True], ids=["normal", "inplace"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("backend", ["torch", "cpu", "cuda", "triton"])
+def test_neg_inf_logits_give_finite_loss(device, backend, dtype, inplace):
+    """A row whose first columns are -inf has a finite loss and gradient (p = 0 there). It was
+    NaN: exp(-inf - -inf) in the running max of the CUDA threads and of the Triton blocks."""
+    require_backend(OP, backend, device)
+    N, V = len(NEG_INF_PREFIXES) + 1, 9001
+    logits, target = make_inputs(N, V, dtype, device)
+    with torch.no_grad():
+        for r, k in enumerate(NEG_INF_PREFIXES):
+            logits[r, :k] = float("-inf")
+            target[r] = k + (r * 97) % (V - k)  # a finite column
+    target[-1] = -100  # an ignored row among them
+    fn = inplace_fn(backend, target, "sum") if inplace else (
+        lambda x: ops.cross_entropy(x, target, reduction="sum", backend=backend))
+    loss, (grad,) = forward_backward(fn, [logits])
+    assert torch.isfinite(loss).all() and torch.isfinite(grad).all(), (loss, grad)
+    ref = forward_backward(lambda x: reference.cross_entropy(x, target, reduction="sum"),
+                           fp32_copies([logits]))
+    lowp = None
+    if dtype != torch.float32:
+        lowp = forward_backward(lambda x: F.cross_entropy(x, target, reduction="sum"),
+                                lowp_copies([logits], dtype))
+    compare_with_reference(f"{OP}[{backend}, -inf rows]", dtype, (loss, [grad]), ref, lowp)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("backend", ["cpu", "cuda", "triton"])
+def test_inplace_target_in_every_warp(device, backend, dtype):
+    """The fused kernel reads x[target] for the loss, then overwrites the row with its gradient:
+    targets in every warp's columns (CUDA: column c is thread c % 512's, warp (c % 512) // 32;
+    Triton: warp w holds a contiguous 1/num_warps of each block) catch a warp that writes the
+    target's gradient before the loss is read (the loss would then use a gradient value)."""
+    require_backend(OP, backend, device)
+    N, V = 32, 8000
+    logits, _ = make_inputs(N, V, dtype, device)
+    cuda_cols = [w * 32 + 5 for w in range(16)]  # one per CUDA warp, first stride
+    triton_cols = [w * (V // 16) + 7 for w in range(16)]  # one per 1/16 of the row
+    target = torch.tensor(cuda_cols + triton_cols, device=device)
+    ours = forward_backward(inplace_fn(backend, target, "none"), [logits])
+    ref = forward_backward(lambda x: reference.cross_entropy(x, target, reduction="none"),
+                           fp32_copies([logits]))
+    lowp = None
+    if dtype != torch.float32:
+        lowp = forward_backward(lambda x: F.cross_entropy(x, target, reduction="none"),
+                                lowp_copies([logits], dtype))
+    compare_with_reference(f"{OP}[{backend}, targets in every warp]", dtype, ours, ref, lowp)

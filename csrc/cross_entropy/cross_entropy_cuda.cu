@@ -38,7 +38,7 @@ __device__ __forceinline__ float row_lse_and_loss(const T* xr, int64_t V, int64_
     if (v > m) {
       s = s * __expf(m - v) + 1.f;
       m = v;
-    } else {
+    } else if (v != -INFINITY) {  // a -inf logit adds 0; with m = -inf too, exp(v - m) is NaN
       s += __expf(v - m);
     }
     xs += v;
