@@ -8,6 +8,9 @@ is nearest the requested Jaccard `threshold`. As in most LSH dedup pipelines, a 
 taken as a duplicate without a second exact-Jaccard check, which keeps only 8 bytes per band per kept
 document in memory (about 1 KB per document with the defaults, plus Python set overhead).
 
+A document with no word characters (e.g. "$$$$%%%%") has no n-grams and so no band keys: it is
+kept as unique, never a near-duplicate of anything (exact dedup still drops its exact copies).
+
 The hashing is deterministic (fixed-seed hashes of words and n-grams), never
 Python's per-process randomised hash, so decisions are the same in every worker and every run.
 The work splits in two: `DedupHasher.keys(text)` is pure and runs in the workers; the `Deduper`
@@ -23,6 +26,10 @@ from pathlib import Path
 import numpy as np
 
 _M = np.uint64(0x9E3779B97F4A7C15)  # odd constant of the polynomial n-gram hash
+# The dedup log's filler for a wordless document's missing band keys. A real band key is 0 only
+# when its mixed sum is 0 mod 2^64 (_mix is a bijection fixing 0): a 2^-64 chance, which at worst
+# forgets one band of one document on resume.
+NO_BAND = 0
 
 
 @dataclass(frozen=True)
@@ -186,9 +193,11 @@ class Deduper:
         self.exact.add(exact_key)
         self.bands.update(keys)
         if self._log is not None:
-            row = np.empty(self._width, dtype="<u8")
+            # A document without words has no band keys (it is kept, as unique): its log row
+            # pads them with NO_BAND so every row keeps the fixed width open_log reads.
+            row = np.full(self._width, NO_BAND, dtype="<u8")
             row[0] = exact_key
-            row[1:] = band_keys
+            row[1:1 + len(keys)] = band_keys
             self._log.write(row.tobytes())
         return None
 
@@ -199,7 +208,8 @@ class Deduper:
                 f.truncate(valid_bytes)
             rows = np.fromfile(path, dtype="<u8").reshape(-1, self._width)
             self.exact.update(rows[:, 0].tolist())
-            self.bands.update(rows[:, 1:].ravel().tolist())
+            bands = rows[:, 1:].ravel()
+            self.bands.update(bands[bands != NO_BAND].tolist())
         self._log = open(path, "ab")
 
     def flush_log(self) -> int:
