@@ -121,3 +121,54 @@ def test_cli_train_encode_decode_info_export(tmp_path, capsys):
     assert "not allowed" in capsys.readouterr().err
     assert cli(["info", "--tokenizer", str(tmp_path / "missing.json")]) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("where", ["new", "new/", "existing"])
+def test_cli_export_into_directories(tok, tmp_path, where):
+    """--out names a new or existing directory in both formats; each gets what rebuilds the
+    tokenizer exactly: tokenizer.json + tokenizer_config.json (special tokens, chat template) or
+    the ranks + their JSON (split pattern, special tokens)."""
+    src = tmp_path / "tok.json"
+    tok.save(src)
+    for fmt, files in (("hf", ("tokenizer.json", "tokenizer_config.json")),
+                       ("tiktoken", ("tokenizer.tiktoken", "tokenizer.tiktoken.json"))):
+        out = tmp_path / fmt / "out"
+        if where == "existing":
+            out.mkdir(parents=True)
+        arg = str(out) + ("/" if where.endswith("/") else "")
+        assert cli(["export", "--tokenizer", str(src), "--format", fmt, "--out", arg]) == 0
+        assert all((out / f).is_file() for f in files)
+        back = tmp_path / f"{fmt}-back.json"
+        # no --pattern: the tiktoken import reads it from the JSON beside the ranks
+        assert cli(["import", "--format", fmt, "--input", str(out / files[0]),
+                    "--out", str(back)]) == 0
+        assert Tokenizer.load(back) == tok
+    config = json.loads((tmp_path / "hf" / "out" / "tokenizer_config.json").read_text())
+    assert config["eos_token"] == config["bos_token"] == EOT
+    assert config["additional_special_tokens"] == ["<|fim|>"] and "chat_template" in config
+
+
+def test_tiktoken_metadata_disagreeing_with_arguments_is_an_error(tok, tmp_path):
+    path = tok.save_tiktoken(tmp_path)
+    other = "gpt2" if tok.pattern != "gpt2" else "gpt4"
+    with pytest.raises(TokenizerFileError, match="split pattern"):
+        Tokenizer.load_tiktoken(path, pattern=other)
+    with pytest.raises(TokenizerFileError, match="special tokens"):
+        Tokenizer.load_tiktoken(path, special_tokens={})
+
+
+def test_hf_directory_export_loads_in_transformers(tok, tmp_path):
+    """AutoTokenizer reads the bare tokenizer export: same ids, eos, and the chat template
+    rendering fastlm's plain-transcript prompt (this tokenizer has no chat tokens)."""
+    transformers = pytest.importorskip("transformers", reason="transformers is not installed")
+    from fastlm.chat.template import chat_prompt
+    from fastlm.tokenizer.exports import save_hf_dir
+    save_hf_dir(tok, tmp_path / "hf")
+    hf = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf", local_files_only=True)
+    text = real_text()[:5000]
+    assert hf(text).input_ids == tok.encode(text)
+    assert hf.eos_token_id == tok.eot_id
+    messages = [{"role": "system", "content": "Be terse."}, {"role": "user", "content": "hi"}]
+    ids = hf.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+    ids = ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids
+    assert list(ids) == chat_prompt(tok, messages)[0]

@@ -27,6 +27,10 @@ trained on plain text, never fine-tuned for chat), which can only continue text:
 
 and the reply stops at the next "\\nUser:" (or <|endoftext|>). chat_prompt() is the one place
 that picks between the two.
+
+jinja() spells the same choice as a Jinja template, for the files other tools read (the
+chat_template of an exported tokenizer_config.json and the GGUF's tokenizer.chat_template): they
+render it to text and encode that, which gives chat_prompt()'s ids (tests/test_interop_chat.py).
 """
 from __future__ import annotations
 
@@ -106,6 +110,23 @@ def format_plain(messages: Sequence[dict]) -> str:
         else:
             parts.append(f"{PLAIN_NAMES[m['role']]}: {m['content'].strip()}\n")
     return "".join(parts) + "Assistant:"
+
+
+# Jinja spellings of encode_chat and format_plain (one line each: no literal whitespace for
+# trim_blocks/lstrip_blocks, which transformers and llama-cpp-python both set, to remove).
+_JINJA_TEMPLATE = ("{% for m in messages %}{{ '<|' + m['role'] + '|>' + m['content'] + '<|end|>' }}"
+                   "{% endfor %}{% if add_generation_prompt %}{{ '<|assistant|>' }}{% endif %}")
+_JINJA_PLAIN = ("{% for m in messages %}{% if m['role'] == 'system' %}"
+                "{{ m['content'] | trim + '\\n\\n' }}{% else %}"
+                "{{ ('User' if m['role'] == 'user' else 'Assistant') + ': ' + m['content'] | trim"
+                " + '\\n' }}{% endif %}{% endfor %}{{ 'Assistant:' }}")
+
+
+def jinja(tokenizer) -> str:
+    """chat_prompt()'s choice as a Jinja chat template (messages, add_generation_prompt): the
+    special-token template when the tokenizer has its tokens, else the plain transcript (which
+    always ends with "Assistant:", as format_plain does)."""
+    return _JINJA_TEMPLATE if has_chat_tokens(tokenizer) else _JINJA_PLAIN
 
 
 def chat_prompt(tokenizer, messages: Sequence[dict]) -> tuple[list[int], tuple[str, ...]]:

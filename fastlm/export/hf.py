@@ -30,10 +30,12 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from fastlm import checkpoint as ckpt
+from fastlm.chat.template import has_chat_tokens
 from fastlm.config import ConfigError, ModelConfig
 from fastlm.models.base import LanguageModel
 from fastlm.models.gpt import GPT
 from fastlm.tokenizer import Tokenizer
+from fastlm.tokenizer.exports import save_hf_dir
 
 
 class ExportError(ValueError):
@@ -129,16 +131,15 @@ def export_hf(model: LanguageModel, out_dir: str | Path, tokenizer: Tokenizer | 
     tensors = {k: v.detach().float().contiguous().cpu().clone() for k, v in tensors.items()}
     save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
     (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-    if tokenizer is not None:
-        tokenizer.save_hf(out / "tokenizer.json")
-        tc = {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": cfg.block_size,
-              "clean_up_tokenization_spaces": False}
-        if tokenizer.eot_id is not None:
-            tc.update(eos_token="<|endoftext|>", bos_token="<|endoftext|>")
-        (out / "tokenizer_config.json").write_text(json.dumps(tc, indent=2) + "\n")
+    if tokenizer is not None:  # with the chat template: see fastlm.tokenizer.exports
+        save_hf_dir(tokenizer, out / "tokenizer.json", model_max_length=cfg.block_size)
     gen = {"do_sample": False}
     if tokenizer is not None and tokenizer.eot_id is not None:
         gen.update(eos_token_id=tokenizer.eot_id, bos_token_id=tokenizer.eot_id)
+    if tokenizer is not None and has_chat_tokens(tokenizer):
+        # a chat reply ends at <|end|> (fastlm.chat.template), a document at <|endoftext|>
+        gen["eos_token_id"] = [i for i in (tokenizer.eot_id, tokenizer.special_tokens["<|end|>"])
+                               if i is not None]
     (out / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
     return out
 

@@ -4,15 +4,16 @@
     python -m fastlm.tokenizer encode --tokenizer tok.json --text "hello world"
     echo 15339 1917 | python -m fastlm.tokenizer decode --tokenizer tok.json
     python -m fastlm.tokenizer info --tokenizer tok.json
-    python -m fastlm.tokenizer export --tokenizer tok.json --format hf --out tokenizer.json
-    python -m fastlm.tokenizer import --format tiktoken --input x.tiktoken --pattern gpt4 --out tok.json
+    python -m fastlm.tokenizer export --tokenizer tok.json --format hf --out hf_tok/
+    python -m fastlm.tokenizer export --tokenizer tok.json --format tiktoken --out tt/
+    python -m fastlm.tokenizer import --format tiktoken --input tt/tokenizer.tiktoken --out tok.json
 """
 import argparse
 import json
 import sys
 import time
 
-from fastlm.tokenizer import patterns
+from fastlm.tokenizer import exports, patterns
 from fastlm.tokenizer.tokenizer import Tokenizer
 
 
@@ -52,13 +53,17 @@ def _parser():
     x = sub.add_parser("export", help="write the tokenizer in another library's format")
     x.add_argument("--tokenizer", required=True)
     x.add_argument("--format", required=True, choices=["tiktoken", "hf"])
-    x.add_argument("--out", required=True)
+    x.add_argument("--out", required=True,
+                   help="a directory (existing, ending with '/' or without a suffix: made if new; "
+                        "gets tokenizer.json + tokenizer_config.json, or tokenizer.tiktoken + "
+                        "tokenizer.tiktoken.json) or a file name (the config/JSON goes beside it)")
 
     m = sub.add_parser("import", help="convert a tiktoken ranks file or HF tokenizer.json")
     m.add_argument("--format", required=True, choices=["tiktoken", "hf"])
     m.add_argument("--input", required=True)
-    m.add_argument("--pattern", default="gpt4", choices=["gpt2", "gpt4"],
-                   help="tiktoken files do not record their split pattern")
+    m.add_argument("--pattern", default=None, choices=["gpt2", "gpt4"],
+                   help="tiktoken: the split pattern, when no <ranks>.json written by the export "
+                        "records it (default gpt4)")
     m.add_argument("--out", required=True)
     return p
 
@@ -110,12 +115,12 @@ def main(argv=None):
         elif a.command == "export":
             tok = Tokenizer.load(a.tokenizer)
             if a.format == "hf":
-                print(f"wrote {tok.save_hf(a.out)}", file=sys.stderr)
+                path = exports.save_hf_dir(tok, a.out)
+                print(f"wrote {path} and tokenizer_config.json beside it", file=sys.stderr)
             else:
-                tok.save_tiktoken(a.out)
-                print(f"wrote {a.out} (tiktoken ranks; split pattern {tok.pattern}: "
-                      f"{patterns.REGEXES[tok.pattern]!r}; special tokens "
-                      f"{tok.special_tokens})", file=sys.stderr)
+                path = tok.save_tiktoken(a.out)
+                print(f"wrote {path} (tiktoken ranks) and {exports.tiktoken_meta_path(path)} "
+                      f"(split pattern {tok.pattern}, special tokens)", file=sys.stderr)
         elif a.command == "import":
             if a.format == "hf":
                 tok = Tokenizer.load_hf(a.input)

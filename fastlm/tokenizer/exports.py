@@ -8,16 +8,42 @@ merge list. Hugging Face stores bytes as printable characters (GPT-2's byte-to-u
 One theoretical gap: where two different splits of the same token overlap in a piece
 (x|y|z with x+y == y+z), tiktoken takes the leftmost and HF the split listed first; no such case
 appeared in the tests' real text.
+
+Each export writes what its peer needs to rebuild the tokenizer exactly: beside tiktoken's ranks
+file a JSON of the other tiktoken.Encoding arguments (the split regex and the special tokens),
+beside tokenizer.json a tokenizer_config.json (eos/bos, the other special tokens and fastlm's chat
+template, so transformers' apply_chat_template gives fastlm's chat prompt ids). An output path
+that is a directory (one that exists, ends with a separator, or has no suffix: made if new) gets
+the conventional file name inside it.
 """
 import base64
 import json
 import os
 
+from fastlm.chat import template
 from fastlm.tokenizer import patterns
 from fastlm.tokenizer.formats import TokenizerFileError
 
 # What tiktoken gets for pattern "none": the whole text as one piece.
 NONE_REGEX = r"[\s\S]+"
+
+
+def out_file(path, name):
+    """The file an export to `path` writes: path/name when path is a directory (existing, ending
+    with a separator or without a suffix), else path itself; the folder it goes in is made."""
+    path = os.fspath(path)
+    if os.path.isdir(path) or path.endswith((os.sep, "/")) or not os.path.splitext(path)[1]:
+        path = os.path.join(path, name)
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    return path
+
+
+def _write(path, text):
+    """Write through a temporary file and a rename: no half-written file under the real name."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+    os.replace(tmp, path)
 
 
 def _need(module):
@@ -64,12 +90,51 @@ def from_tiktoken(cls, encoding):
                dict(encoding._special_tokens), pattern=name)
 
 
+def tiktoken_meta_path(ranks_path):
+    """The JSON written beside a ranks file: its name plus ".json"."""
+    return f"{os.fspath(ranks_path)}.json"
+
+
 def save_tiktoken_ranks(tok, path):
-    with open(path, "w", encoding="ascii") as f:
-        f.writelines(f"{base64.b64encode(t).decode()} {i}\n" for t, i in sorted(_ranks(tok).items(), key=lambda kv: kv[1]))
+    """Write the ranks (base64 token, space, rank per line) and, beside them, the other
+    tiktoken.Encoding arguments: tiktoken.Encoding(**meta minus "pattern",
+    mergeable_ranks=tiktoken.load.load_tiktoken_bpe(ranks)). Returns the ranks file's path."""
+    path = out_file(path, "tokenizer.tiktoken")
+    _write(path, "".join(f"{base64.b64encode(t).decode()} {i}\n"
+                         for t, i in sorted(_ranks(tok).items(), key=lambda kv: kv[1])))
+    meta = {"name": f"fastlm-{tok.hash()}", "pattern": tok.pattern,
+            "pat_str": patterns.REGEXES[tok.pattern] or NONE_REGEX,
+            "special_tokens": tok.special_tokens}
+    _write(tiktoken_meta_path(path), json.dumps(meta, indent=2, ensure_ascii=False) + "\n")
+    return path
 
 
-def load_tiktoken_ranks(cls, path, pattern, special_tokens):
+def _tiktoken_meta(path, pattern, special_tokens):
+    """(pattern, special tokens) of a ranks file: the JSON beside it, which an explicit
+    argument must agree with, else the arguments (pattern defaulting to gpt4)."""
+    meta_path = tiktoken_meta_path(path)
+    if not os.path.isfile(meta_path):
+        return patterns.check(pattern or "gpt4"), dict(special_tokens or {})
+    try:
+        with open(meta_path, encoding="utf-8") as f:
+            meta = json.load(f)
+        saved_pattern, saved_specials = patterns.check(meta["pattern"]), dict(meta["special_tokens"])
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise TokenizerFileError(f"{meta_path}: unreadable tiktoken metadata ({e})") from None
+    if pattern is not None and pattern != saved_pattern:
+        raise TokenizerFileError(f"{path} was written with split pattern {saved_pattern!r} "
+                                 f"({meta_path}), not {pattern!r}")
+    if special_tokens is not None and dict(special_tokens) != saved_specials:
+        raise TokenizerFileError(f"{path} was written with special tokens {saved_specials} "
+                                 f"({meta_path}), not {dict(special_tokens)}")
+    return saved_pattern, saved_specials
+
+
+def load_tiktoken_ranks(cls, path, pattern=None, special_tokens=None):
+    path = os.fspath(path)
+    if os.path.isdir(path):
+        path = os.path.join(path, "tokenizer.tiktoken")
+    pattern, specials = _tiktoken_meta(path, pattern, special_tokens)
     ranks = {}
     with open(path, "rb") as f:
         for lineno, line in enumerate(f, 1):
@@ -81,8 +146,7 @@ def load_tiktoken_ranks(cls, path, pattern, special_tokens):
             except ValueError:
                 raise TokenizerFileError(f"{path}:{lineno}: expected 'base64-token rank', got "
                                          f"{line[:60]!r}") from None
-    specials = dict(special_tokens or {})
-    return cls(_tokens_from_ranks(ranks, specials), specials, pattern=patterns.check(pattern))
+    return cls(_tokens_from_ranks(ranks, specials), specials, pattern=pattern)
 
 
 # ---- Hugging Face ------------------------------------------------------------------------------
@@ -112,9 +176,8 @@ def _hf_merges(tok):
 
 
 def save_hf(tok, path):
-    path = os.fspath(path)
-    if os.path.isdir(path):
-        path = os.path.join(path, "tokenizer.json")
+    """Write tokenizer.json (to `path`, or inside it when it is a directory); returns its path."""
+    path = out_file(path, "tokenizer.json")
     b2c = byte_to_char()
 
     def s(b):
@@ -145,10 +208,33 @@ def save_hf(tok, path):
                   "vocab": {s(t): i for t, i in _ranks(tok).items()},
                   "merges": [f"{s(a)} {s(b)}" for a, b in _hf_merges(tok)]},
     }
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(doc, f, ensure_ascii=False)
-    os.replace(tmp, path)
+    _write(path, json.dumps(doc, ensure_ascii=False))
+    return path
+
+
+def hf_tokenizer_config(tok, model_max_length=None):
+    """tokenizer_config.json's content: <|endoftext|> as eos and bos (fastlm separates documents
+    with it and prepends nothing else), the other special tokens, and the chat template."""
+    tc = {"tokenizer_class": "PreTrainedTokenizerFast", "clean_up_tokenization_spaces": False,
+          "chat_template": template.jinja(tok)}
+    if model_max_length is not None:
+        tc["model_max_length"] = model_max_length
+    if tok.eot_id is not None:
+        tc.update(eos_token="<|endoftext|>", bos_token="<|endoftext|>")
+    others = [s for s, _ in sorted(tok.special_tokens.items(), key=lambda kv: kv[1])
+              if s != "<|endoftext|>"]
+    if others:
+        tc["additional_special_tokens"] = others
+    return tc
+
+
+def save_hf_dir(tok, path, model_max_length=None):
+    """tokenizer.json and tokenizer_config.json side by side (what AutoTokenizer reads);
+    returns the tokenizer.json path."""
+    path = save_hf(tok, path)
+    config = os.path.join(os.path.dirname(path), "tokenizer_config.json")
+    _write(config, json.dumps(hf_tokenizer_config(tok, model_max_length), indent=2,
+                              ensure_ascii=False) + "\n")
     return path
 
 

@@ -298,12 +298,17 @@ class Tokenizer:
         return exports.from_tiktoken(cls, encoding)
 
     def save_tiktoken(self, path):
-        """Write tiktoken's ranks format (base64 token, space, rank per line)."""
+        """Write tiktoken's ranks format (base64 token, space, rank per line; a folder path gets
+        path/tokenizer.tiktoken) and the split pattern and special tokens in a JSON beside it;
+        returns the ranks file's path."""
         from fastlm.tokenizer import exports
-        exports.save_tiktoken_ranks(self, path)
+        return exports.save_tiktoken_ranks(self, path)
 
     @classmethod
-    def load_tiktoken(cls, path, pattern="gpt4", special_tokens=None):
+    def load_tiktoken(cls, path, pattern=None, special_tokens=None):
+        """Read a ranks file; the pattern and special tokens come from the JSON save_tiktoken
+        writes beside it (an argument that disagrees is an error), else from the arguments
+        (pattern default gpt4)."""
         from fastlm.tokenizer import exports
         return exports.load_tiktoken_ranks(cls, path, pattern, special_tokens)
 
