@@ -35,8 +35,10 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import hmac
 import itertools
 import json
+import math
 import os
 import queue
 import sys
@@ -67,6 +69,7 @@ else:
     _IMPORT_ERROR = None
 
 WEB_PAGE = Path(__file__).parent / "web" / "index.html"
+SHUTDOWN_S = 10  # the longest SIGTERM waits for open responses before closing them
 
 
 @dataclass
@@ -104,21 +107,34 @@ class Job:
 
 
 class Engine:
+    """The queue and the worker thread. The worker outlives any request: a request's failure
+    ends that request only (and a failed decode step the rows it held, on a fresh decoder);
+    `failure` says why the worker stopped, if it ever did, and every open response ends then."""
+
     def __init__(self, lm: Restored, limits: Limits):
         self.lm, self.limits = lm, limits
         self.jobs: queue.Queue[Job] = queue.Queue(maxsize=limits.max_queue)
         self.busy_rows = 0
         self.tokens_out = 0
         self.max_rows_seen = 0  # the most rows decoded together so far (tests, the bench)
+        self.failure: str | None = None  # why the worker stopped (None while it runs)
         # built here, not in the thread, so a model it cannot serve fails create_app loudly
-        self.decoder = ContinuousDecoder(lm.model, lm.tokenizer, limits.max_concurrency)
+        self.decoder = self._new_decoder()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="fastlm-engine", daemon=True)
         self._thread.start()
 
+    def _new_decoder(self) -> ContinuousDecoder:
+        return ContinuousDecoder(self.lm.model, self.lm.tokenizer, self.limits.max_concurrency)
+
+    @property
+    def alive(self) -> bool:
+        return self._thread.is_alive() and not self._stop.is_set()
+
     def submit(self, job: Job) -> None:
-        if not self._thread.is_alive():
-            raise ApiError(503, "the generation worker is not running", "server_error",
+        if not self.alive:
+            why = self.failure or "shutting down"
+            raise ApiError(503, f"the generation worker is not running ({why})", "server_error",
                            headers={"Retry-After": "5"})
         try:
             self.jobs.put_nowait(job)
@@ -127,17 +143,42 @@ class Engine:
                            "waiting; retry later", "rate_limit_error", code="queue_full",
                            headers={"Retry-After": "1"}) from None
 
-    def close(self) -> None:
+    def close(self, timeout: float = 10) -> None:
+        """Stop the worker; it ends every open response first (bounded by timeout)."""
         self._stop.set()
-        self._thread.join(timeout=10)
+        self._thread.join(timeout=timeout)
+
+    @classmethod
+    def _end(cls, job: Job, error: Exception | None = None) -> None:
+        if error is not None:
+            cls._send(job, error)
+        cls._send(job, None)
 
     @staticmethod
     def _send(job: Job, item) -> None:
-        job.loop.call_soon_threadsafe(job.out.put_nowait, item)
+        with contextlib.suppress(RuntimeError):  # the client's event loop already closed
+            job.loop.call_soon_threadsafe(job.out.put_nowait, item)
 
     def _run(self) -> None:
-        dec = self.decoder
         running: dict[int, Job] = {}
+        try:
+            self._serve(running)
+            self.failure = "shut down"
+        except BaseException as exc:  # noqa: BLE001 -- recorded for /health, then every job ends
+            self.failure = f"{type(exc).__name__}: {exc}"
+            raise
+        finally:
+            gone = RuntimeError(f"the server stopped ({self.failure})")
+            for job in running.values():
+                self._end(job, gone)
+            while True:
+                try:
+                    self._end(self.jobs.get_nowait(), gone)
+                except queue.Empty:
+                    break
+            self.busy_rows = 0
+
+    def _serve(self, running: dict[int, Job]) -> None:
         ids = itertools.count()
 
         def deliver(events) -> None:
@@ -146,44 +187,41 @@ class Engine:
                 self.tokens_out += ev.token is not None
                 self._send(job, ev)
                 if ev.finish_reason is not None:
-                    self._send(job, None)
+                    self._end(job)
                     del running[ev.row]
 
         while not self._stop.is_set():
-            # admit: block only while idle, otherwise take what is waiting, up to the free slots
-            while dec.free:
-                try:
-                    job = self.jobs.get(timeout=0.1) if not running else self.jobs.get_nowait()
-                except queue.Empty:
-                    break
-                if job.cancelled:
-                    continue
-                key = next(ids)
-                running[key] = job
-                try:
-                    deliver(dec.add(job.prompt_ids, job.params, key))
-                except Exception as exc:  # noqa: BLE001 -- this request's error, not the server's
-                    running.pop(key, None)
-                    self._send(job, exc)
-                    self._send(job, None)
-            for key, job in list(running.items()):  # clients that went away
-                if job.cancelled:
-                    deliver(dec.cancel(key))
-            self.busy_rows = dec.active
-            self.max_rows_seen = max(self.max_rows_seen, dec.active)
-            if not dec.active:
-                continue
+            dec = self.decoder
             try:
-                deliver(dec.step())
-            except Exception as exc:  # noqa: BLE001 -- a bug must reach the clients, not kill the worker
-                for key, job in list(running.items()):
-                    dec.cancel(key)
-                    self._send(job, exc)
-                    self._send(job, None)
+                # admit: block only while idle, otherwise take what is waiting, up to free slots
+                while dec.free:
+                    try:
+                        job = (self.jobs.get(timeout=0.1) if not running
+                               else self.jobs.get_nowait())
+                    except queue.Empty:
+                        break
+                    if job.cancelled:
+                        self._end(job)
+                        continue
+                    key = next(ids)
+                    running[key] = job
+                    try:
+                        deliver(dec.add(job.prompt_ids, job.params, key))
+                    except Exception as exc:  # noqa: BLE001 -- this request's error only
+                        running.pop(key, None)
+                        self._end(job, exc)
+                for key, job in list(running.items()):  # clients that went away
+                    if job.cancelled:
+                        deliver(dec.cancel(key))
+                self.busy_rows = dec.active
+                self.max_rows_seen = max(self.max_rows_seen, dec.active)
+                if dec.active:
+                    deliver(dec.step())
+            except Exception as exc:  # noqa: BLE001 -- a bug ends the rows it hit, not the worker
+                for job in running.values():
+                    self._end(job, exc)
                 running.clear()
-        for key, job in running.items():  # shutting down: end every open response
-            self._send(job, None)
-        self.busy_rows = 0
+                self.decoder = self._new_decoder()  # its state is unknown after a failed step
 
 
 # ---------------------------------------------------------------------------------------------
@@ -204,11 +242,11 @@ def sampling_from_body(body: dict, limits: Limits, extra_stop: tuple[str, ...] =
                        ) -> SamplingParams:
     num = (int, float)
     default = min(limits.max_tokens, 16 if extra_stop == () else 256)  # OpenAI's: 16 / open
-    max_tokens = _get(body, "max_completion_tokens", int, None) or _get(
-        body, "max_tokens", int, default, lambda v: v >= 1, "an integer >= 1")
+    which = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
+    max_tokens = _get(body, which, int, default, lambda v: v >= 1, "an integer >= 1")
     if max_tokens > limits.max_tokens:
-        raise ApiError(400, f"'max_tokens' is {max_tokens}, more than this server's limit of "
-                       f"{limits.max_tokens}", param="max_tokens", code="too_many_tokens")
+        raise ApiError(400, f"'{which}' is {max_tokens}, more than this server's limit of "
+                       f"{limits.max_tokens}", param=which, code="too_many_tokens")
     stop = body.get("stop")
     stop = [] if stop is None else [stop] if isinstance(stop, str) else stop
     if not isinstance(stop, list) or len(stop) > 4 or not all(isinstance(s, str) and s for s in stop):
@@ -226,11 +264,15 @@ def sampling_from_body(body: dict, limits: Limits, extra_stop: tuple[str, ...] =
         top_k=_get(body, "top_k", int, 0, lambda v: v >= 0, "an integer >= 0"),
         top_p=float(_get(body, "top_p", num, 1.0, lambda v: 0 < v <= 1, "in (0, 1]")),
         min_p=float(_get(body, "min_p", num, 0.0, lambda v: 0 <= v < 1, "in [0, 1)")),
-        repetition_penalty=float(_get(body, "repetition_penalty", num, 1.0, lambda v: v > 0,
-                                      "> 0")),
+        repetition_penalty=float(_get(body, "repetition_penalty", num, 1.0,
+                                      lambda v: 0 < v < math.inf, "> 0 and finite")),
         stop=tuple(stop) + extra_stop,
-        seed=_get(body, "seed", int, None))
-    return params
+        seed=_get(body, "seed", int, None, lambda v: -2**63 <= v < 2**64,
+                  "an integer in [-2**63, 2**64)"))
+    try:  # the decoder's own rules too, so nothing it would refuse reaches the worker
+        return params.validate()
+    except ValueError as exc:
+        raise ApiError(400, str(exc)) from None
 
 
 def _usage(n_prompt: int, n_out: int) -> dict:
@@ -267,6 +309,11 @@ def create_app(lm: Restored, api_key: str | None = None, limits: Limits | None =
     async def _api_error(request: Request, exc: ApiError):
         return exc.response()
 
+    @app.exception_handler(Exception)
+    async def _bug(request: Request, exc: Exception):  # still JSON, still OpenAI's shape
+        return ApiError(500, f"internal error: {type(exc).__name__}: {exc}",
+                        "server_error").response()
+
     @app.exception_handler(404)
     async def _not_found(request: Request, exc):
         return ApiError(404, f"no such endpoint: {request.method} {request.url.path}",
@@ -280,8 +327,8 @@ def create_app(lm: Restored, api_key: str | None = None, limits: Limits | None =
     def check_key(request: Request) -> None:
         if api_key is None:
             return
-        got = request.headers.get("authorization", "")
-        if got != f"Bearer {api_key}":
+        got = request.headers.get("authorization", "").encode("latin-1")  # as it came
+        if not hmac.compare_digest(got, f"Bearer {api_key}".encode()):  # no timing leak
             raise ApiError(401, "missing or wrong API key: send 'Authorization: Bearer KEY'",
                            "authentication_error", code="invalid_api_key")
 
@@ -302,6 +349,11 @@ def create_app(lm: Restored, api_key: str | None = None, limits: Limits | None =
             raise ApiError(400, f"the body is not valid JSON: {exc}", code="invalid_json") from None
         if not isinstance(body, dict):
             raise ApiError(400, "the body must be a JSON object", code="invalid_json")
+        try:  # JSON may escape a lone UTF-16 surrogate ("\\ud800"), which is not text
+            json.dumps(body, ensure_ascii=False).encode("utf-8")
+        except UnicodeEncodeError:
+            raise ApiError(400, "the body holds a lone UTF-16 surrogate escape (not valid "
+                           "Unicode text)", code="invalid_json") from None
         model = body.get("model")
         if model is not None and model != name:
             raise ApiError(404, f"model {model!r} does not exist; this server has {name!r}",
@@ -327,7 +379,13 @@ def create_app(lm: Restored, api_key: str | None = None, limits: Limits | None =
         """Async iterator over the job's Events."""
         try:
             while True:
-                item = await job.out.get()
+                try:  # a worker that stopped ends its jobs; this only guards a lost wakeup
+                    item = await asyncio.wait_for(job.out.get(), timeout=5)
+                except asyncio.TimeoutError:
+                    if engine.alive:
+                        continue
+                    raise ApiError(503, f"the generation worker stopped ({engine.failure})",
+                                   "server_error") from None
                 if item is None:
                     return
                 if isinstance(item, Exception):
@@ -391,17 +449,39 @@ def create_app(lm: Restored, api_key: str | None = None, limits: Limits | None =
             return {**base, "object": obj, "choices": [ch], "usage": _usage(len(job.prompt_ids), n_out)}
         return whole()
 
+    async def until_disconnect(request: Request, job: Job, whole):
+        """Await the whole answer, cancelling the job if the client leaves first (uvicorn
+        does not cancel a handler whose client went away; a stream notices on its next send)."""
+        task = asyncio.ensure_future(whole)
+        try:
+            while not task.done():
+                await asyncio.wait({task}, timeout=0.25)
+                if not task.done() and await request.is_disconnected():
+                    job.cancelled = True
+                    task.cancel()
+                    raise ApiError(499, "the client closed the request", code="client_closed")
+            return task.result()
+        finally:
+            if not task.done():
+                job.cancelled = True
+                task.cancel()
+
     async def reply(request: Request, body: dict, ids, params, chat: bool):
-        result = respond(body, submit(ids, params), chat)
+        job = submit(ids, params)
+        result = respond(body, job, chat)
         if body.get("stream"):
             return StreamingResponse(result, media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache"})
-        return JSONResponse(await result)
+        return JSONResponse(await until_disconnect(request, job, result))
 
     @app.get("/health")
     async def health():
-        return {"status": "ok", "model": name, "queued": engine.jobs.qsize(),
-                "decoding": engine.busy_rows}
+        state = {"model": name, "queued": engine.jobs.qsize(), "decoding": engine.busy_rows}
+        if not engine.alive:  # the worker's real state: a load balancer must see it
+            return JSONResponse({"status": "error", "error": f"generation worker stopped "
+                                 f"({engine.failure or 'shutting down'})", **state},
+                                status_code=503)
+        return {"status": "ok", **state}
 
     @app.get("/", response_class=HTMLResponse)
     async def page():
@@ -465,6 +545,8 @@ def main(argv: list[str] | None = None) -> int:
     for name in ("max_concurrency", "max_queue", "max_tokens", "max_body_bytes"):
         if getattr(args, name) < 1:
             ap.error(f"--{name.replace('_', '-')} must be >= 1")
+    if not 0 <= args.port <= 65535:
+        ap.error(f"--port must be in 0..65535, got {args.port}")
     if _IMPORT_ERROR is not None:
         print(f"fastlm.serve: needs fastapi and uvicorn ({_IMPORT_ERROR}); "
               "pip install 'fastlm[serve]'", file=sys.stderr)
@@ -481,7 +563,9 @@ def main(argv: list[str] | None = None) -> int:
     app = create_app(lm, args.api_key, limits)
     print(f"fastlm.serve: {lm.meta.name} ({', '.join(lm.meta.notes)}) on http://{args.host}:{args.port}/",
           file=sys.stderr)
-    uvicorn.run(app, host=args.host, port=args.port, log_level="info")
+    # bounded shutdown: open responses get SHUTDOWN_S to finish, then the worker stops
+    uvicorn.run(app, host=args.host, port=args.port, log_level="info",
+                timeout_graceful_shutdown=SHUTDOWN_S)
     return 0
 
 

@@ -72,6 +72,9 @@ class SamplingParams:
                 raise ValueError(f"{name} must be {rule}, got {getattr(self, name)!r}")
         if any(not isinstance(s, str) or not s for s in self.stop):
             raise ValueError(f"stop strings must be non-empty strings, got {list(self.stop)!r}")
+        # torch.Generator.manual_seed takes a signed or unsigned 64-bit integer, nothing wider
+        if self.seed is not None and not -2**63 <= self.seed < 2**64:
+            raise ValueError(f"seed must be an integer in [-2**63, 2**64), got {self.seed}")
         return self
 
 
@@ -428,21 +431,20 @@ class ContinuousDecoder:
                              f"{self.cache.max_len - 1} leave room for an answer")
         if any(row.key == key for row in self.rows):
             raise ValueError(f"ContinuousDecoder.add: key {key} is already decoding")
-        r, view = self.cache.claim()  # r == len(self.rows)
         row = _Row(key, params, _generator(params.seed, self.seen.device),
                    TextStream(self.tokenizer, params.stop))
+        r, view = self.cache.claim()  # r == len(self.rows)
         self.rows.append(row)
-        try:
+        try:  # whatever fails from here on gives the slot back: rows and cache stay in step
             idx = torch.tensor([list(prompt)], dtype=torch.long, device=self.seen.device)
             self.seen[r].zero_()
             self.seen[r, idx[0]] = True
             logits = self.model.forward_cached(idx, view, last_only=True)  # (1, 1, V)
-        except Exception:
-            self.rows.pop()
-            self.cache.release(r)
+            self.cache.set_length(r, len(prompt))
+            return self._sample(logits[:, -1], slice(r, r + 1))
+        except BaseException:
+            self.cancel(key)
             raise
-        self.cache.set_length(r, len(prompt))
-        return self._sample(logits[:, -1], slice(r, r + 1))
 
     @torch.no_grad()
     def step(self) -> list[Event]:
