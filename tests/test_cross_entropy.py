@@ -114,6 +114,25 @@ def test_opcheck(device, backend):
     _, lse = fwd(logits, target, -100, 0.1, 1e-3)
     dloss = randn(6, device=device)
     torch.library.opcheck(bwd, (dloss, logits.detach(), target, lse.detach(), -100, 0.1, 1e-3))
+    # Transposed logits: the kernels return a contiguous gradient, so must the fake kernel.
+    strided = logits.detach().t().contiguous().t()
+    torch.library.opcheck(bwd, (dloss, strided, target, lse.detach(), -100, 0.1, 1e-3))
+
+
+@pytest.mark.parametrize("backend", ["cpu", "triton", "cuda"])
+def test_torch_compile_strided_logits(device, backend):
+    """Under torch.compile the gradient of transposed logits has the strides the fake kernel
+    claims: .view(-1) of it traces only if the fake is contiguous, as the real gradient is."""
+    require_backend(OP, backend, device)
+    logits, target = make_inputs(6, 37, torch.float32, device)
+    strided = logits.detach().t().contiguous().t()
+    _, lse = ops.native_op(OP, backend, "fwd")(strided, target, -100, 0.0, 0.0)
+    dloss = randn(6, device=device)
+    bwd = ops.native_op(OP, backend, "bwd")
+    fn = torch.compile(lambda x: bwd(dloss, x, target, lse, -100, 0.0, 0.0).view(-1),
+                       fullgraph=True)
+    torch.testing.assert_close(fn(strided), bwd(dloss, strided, target, lse, -100, 0.0, 0.0)
+                               .view(-1))
 
 
 @pytest.mark.parametrize("backend", ["cpu", "triton", "cuda"])

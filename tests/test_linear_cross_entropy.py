@@ -159,6 +159,10 @@ def test_opcheck(device, backend):
     scale = torch.tensor(0.25, device=device)
     torch.library.opcheck(fwd, (hidden, weight, target, scale, -100, 4, True))
     torch.library.opcheck(fwd, (hidden.detach(), weight.detach(), target, scale, -100, 4, False))
+    # Transposed inputs: the gradients come back contiguous, and so must the fake kernel's.
+    h_t = hidden.detach().t().contiguous().t().requires_grad_()
+    w_t = weight.detach().t().contiguous().t().requires_grad_()
+    torch.library.opcheck(fwd, (h_t, w_t, target, scale, -100, 4, True))
 
 
 @pytest.mark.parametrize("backend", ["cpu", "triton"])

@@ -93,7 +93,7 @@ def register_cross_entropy(fwd: str, bwd: str, fwd_inplace: str | None = None) -
 
     @torch.library.register_fake(bwd)
     def _bwd_fake(dloss, logits, target, lse, ignore_index, label_smoothing, z_loss):
-        return torch.empty_like(logits)
+        return logits.new_empty(logits.shape)
 
     if fwd_inplace is not None:
         @torch.library.register_fake(fwd_inplace)
@@ -186,7 +186,7 @@ def register_linear_cross_entropy(fwd: str) -> None:
         loss = hidden.new_empty((), dtype=torch.float32)
         if not with_grad:
             return loss, hidden.new_empty(0), weight.new_empty(0)
-        return loss, torch.empty_like(hidden), torch.empty_like(weight)
+        return loss, hidden.new_empty(hidden.shape), weight.new_empty(weight.shape)
 
     def setup_context(ctx, inputs, output):
         ctx.save_for_backward(output[1], output[2])
