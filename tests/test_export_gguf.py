@@ -10,6 +10,7 @@ from fastlm.generate.decode import BatchDecoder, SamplingParams
 from fastlm.export.gguf import (GGUFExportError, export_gguf, gguf_tensors, rope_permute,
                                  rope_unpermute)
 from fastlm.tokenizer import Tokenizer
+from tests.interop import require
 from tests.lm_fixtures import save_checkpoint, tiny_model
 
 gguf = pytest.importorskip("gguf", reason="the gguf package is not installed")
@@ -81,6 +82,45 @@ def test_rope_permutation_keeps_scores():
         torch.testing.assert_close(theirs, ours)
 
 
+@pytest.fixture(scope="module")
+def bpe():
+    pytest.importorskip("fastlm._bpe", reason="fastlm._bpe is not built")
+    from fastlm.chat.template import SPECIAL_TOKENS
+    from tests.bpe_corpus import stdlib_text
+    return {p: Tokenizer.train(iter([stdlib_text(8000)]), vocab_size=320, pattern=p,
+                               special_tokens=["<|endoftext|>", *SPECIAL_TOKENS])
+            for p in ("gpt4", "gpt2", "none")}
+
+
+@pytest.mark.parametrize("pattern,pre", [("gpt4", "llama-bpe"), ("gpt2", "gpt-2")])
+def test_tokenizer_metadata(tmp_path, bpe, pattern, pre):
+    """The llama.cpp pre-tokenizer of the split pattern, the chat template and the ids of the
+    special tokens llama.cpp stops at; no bos prepended."""
+    from fastlm.chat.template import jinja
+    tok = bpe[pattern]
+    _, field = read(export_gguf(tiny_model("llama", vocab_size=tok.vocab_size), tmp_path, tok))
+    assert field("tokenizer.ggml.pre") == pre
+    assert field("tokenizer.chat_template") == jinja(tok)
+    assert field("tokenizer.ggml.eos_token_id") == tok.eot_id
+    assert field("tokenizer.ggml.eot_token_id") == tok.special_tokens["<|end|>"]
+    assert not field("tokenizer.ggml.add_bos_token")
+
+
+def test_byte_tokenizer_gets_a_merge_that_never_applies(tmp_path):
+    """llama.cpp refuses a gpt2 tokenizer without merges; the one written joins a two-character
+    piece no merge makes (the llama.cpp test shows the ids stay single bytes)."""
+    _, field = read(export_gguf(tiny_model("gpt2"), tmp_path, Tokenizer.byte()))
+    assert field("tokenizer.ggml.merges") == ["ĀĀ Ā"]
+
+
+def test_refuses_a_split_llama_cpp_cannot_reproduce(tmp_path, bpe):
+    tok = bpe["none"]
+    with pytest.raises(GGUFExportError, match="split pattern 'none' has no llama.cpp "
+                                              "pre-tokenizer"):
+        export_gguf(tiny_model("llama", vocab_size=tok.vocab_size), tmp_path / "x", tok)
+    assert not (tmp_path / "x").exists()  # refused before anything is written
+
+
 def test_refuses_what_llama_cpp_cannot_run(tmp_path):
     with pytest.raises(GGUFExportError, match="tanh GELU"):
         export_gguf(tiny_model("gpt2", gelu="exact"), tmp_path)
@@ -97,7 +137,7 @@ def test_cli(tmp_path, capsys):
 
 @pytest.mark.parametrize("arch", ["gpt2", "llama"])
 def test_llama_cpp_greedy_matches(tmp_path, arch):
-    llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed")
+    llama_cpp = require("llama_cpp")
     model = tiny_model(arch, vocab_size=257)
     path = export_gguf(model, tmp_path, Tokenizer.byte(["<|endoftext|>"]))
     llm = llama_cpp.Llama(model_path=str(path), n_ctx=64, verbose=False, logits_all=False)

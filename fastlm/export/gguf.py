@@ -6,6 +6,17 @@ writes DIR/model.gguf with llama.cpp's architecture names: "llama" (llama flavou
 (gpt2 flavour), the hyper-parameters under "<arch>.*", and a "gpt2"-type (byte-level BPE)
 tokenizer: the same token strings and merges as the Hugging Face tokenizer.json export.
 
+The tokenizer encodes in llama.cpp as in fastlm (tests/test_interop_llama_cpp.py):
+- tokenizer.ggml.pre names the llama.cpp pre-tokenizer that splits text as the tokenizer's
+  pattern does (PRE_TOKENIZERS). llama.cpp has none that keeps text whole, so a BPE trained with
+  pattern "none" is refused: llama.cpp would split it and encode differently.
+- A vocabulary without merges (the byte tokenizer) needs no splitting, but llama.cpp refuses a
+  gpt2-type tokenizer without a merges list, and gguf cannot write an empty one: it gets one merge
+  that can never apply (see NO_MERGE).
+- The chat template (fastlm.chat.template.jinja) and the special-token ids go in the metadata:
+  eos/bos <|endoftext|>, eot <|end|> for chat-tuned tokenizers; no bos is prepended, as in
+  fastlm.
+
 Layout differences:
 - llama.cpp's Llama RoPE rotates adjacent feature pairs (2i, 2i+1), while fastlm (like
   transformers) rotates (i, i + D/2). The q and k projection rows are therefore permuted per head
@@ -24,6 +35,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from fastlm.chat import template
 from fastlm.models.base import LanguageModel
 from fastlm.models.gpt import GPT
 from fastlm.tokenizer import Tokenizer
@@ -31,6 +43,14 @@ from fastlm.tokenizer import Tokenizer
 
 class GGUFExportError(ValueError):
     pass
+
+
+# fastlm split pattern -> llama.cpp pre-tokenizer with the same regex (llama-vocab.cpp); both
+# also take a piece that is a whole token as that token, or reach it through the merges.
+PRE_TOKENIZERS = {"gpt4": "llama-bpe", "gpt2": "gpt-2"}
+# llama.cpp's BPE starts from one symbol per (byte-level) character and merges pairs of symbols
+# listed in the merges; "ĀĀ" is two characters that no other merge makes, so this never applies.
+NO_MERGE = "ĀĀ Ā"
 
 
 def rope_permute(w: torch.Tensor, n_heads: int) -> torch.Tensor:
@@ -85,8 +105,10 @@ def gguf_tensors(model: GPT) -> dict[str, torch.Tensor]:
     return out
 
 
-def _vocab(tokenizer: Tokenizer, vocab_size: int) -> tuple[list[str], list[int], list[str]]:
-    """Token strings (byte-level BPE characters, as in tokenizer.json), types and merges."""
+def _vocab(tokenizer: Tokenizer, vocab_size: int
+           ) -> tuple[list[str], list[int], list[str], str]:
+    """Token strings (byte-level BPE characters, as in tokenizer.json), types, merges and the
+    llama.cpp pre-tokenizer; GGUFExportError when llama.cpp cannot split text the same way."""
     import gguf
     with tempfile.TemporaryDirectory() as d:
         doc = json.loads(Path(tokenizer.save_hf(d)).read_text(encoding="utf-8"))
@@ -96,7 +118,16 @@ def _vocab(tokenizer: Tokenizer, vocab_size: int) -> tuple[list[str], list[int],
         tokens[i], types[i] = text, gguf.TokenType.NORMAL
     for added in doc["added_tokens"]:
         tokens[added["id"]], types[added["id"]] = added["content"], gguf.TokenType.CONTROL
-    return tokens, [int(t) for t in types], list(doc["model"]["merges"])
+    merges = list(doc["model"]["merges"])
+    if not merges:  # single bytes only: how text is split cannot change the ids
+        return tokens, [int(t) for t in types], [NO_MERGE], PRE_TOKENIZERS["gpt2"]
+    if tokenizer.pattern not in PRE_TOKENIZERS:
+        raise GGUFExportError(
+            f"the tokenizer's split pattern {tokenizer.pattern!r} has no llama.cpp "
+            f"pre-tokenizer (llama.cpp reproduces {', '.join(PRE_TOKENIZERS)}: "
+            f"{', '.join(PRE_TOKENIZERS.values())}), so llama.cpp would tokenize text "
+            "differently from fastlm; train the tokenizer with --pattern gpt4 or gpt2")
+    return tokens, [int(t) for t in types], merges, PRE_TOKENIZERS[tokenizer.pattern]
 
 
 def export_gguf(model: LanguageModel, out_dir: str | Path, tokenizer: Tokenizer | None = None,
@@ -118,6 +149,7 @@ def export_gguf(model: LanguageModel, out_dir: str | Path, tokenizer: Tokenizer 
     if tokenizer is not None and tokenizer.vocab_size > cfg.vocab_size:
         raise GGUFExportError(f"the tokenizer has {tokenizer.vocab_size} ids, the model only "
                               f"{cfg.vocab_size}")
+    vocab = _vocab(tokenizer, cfg.vocab_size) if tokenizer is not None else None
     tensors = gguf_tensors(model)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -140,17 +172,20 @@ def export_gguf(model: LanguageModel, out_dir: str | Path, tokenizer: Tokenizer 
         w.add_layer_norm_eps(cfg.norm_eps)
     w.add_file_type(gguf.LlamaFileType.ALL_F32 if dtype == "f32"
                     else gguf.LlamaFileType.MOSTLY_F16)
-    if tokenizer is not None:
-        tokens, types, merges = _vocab(tokenizer, cfg.vocab_size)
+    if vocab is not None:
+        tokens, types, merges, pre = vocab
         w.add_tokenizer_model("gpt2")
-        w.add_tokenizer_pre("default")
+        w.add_tokenizer_pre(pre)
         w.add_token_list(tokens)
         w.add_token_types(types)
         w.add_token_merges(merges)
         if tokenizer.eot_id is not None:
             w.add_eos_token_id(tokenizer.eot_id)
             w.add_bos_token_id(tokenizer.eot_id)
+        if template.has_chat_tokens(tokenizer):  # llama.cpp ends a chat turn at eot
+            w.add_eot_token_id(tokenizer.special_tokens["<|end|>"])
         w.add_add_bos_token(False)
+        w.add_chat_template(template.jinja(tokenizer))
     for tname, t in tensors.items():
         arr = t.detach().float().cpu().contiguous().numpy()
         if dtype == "f16" and arr.ndim == 2:
