@@ -130,9 +130,10 @@ def _launch(params, grads, exp_avgs, exp_avg_sqs, master_params, consts) -> None
         w = master_params[i] if master_params else p  # p: a placeholder the kernel never reads
         c_ptr = consts[i] if table else p
         scalars = (1.0,) * 7 if table else consts
-        _adamw_kernel[(triton.cdiv(n, BLOCK),)](p, g.contiguous(), m, v, w, c_ptr, n, *scalars,
-                                                HAS_MASTER=bool(master_params),
-                                                CONSTS_IN_PTR=table, BLOCK=BLOCK)
+        with utils.on_device(p.device):
+            _adamw_kernel[(triton.cdiv(n, BLOCK),)](p, g.contiguous(), m, v, w, c_ptr, n, *scalars,
+                                                    HAS_MASTER=bool(master_params),
+                                                    CONSTS_IN_PTR=table, BLOCK=BLOCK)
 
 
 def _host_consts(step, lr, beta1, beta2, eps, weight_decay) -> tuple:

@@ -101,8 +101,8 @@ def _attention_fwd_kernel(
     PRECISION: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    start_m = tl.program_id(0) * BLOCK_M
-    bh = tl.program_id(1).to(tl.int64)  # b * H + h; int64: offsets may pass 2**31
+    bh = tl.program_id(0).to(tl.int64)  # b * H + h; int64: offsets may pass 2**31
+    start_m = tl.program_id(1) * BLOCK_M
     bkv = bh // H * (H // N_REP) + bh % H // N_REP  # its key/value head
     q_base = q_ptr + bh * Tq * D
     k_base = k_ptr + bkv * Tk * D
@@ -184,8 +184,8 @@ def _attention_bwd_dkdv_kernel(
 ):
     # One program per (key block, key/value head): it loops over the N_REP query heads sharing
     # that head and over the query blocks that see the key block, so dk and dv stay in registers.
-    start_n = tl.program_id(0) * BLOCK_N
-    bkv = tl.program_id(1).to(tl.int64)  # b * H_kv + hk
+    bkv = tl.program_id(0).to(tl.int64)  # b * H_kv + hk
+    start_n = tl.program_id(1) * BLOCK_N
     H_kv = H // N_REP
     bh0 = bkv // H_kv * H + bkv % H_kv * N_REP  # the group's first query head
     offs_n = start_n + tl.arange(0, BLOCK_N)
@@ -249,8 +249,8 @@ def _attention_bwd_dq_kernel(
     BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     # One program per (query block, query head), walking the key blocks it sees like the forward.
-    start_m = tl.program_id(0) * BLOCK_M
-    bh = tl.program_id(1).to(tl.int64)
+    bh = tl.program_id(0).to(tl.int64)
+    start_m = tl.program_id(1) * BLOCK_M
     bkv = bh // H * (H // N_REP) + bh % H // N_REP
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
@@ -326,11 +326,14 @@ class _Launch:
         self.scale = float(scale)
         self.empty = B * H * Tq * D == 0
 
+    # Grids: (batch x heads, sequence blocks). Batch x heads goes on axis 0, the one that holds
+    # 2**31 - 1 programs; axes 1 and 2 hold 65,535, which B * H passes (e.g. 1024 x 64) long
+    # before Tq / BLOCK_M does (2M tokens at the smallest BLOCK_M, 32).
     def grid_q(self):
-        return lambda meta: (triton.cdiv(self.Tq, meta["BLOCK_M"]), self.B * self.H)
+        return lambda meta: (self.B * self.H, triton.cdiv(self.Tq, meta["BLOCK_M"]))
 
     def grid_kv(self):
-        return lambda meta: (triton.cdiv(self.Tk, meta["BLOCK_N"]), self.B * self.H_kv)
+        return lambda meta: (self.B * self.H_kv, triton.cdiv(self.Tk, meta["BLOCK_N"]))
 
 
 @torch.library.custom_op("fastlm::attention_fwd_triton", mutates_args=())
@@ -343,9 +346,10 @@ def attention_fwd_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, caus
     lse = utils.empty_output(q.shape[:-1], torch.float32, q.device)
     if L.empty:
         return out, lse
-    _attention_fwd_kernel[L.grid_q()](
-        q.contiguous(), k.contiguous(), v.contiguous(), out, lse,
-        L.H, L.n_rep, L.Tq, L.Tk, L.D, L.window, L.qk_scale, *L.keys, **L.common)
+    with utils.on_device(q.device):
+        _attention_fwd_kernel[L.grid_q()](
+            q.contiguous(), k.contiguous(), v.contiguous(), out, lse,
+            L.H, L.n_rep, L.Tq, L.Tk, L.D, L.window, L.qk_scale, *L.keys, **L.common)
     return out, lse
 
 
@@ -374,14 +378,15 @@ def attention_bwd_triton(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v
     N = L.B * L.H * L.Tq
     delta = utils.empty_output((N,), torch.float32, q.device)
     rows = 16 if utils.INTERPRET else 64
-    _attention_bwd_delta_kernel[(triton.cdiv(N, rows),)](
-        out.contiguous(), dout, delta, N, L.D, BLOCK_D=L.common["BLOCK_D"], BLOCK_M=rows)
-    _attention_bwd_dkdv_kernel[L.grid_kv()](
-        q, k, v, dout, lse, delta, dk, dv, L.H, L.n_rep, L.Tq, L.Tk, L.D, L.window,
-        L.qk_scale, L.scale, *L.keys, **L.common)
-    _attention_bwd_dq_kernel[L.grid_q()](
-        q, k, v, dout, lse, delta, dq, L.H, L.n_rep, L.Tq, L.Tk, L.D, L.window,
-        L.qk_scale, L.scale, *L.keys, **L.common)
+    with utils.on_device(q.device):
+        _attention_bwd_delta_kernel[(triton.cdiv(N, rows),)](
+            out.contiguous(), dout, delta, N, L.D, BLOCK_D=L.common["BLOCK_D"], BLOCK_M=rows)
+        _attention_bwd_dkdv_kernel[L.grid_kv()](
+            q, k, v, dout, lse, delta, dk, dv, L.H, L.n_rep, L.Tq, L.Tk, L.D, L.window,
+            L.qk_scale, L.scale, *L.keys, **L.common)
+        _attention_bwd_dq_kernel[L.grid_q()](
+            q, k, v, dout, lse, delta, dq, L.H, L.n_rep, L.Tq, L.Tk, L.D, L.window,
+            L.qk_scale, L.scale, *L.keys, **L.common)
     return dq, dk, dv
 
 

@@ -173,9 +173,10 @@ def cross_entropy_fwd_triton(logits: torch.Tensor, target: torch.Tensor, ignore_
     if N == 0:
         return loss, lse
     block_v, num_warps = _block_v(V)
-    _ce_fwd_kernel[(N,)](x, target.contiguous(), loss, lse, V, ignore_index, label_smoothing,
-                         z_loss, HAS_SMOOTHING=label_smoothing != 0.0, BLOCK_V=block_v,
-                         num_warps=num_warps)
+    with utils.on_device(x.device):
+        _ce_fwd_kernel[(N,)](x, target.contiguous(), loss, lse, V, ignore_index, label_smoothing,
+                             z_loss, HAS_SMOOTHING=label_smoothing != 0.0, BLOCK_V=block_v,
+                             num_warps=num_warps)
     return loss, lse
 
 
@@ -197,9 +198,10 @@ def cross_entropy_bwd_triton(dloss: torch.Tensor, logits: torch.Tensor, target: 
         return g
     block_v, num_warps = _block_v(V)
     # dloss: autograd hands an expanded (stride 0) tensor for "sum"/"mean": make it real.
-    _ce_bwd_kernel[(N,)](dloss.float().contiguous(), x, target.contiguous(),
-                         lse.float().contiguous(), g, V, ignore_index, label_smoothing, z_loss,
-                         BLOCK_V=block_v, num_warps=num_warps)
+    with utils.on_device(x.device):
+        _ce_bwd_kernel[(N,)](dloss.float().contiguous(), x, target.contiguous(),
+                             lse.float().contiguous(), g, V, ignore_index, label_smoothing, z_loss,
+                             BLOCK_V=block_v, num_warps=num_warps)
     return g
 
 
@@ -217,9 +219,10 @@ def loss_and_grad_(logits: torch.Tensor, target: torch.Tensor, scale: torch.Tens
     if N == 0:
         return
     block_v, num_warps = _block_v(V)
-    _ce_fwd_grad_kernel[(N,)](logits, target, loss_out, scale, V, ignore_index, label_smoothing,
-                              z_loss, HAS_SMOOTHING=label_smoothing != 0.0, BLOCK_V=block_v,
-                              num_warps=num_warps)
+    with utils.on_device(logits.device):
+        _ce_fwd_grad_kernel[(N,)](logits, target, loss_out, scale, V, ignore_index, label_smoothing,
+                                  z_loss, HAS_SMOOTHING=label_smoothing != 0.0, BLOCK_V=block_v,
+                                  num_warps=num_warps)
 
 
 @torch.library.custom_op("fastlm::cross_entropy_fwd_inplace_triton", mutates_args=("logits",))

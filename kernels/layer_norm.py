@@ -205,11 +205,12 @@ def layer_norm_fwd_triton(
     if N == 0:
         return y, mean, rstd
     blocks = utils.row_blocks(C)
-    _layer_norm_fwd_kernel[(N,)](
-        x2, w, b, y, mean, rstd, C, eps,
-        HAS_BIAS=bias is not None, BLOCK_C=blocks.block_c, ROW_IN_BLOCK=blocks.row_in_block,
-        num_warps=blocks.num_warps,
-    )
+    with utils.on_device(x.device):
+        _layer_norm_fwd_kernel[(N,)](
+            x2, w, b, y, mean, rstd, C, eps,
+            HAS_BIAS=bias is not None, BLOCK_C=blocks.block_c, ROW_IN_BLOCK=blocks.row_in_block,
+            num_warps=blocks.num_warps,
+        )
     return y, mean, rstd
 
 
@@ -243,12 +244,13 @@ def layer_norm_bwd_triton(
     zeroed = not blocks.row_in_block
     dw_part = utils.partial_rows(P, C, x.device, zeroed)  # (P, C) float32
     db_part = utils.partial_rows(P, C, x.device, zeroed) if has_bias else dw_part  # placeholder
-    _layer_norm_bwd_kernel[(P,)](
-        dy2, x2, w, mean.contiguous(), rstd.contiguous(), dx, dw_part, db_part, N, C,
-        rows_per_program,
-        HAS_BIAS=has_bias, BLOCK_C=blocks.block_c, ROW_IN_BLOCK=blocks.row_in_block,
-        num_warps=blocks.num_warps,
-    )
+    with utils.on_device(x.device):
+        _layer_norm_bwd_kernel[(P,)](
+            dy2, x2, w, mean.contiguous(), rstd.contiguous(), dx, dw_part, db_part, N, C,
+            rows_per_program,
+            HAS_BIAS=has_bias, BLOCK_C=blocks.block_c, ROW_IN_BLOCK=blocks.row_in_block,
+            num_warps=blocks.num_warps,
+        )
     # Fixed-order float32 sums of the partial rows, then weight's dtype.
     dw = dw_part.sum(dim=0).to(weight.dtype)  # (C,)
     return dx, dw, db_part.sum(dim=0).to(weight.dtype) if has_bias else no_bias

@@ -155,10 +155,11 @@ def rms_norm_fwd_triton(
     if N == 0:
         return y, rstd
     blocks = utils.row_blocks(C)
-    _rms_norm_fwd_kernel[(N,)](
-        x2, w, y, rstd, C, eps,
-        BLOCK_C=blocks.block_c, ROW_IN_BLOCK=blocks.row_in_block, num_warps=blocks.num_warps,
-    )
+    with utils.on_device(x.device):
+        _rms_norm_fwd_kernel[(N,)](
+            x2, w, y, rstd, C, eps,
+            BLOCK_C=blocks.block_c, ROW_IN_BLOCK=blocks.row_in_block, num_warps=blocks.num_warps,
+        )
     return y, rstd
 
 
@@ -186,10 +187,11 @@ def rms_norm_bwd_triton(
     P, rows_per_program = utils.row_groups(N, x.device, blocks.num_warps)
     # The register path writes each partial row whole; the multi-block path adds into its rows.
     dw_part = utils.partial_rows(P, C, x.device, zeroed=not blocks.row_in_block)  # (P, C)
-    _rms_norm_bwd_kernel[(P,)](
-        dy2, x2, w, rstd.contiguous(), dx, dw_part, N, C, rows_per_program,
-        BLOCK_C=blocks.block_c, ROW_IN_BLOCK=blocks.row_in_block, num_warps=blocks.num_warps,
-    )
+    with utils.on_device(x.device):
+        _rms_norm_bwd_kernel[(P,)](
+            dy2, x2, w, rstd.contiguous(), dx, dw_part, N, C, rows_per_program,
+            BLOCK_C=blocks.block_c, ROW_IN_BLOCK=blocks.row_in_block, num_warps=blocks.num_warps,
+        )
     return dx, dw_part.sum(dim=0).to(weight.dtype)  # fixed-order float32 sum of the partials
 
 

@@ -9,6 +9,7 @@ backward launches so its weight-gradient partial sums fill the GPU without atomi
 """
 from __future__ import annotations
 
+import contextlib
 import os
 from typing import NamedTuple
 
@@ -62,6 +63,15 @@ def _patch_interpreter_index() -> None:
 
 if INTERPRET:
     _patch_interpreter_index()
+
+
+def on_device(device: torch.device) -> contextlib.AbstractContextManager:
+    """Enter around every launch, with the tensors' device: Triton launches on the current CUDA
+    device (its context and stream), so tensors on cuda:1 while cuda:0 is current would go to a
+    kernel running on the wrong GPU. CPU tensors (the interpreter) need nothing."""
+    if device.type == "cuda":
+        return torch.cuda.device(device)
+    return contextlib.nullcontext()
 
 
 def empty_output(shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor:

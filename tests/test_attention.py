@@ -189,3 +189,31 @@ def test_bad_input_is_a_clear_error(backend):
         ops.attention(q, q.half(), q.half(), backend=backend)
     with pytest.raises(ValueError, match="window must be >= 1"):
         ops.attention(q, q, q, window=0, backend=backend)
+
+
+GRID_AXIS_1_MAX = 65_535  # CUDA's limit on grid axes 1 and 2 (axis 0 holds 2**31 - 1)
+
+
+def test_triton_grid_puts_batch_heads_on_axis_0(device):
+    """B * H past 65,535 (here 140,000 query and 70,000 key/value heads) must go on grid axis 0:
+    on axis 1 the launch fails. Only the launcher's grids are computed (expanded inputs, nothing
+    launched)."""
+    require_backend(OP, "triton", device)
+    from fastlm.kernels import attention as kernels
+
+    B, H, H_kv, T, D = 35_000, 4, 2, 100, 32
+    q = torch.zeros((), device=device).expand(B, H, T, D)
+    kv = torch.zeros((), device=device).expand(B, H_kv, T, D)
+    launch = kernels._Launch("attention_fwd_triton", q, kv, kv, True, 0.1, 0)
+    for grid, heads, block in ((launch.grid_q(), B * H, "BLOCK_M"),
+                               (launch.grid_kv(), B * H_kv, "BLOCK_N")):
+        dims = grid({block: 16})
+        assert dims[0] == heads and all(d <= GRID_AXIS_1_MAX for d in dims[1:]), dims
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs an NVIDIA GPU")
+def test_triton_launches_more_than_65535_heads():
+    """The launch itself with B * H = 65,537 (one token each: small)."""
+    check_backend("triton", torch.float32, make_inputs((65_537, 1, 1, 1, 1, 16), torch.float32,
+                                                       torch.device("cuda")), True)
