@@ -1,17 +1,20 @@
 """fastlm.lm_eval_adapter: the three lm_eval request types agree with fastlm.eval's scoring
-(checked with stand-in request objects, which is all the adapter reads: `.args`), and, when
-lm_eval is installed, a tiny local multiple-choice task runs through lm_eval itself."""
-import math
+(checked with stand-in request objects, which is all the adapter reads: `.args`), and a tiny
+local multiple-choice task runs through lm_eval itself. Agreement with lm_eval's own `hf` model:
+tests/test_interop_lm_eval.py."""
 from types import SimpleNamespace
 
 import pytest
 
 from fastlm import checkpoint
 from fastlm.config import ModelConfig
-from fastlm.eval.core import loglikelihood, perplexity
+from fastlm.eval.core import loglikelihood, token_nll
 from fastlm.eval.lm_eval_adapter import FastLM
 from fastlm.models.gpt import GPT
 from fastlm.train.optim import AdamW
+from tests.interop import require
+
+require("lm_eval")  # FastLM is an lm_eval TemplateLM
 
 
 @pytest.fixture
@@ -31,17 +34,22 @@ def test_requests_match_fastlm_eval(run):
     path, model = run
     lm = FastLM(checkpoint=str(path), batch_size=4)
     (ll, _greedy), = lm.loglikelihood([req("import ", "os")])
-    assert ll == pytest.approx(loglikelihood(model, [(list(b"import "), list(b"os"))])[0][0])
+    # lm_eval's request tokenization: the context's trailing space joins the continuation
+    assert ll == pytest.approx(loglikelihood(model, [(list(b"import"), list(b" os"))])[0][0])
     text = "print('hello')\n" * 4
     rolling, = lm.loglikelihood_rolling([req(text)])
     ids = [0] + list(text.encode())  # byte tokenizer: no <|endoftext|>, id 0 starts the text
-    assert rolling == pytest.approx(-math.log(perplexity(model, ids)) * len(text), rel=1e-6)
+    # lm_eval's disjoint windows of block_size (32) targets, the last one with a full context:
+    # targets 0..31 from inputs 0..31, then 32..59 from inputs 28..59
+    assert len(text) == 60
+    assert rolling == pytest.approx(-token_nll(model, ids, context=32, stride=28).sum().item(),
+                                    rel=1e-6)
     out, = lm.generate_until([req("def ", {"until": ["\n"], "max_gen_toks": 6})])
     assert isinstance(out, str) and "\n" not in out and len(out.encode()) <= 6 * 1
 
 
 def test_lm_eval_end_to_end(run, tmp_path):
-    lm_eval = pytest.importorskip("lm_eval")
+    lm_eval = require("lm_eval")
     path, _ = run
     task_dir = tmp_path / "tasks"
     task_dir.mkdir()
