@@ -93,7 +93,9 @@ def _rms_norm_bwd_kernel(
             row = pid * rows_per_program + i
             offset = row.to(tl.int64) * C
             valid = row < N  # the last program's group may run past N
-            row_mask = mask & valid
+            # cols < C, or nothing past N. Not `mask & valid`: the interpreter of triton 3.8+
+            # rejects a block mask and'ed with a scalar; this compiles to the same registers.
+            row_mask = cols < tl.where(valid, C, 0)
             x = tl.load(x_ptr + offset + cols, mask=row_mask, other=0.0).to(tl.float32)
             dy = tl.load(dy_ptr + offset + cols, mask=row_mask, other=0.0).to(tl.float32)
             rstd = tl.load(rstd_ptr + row, mask=valid, other=0.0)
@@ -114,11 +116,12 @@ def _rms_norm_bwd_kernel(
             row = pid * rows_per_program + i
             offset = row.to(tl.int64) * C
             valid = row < N
+            C_row = tl.where(valid, C, 0)  # masks the whole row past N (see above)
             rstd = tl.load(rstd_ptr + row, mask=valid, other=0.0)
 
             gx_acc = tl.zeros([BLOCK_C], dtype=tl.float32)
             for start in range(0, C, BLOCK_C):
-                mask = (start + cols < C) & valid
+                mask = start + cols < C_row
                 x = tl.load(x_ptr + offset + start + cols, mask=mask, other=0.0).to(tl.float32)
                 dy = tl.load(dy_ptr + offset + start + cols, mask=mask, other=0.0).to(tl.float32)
                 w = tl.load(w_ptr + start + cols, mask=mask, other=0.0)
@@ -126,7 +129,7 @@ def _rms_norm_bwd_kernel(
             mean_gx = tl.sum(gx_acc, axis=0) / C
 
             for start in range(0, C, BLOCK_C):
-                mask = (start + cols < C) & valid
+                mask = start + cols < C_row
                 x = tl.load(x_ptr + offset + start + cols, mask=mask, other=0.0).to(tl.float32)
                 dy = tl.load(dy_ptr + offset + start + cols, mask=mask, other=0.0).to(tl.float32)
                 w = tl.load(w_ptr + start + cols, mask=mask, other=0.0)
