@@ -184,6 +184,9 @@ class CheckpointConfig:
     keep_last: int = _f(3, "keep this many most recent checkpoints (plus the best)", min=1)
     resume: str = _f("", "checkpoint directory (or run directory: its latest) to resume from; "
                          "'latest' = train.out_dir's latest checkpoint, if any")
+    overwrite: bool = _f(False, "start again in a train.out_dir that holds another run (its "
+                                "checkpoints, metrics and logs are deleted first); never saved "
+                                "as true in config.toml")
 
 
 @dataclass
@@ -483,7 +486,8 @@ def load_config(config_file: str | Path | None = None,
 # ---------------------------------------------------------------------------------------------
 # Command line
 USAGE = """usage: python -m fastlm.train [--config FILE.toml] [--data PATH] [--out RUN_DIR]
-                             [--tokenizer byte|FILE] [--resume [PATH]] [--section.key=value ...]
+                             [--tokenizer byte|FILE] [--resume [PATH]] [--overwrite]
+                             [--section.key=value ...]
        torchrun --nproc_per_node=N -m fastlm.train ...   (DDP or FSDP2: --train.parallel)
 
   --config FILE.toml  settings file ([section] tables of key = value)
@@ -492,6 +496,9 @@ USAGE = """usage: python -m fastlm.train [--config FILE.toml] [--data PATH] [--o
   --tokenizer T       byte or a tokenizer file (same as --data.tokenizer)
   --resume [PATH]     continue from PATH (a checkpoint or run directory); bare: from --out's
                       latest checkpoint if it has one (same as --checkpoint.resume)
+  --overwrite         --out holds another run: delete its run files and start again there
+                      (same as --checkpoint.overwrite=true; without either flag such an
+                      --out is refused)
   --section.key=V     any key below; precedence: defaults < preset < --config < command line
 """
 
@@ -513,7 +520,7 @@ def help_text() -> str:
 
 
 ALIASES = {"--data": "data.path", "--out": "train.out_dir", "--tokenizer": "data.tokenizer",
-           "--resume": "checkpoint.resume"}
+           "--resume": "checkpoint.resume", "--overwrite": "checkpoint.overwrite"}
 
 
 def parse_args(argv: list[str]) -> Config:
@@ -534,6 +541,8 @@ def parse_args(argv: list[str]) -> Config:
         name, eq, value = arg[2:].partition("=")
         if name == "resume" and not eq and (i + 1 >= len(argv) or argv[i + 1].startswith("--")):
             value, eq = "latest", "="  # bare --resume: the run directory's latest checkpoint
+        if name == "overwrite" and not eq:
+            value, eq = "true", "="  # a bare flag
         if not eq:
             if i + 1 >= len(argv):
                 raise ConfigError(f"--{name} needs a value")
@@ -548,7 +557,8 @@ def parse_args(argv: list[str]) -> Config:
             overrides[name] = value
         else:
             raise ConfigError(f"unknown option '--{name}'; options are --config, --data, --out, "
-                              "--tokenizer, --resume and --section.key=value (see --help)")
+                              "--tokenizer, --resume, --overwrite and --section.key=value "
+                              "(see --help)")
     return load_config(config_file, overrides)
 
 

@@ -3,7 +3,8 @@
     python -m fastlm.export --checkpoint RUN_DIR --format hf --out DIR
     python -m fastlm.export --checkpoint RUN_DIR --format gguf --out DIR  (fastlm.gguf_export)
     python -m fastlm.export --from-hf HF_DIR --out RUN_DIR     (a fastlm checkpoint to generate,
-                                                               serve, evaluate or fine-tune)
+                                                               serve, evaluate or fine-tune;
+                                                               --overwrite if RUN_DIR holds a run)
     from fastlm.export.hf import export_hf, import_hf
 
 The gpt2 flavour becomes GPT2LMHeadModel, the llama flavour LlamaForCausalLM; both read back
@@ -30,6 +31,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from fastlm import checkpoint as ckpt
+from fastlm import run_dir as run_dirs
 from fastlm.chat.template import has_chat_tokens
 from fastlm.config import ConfigError, ModelConfig
 from fastlm.models.base import LanguageModel
@@ -295,6 +297,8 @@ def main(argv: list[str] | None = None) -> int:
                     "the checkpoint, else bytes)")
     ap.add_argument("--block-size", type=int, default=None, help="import: cap the context")
     ap.add_argument("--out", required=True, help="output directory")
+    ap.add_argument("--overwrite", action="store_true",
+                    help="--from-hf: --out holds a run; delete its run files and import there")
     args = ap.parse_args(argv)
     try:
         if args.checkpoint:
@@ -314,6 +318,7 @@ def main(argv: list[str] | None = None) -> int:
                   f"{written['architectures'][0]})")
         else:
             from fastlm.train.optim import AdamW
+            run_dirs.claim(args.out, overwrite=args.overwrite, resume_hint=False)
             model, tok = import_hf(args.from_hf, args.block_size)
             from dataclasses import asdict
             path = ckpt.save(args.out, 0, model, AdamW(model.parameters()), {"step": 0},

@@ -1,7 +1,7 @@
 """Fine-tune a fastlm checkpoint: sequence classification or instruction/chat SFT, full or LoRA.
 
     python -m fastlm.finetune --checkpoint PATH --task classify|sft --data FILE.jsonl
-                              --out RUN_DIR [--val FILE.jsonl] [--lora.rank=8 ...]
+                              --out RUN_DIR [--overwrite] [--val FILE.jsonl] [--lora.rank=8 ...]
                               [--optim.lr=1e-3 --train.max_steps=300 --eval.interval=25 ...]
 
 Options use the training config system (fastlm.config: --optim.*, --train.*, --eval.interval,
@@ -26,8 +26,10 @@ sft       {"prompt", "response"} or {"messages": [...]} lines through the chat t
 
 Validation every eval.interval steps; a checkpoint is written only when the validation loss
 improves, so RUN_DIR/checkpoints holds the best one, and training stops after `patience`
-validations without improvement. LoRA runs are merged before saving: the checkpoint is a plain
-model that fastlm.eval (and anything else reading checkpoints) loads without LoRA code.
+validations without improvement. --out must not hold another run unless --overwrite (its run
+files are deleted first), and must take a checkpoint before training starts. LoRA runs are
+merged before saving: the checkpoint is a plain model that fastlm.eval (and anything else
+reading checkpoints) loads without LoRA code.
 """
 from __future__ import annotations
 
@@ -47,6 +49,7 @@ from torch import nn
 from tqdm import tqdm
 
 from fastlm import checkpoint, ops
+from fastlm import run_dir as run_dirs
 from fastlm import config as config_mod
 from fastlm.chat.template import IGNORE, SPECIAL_TOKENS, messages_of, sft_example
 from fastlm.checkpoint import CheckpointError
@@ -100,6 +103,7 @@ class Args:
     data: str
     out: str
     val: str = ""
+    overwrite: bool = False  # --out may hold another run, whose files are deleted
     cfg: Config = field(default_factory=Config)
     lora: LoraConfig = field(default_factory=LoraConfig)
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
@@ -123,6 +127,9 @@ def parse_args(argv: list[str]) -> Args:
         if not arg.startswith("--"):
             raise ConfigError(f"unexpected argument '{arg}' (see --help)")
         name, eq, value = arg[2:].partition("=")
+        if name == "overwrite" and not eq:  # a bare flag
+            named[name], i = "true", i + 1
+            continue
         if not eq:
             if i + 1 >= len(argv):
                 raise ConfigError(f"--{name} needs a value")
@@ -130,9 +137,10 @@ def parse_args(argv: list[str]) -> Args:
         i += 1
         section, dot, key = name.partition(".")
         if not dot:
-            if name not in ("checkpoint", "task", "data", "out", "val"):
+            if name not in ("checkpoint", "task", "data", "out", "val", "overwrite"):
                 raise ConfigError(f"unknown option '--{name}'; options are --checkpoint, --task, "
-                                  "--data, --out, --val and --section.key=value (see --help)")
+                                  "--data, --out, --val, --overwrite and --section.key=value "
+                                  "(see --help)")
             named[name] = value
         elif section in OWN:
             keys = [f.name for f in dataclasses.fields(OWN[section])]
@@ -155,8 +163,10 @@ def parse_args(argv: list[str]) -> Args:
             raise ConfigError(f"--{required} is required (see --help)")
     if named["task"] not in ("classify", "sft"):
         raise ConfigError(f"--task must be classify or sft, got '{named['task']}'")
+    if named.get("overwrite", "true") != "true":
+        raise ConfigError("--overwrite takes no value")
     args = Args(named["checkpoint"], named["task"], named["data"], named["out"],
-                named.get("val", ""), load_config(overrides=overrides))
+                named.get("val", ""), "overwrite" in named, load_config(overrides=overrides))
     for section, values in own.items():
         config_mod._apply(getattr(args, section), section, values)
     return args
@@ -353,8 +363,11 @@ def finetune(args: Args) -> dict:
     train_step = TrainStep(model, optimizer, device=device, precision=cfg.train.precision,
                            grad_clip=cfg.train.grad_clip)
 
-    run_dir = Path(args.out)
-    run_dir.mkdir(parents=True, exist_ok=True)
+    try:  # before any step: a directory that cannot take the result fails now
+        run_dir = run_dirs.claim(args.out, overwrite=args.overwrite, resume_hint=False)
+        run_dirs.check_writable(run_dir)
+    except run_dirs.RunDirError as exc:
+        raise SetupError(str(exc)) from None
     metrics = MetricsLog(run_dir / "metrics.jsonl")
     spec = tokenizer_spec(tokenizer, run_dir)
     saved_config = {**to_dict(cfg), "model": dataclasses.asdict(gpt.config), "tokenizer": spec,

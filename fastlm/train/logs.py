@@ -8,7 +8,9 @@ val/val_loss, val/val_bpb. The event files go to RUN_DIR/tensorboard/ (rank 0 on
 
     tensorboard --logdir runs/
 
-shows every run under its directory name. Optional: it needs the tensorboard package
+shows every run under its directory name. read_rows() reads metrics.jsonl back, skipping a line
+a kill tore (the last one, half-written); trim() drops the rows a resumed run will write again.
+Optional: it needs the tensorboard package
 (`pip install tensorboard`), whose writer torch.utils.tensorboard wraps; without it training
 goes on and says once why there is no TensorBoard log. Switched off with
 --train.tensorboard=false.
@@ -16,6 +18,7 @@ goes on and says once why there is no TensorBoard log. Switched off with
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 _NOT_SCALARS = ("step", "time_s")  # the x axis, and wall time (TensorBoard records its own)
@@ -82,3 +85,31 @@ class MetricsLog:
     def close(self) -> None:
         if self.tensorboard is not None:
             self.tensorboard.close()
+
+
+def read_rows(path: str | Path) -> list[dict]:
+    """The rows of a metrics.jsonl: JSON objects with an integer step; a line that is not one
+    (torn by a kill mid-write, or edited) is skipped rather than failing the plot or resume."""
+    rows = []
+    for line in Path(path).read_bytes().decode("utf-8", "replace").splitlines():
+        try:
+            row = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(row, dict) and isinstance(row.get("step"), int):
+            rows.append(row)
+    return rows
+
+
+def trim(path: str | Path, through_step: int | None) -> None:
+    """Keep the rows up to through_step (None: none), written whole through a rename: a resumed
+    run rewrites the steps after its checkpoint, and a torn last line must not swallow the
+    next row appended to it."""
+    path = Path(path)
+    if not path.exists():
+        return
+    keep = [] if through_step is None else [r for r in read_rows(path)
+                                            if r["step"] <= through_step]
+    tmp = path.with_name(f".{path.name}.{os.getpid()}")
+    tmp.write_text("".join(json.dumps(r) + "\n" for r in keep))
+    os.replace(tmp, path)

@@ -19,6 +19,11 @@ directory (default runs/<timestamp>), written by rank 0 only, receives:
                   Ctrl-C / SIGTERM)
   sample.txt      the text sampled at the end
 
+A run directory holds one run: an --out that holds another is refused unless --resume continues
+it or --overwrite starts again there (deleting its run files). Checkpoints must be writable
+before the first step; a save that fails later (disk full) warns and training goes on, the next
+save retrying, and if the last one fails the command ends naming the last good checkpoint.
+
 Ctrl-C or SIGTERM stops at the end of the current step and saves a checkpoint (a second one
 aborts at once); `--resume RUN_DIR` continues from the latest checkpoint that verifies, with the
 model, optimizer, RNG states and data position, so the loss curve continues bit for bit on CPU.
@@ -49,6 +54,7 @@ from torch.utils._pytree import tree_map
 from tqdm import tqdm
 
 from fastlm import checkpoint, models, ops
+from fastlm import run_dir as run_dirs
 from fastlm.config import Config, ConfigError, parse_args, to_dict, to_toml
 from fastlm.data.corpus import DataError, load_data
 from fastlm.models import LanguageModel
@@ -221,6 +227,7 @@ class Trainer:
                              f"this data source ({self.data.description}) does not provide")
         self._print_header()
         self.cpu_copy: LanguageModel | None = None  # FSDP: rank 0's unsharded model for saving
+        self.unsaved: checkpoint.SaveError | None = None  # why the newest save failed, if it did
         self.t_start = 0.0  # run() starts the clock
 
     # -- setup, in this order --------------------------------------------------------------------
@@ -285,11 +292,28 @@ class Trainer:
         cfg, resume, main_rank = self.cfg, self.resume, self.dist.is_main
         self.run_dir = Path(cfg.train.out_dir) if cfg.train.out_dir else (
             resume.path.parent.parent if resume is not None else default_run_dir())
+        # continuing: this directory's own run (--resume from its checkpoint, or a bare
+        # --resume that found none there yet)
+        continuing = (cfg.checkpoint.resume == "latest" or resume is not None and
+                      resume.path.parent.parent.resolve() == self.run_dir.resolve())
+        overwrite = cfg.checkpoint.overwrite
+        if continuing and overwrite:
+            raise SetupError(f"--overwrite would delete the checkpoints --resume continues "
+                             f"from in {self.run_dir}; give one of them")
         cfg.train.out_dir = str(self.run_dir)
+        cfg.checkpoint.overwrite = False  # consumed: repeating the config must not delete again
         self.config_dict = to_dict(cfg)
         self.tok_file = self.run_dir / "tokenizer.json"
         if main_rank:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
+            try:
+                run_dirs.claim(self.run_dir, continuing=continuing,
+                              overwrite=overwrite)
+                run_dirs.check_writable(self.run_dir)
+            except run_dirs.RunDirError as exc:
+                raise SetupError(str(exc)) from None
+            if continuing:  # the steps after the checkpoint are trained (and logged) again
+                logs.trim(self.run_dir / "metrics.jsonl",
+                          self.step if resume is not None else None)
             (self.run_dir / "config.toml").write_text(to_toml(cfg))
             self.tok_spec.tok.save(self.tok_file)
         tb_log, self.tb_where = (logs.open_log(self.run_dir, cfg.train.tensorboard) if main_rank
@@ -372,7 +396,7 @@ class Trainer:
                     path = self.save_checkpoint(val_loss)
                     if stop.requested:
                         interrupted = True
-                        if main_rank:
+                        if path is not None:
                             tqdm.write(f"saved {path}; resume with --resume {self.run_dir}")
                         break
                 if self.step % cfg.train.log_interval == 0:
@@ -384,6 +408,10 @@ class Trainer:
         self.metrics.close()
         if diverged:
             raise TrainingDiverged(diverged)
+        if self.unsaved is not None:  # the last save failed: say so, and what is left
+            good = checkpoint.latest(self.run_dir)
+            raise checkpoint.SaveError(f"{self.unsaved}. The last good checkpoint is "
+                                       f"{good or 'none'}: steps after it are lost")
         self.finish(val_loss, interrupted)
         return TrainResult(self.run_dir, self.step, val_loss, interrupted, self.skipped)
 
@@ -450,9 +478,16 @@ class Trainer:
                      **({"carry": self.carry} if self.recurrent else {}),  # TBPTT hidden state
                      "data": self.data.state_dict(), "tokenizer": self.tok_spec.tok.hash(),
                      "skipped_steps": self.skipped, **rng_state(self.device)}
-            path = checkpoint.save(self.run_dir, self.step, model, optim_sd, state,
-                                   self.config_dict, {"val_loss": val_loss},
-                                   self.cfg.checkpoint.keep_last, {"tokenizer.json": self.tok_file})
+            try:
+                path = checkpoint.save(self.run_dir, self.step, model, optim_sd, state,
+                                       self.config_dict, {"val_loss": val_loss},
+                                       self.cfg.checkpoint.keep_last,
+                                       {"tokenizer.json": self.tok_file})
+                self.unsaved = None
+            except checkpoint.SaveError as exc:  # training state is intact: go on, retry later
+                self.unsaved = exc
+                tqdm.write(f"fastlm.train: warning: {exc}; training goes on and the next "
+                           "save tries again")
         distributed.barrier(self.dist)
         return path
 
@@ -507,7 +542,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = parse_args(sys.argv[1:] if argv is None else list(argv))
         result = train(cfg)
-    except (ConfigError, SetupError) as exc:
+    except (ConfigError, SetupError, checkpoint.SaveError) as exc:
         raise SystemExit(f"fastlm.train: error: {exc}") from None
     except TrainingDiverged as exc:
         print(f"fastlm.train: {exc}", file=sys.stderr)

@@ -6,9 +6,10 @@ matplotlib`); without it PlotUnavailable says so, and training goes on without a
 """
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
+
+from fastlm.train import logs
 
 
 class PlotUnavailable(RuntimeError):
@@ -20,8 +21,12 @@ def read_metrics(run_dir: Path) -> tuple[list[dict], list[dict]]:
     path = Path(run_dir) / "metrics.jsonl"
     if not path.is_file():
         raise PlotUnavailable(f"{path}: no such file (is {run_dir} a fastlm.train run directory?)")
-    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    return [r for r in rows if r.get("kind") == "train"], [r for r in rows if r.get("kind") == "val"]
+    rows = logs.read_rows(path)
+
+    def has(row: dict, *keys: str) -> bool:
+        return all(isinstance(row.get(k), (int, float)) for k in keys)
+    return ([r for r in rows if r.get("kind") == "train" and has(r, "loss", "lr")],
+            [r for r in rows if r.get("kind") == "val" and has(r, "val_loss")])
 
 
 def plot_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
