@@ -4,7 +4,7 @@
         --tokenizer FILE --device cpu --dtype float32 --max-concurrency 8 --max-queue 32 --max-tokens 512 --max-body-bytes 1000000]
 
 Endpoints: GET / (the chat page, fastlm/web/index.html), GET /health, GET /v1/models,
-POST /v1/completions and POST /v1/chat/completions (JSON, or server-sent events with
+GET /v1/models/{id}, POST /v1/completions and POST /v1/chat/completions (JSON, or server-sent events with
 "stream": true). The API key (--api-key or FASTLM_API_KEY) is checked on every /v1 endpoint as
 "Authorization: Bearer KEY"; / and /health stay open. It binds to 127.0.0.1 unless told otherwise.
 
@@ -26,7 +26,18 @@ Limits: a prompt may fill the context but one position (block_size - 1 tokens, e
 context_length_exceeded); max_tokens at most --max-tokens (else 400 too_many_tokens); an answer
 that reaches the end of the context stops with finish_reason "length". Sampling fields:
 temperature, top_p, seed, stop (up to 4 strings), max_tokens / max_completion_tokens, and the
-extensions top_k, min_p, repetition_penalty; n must be 1; logprobs, echo, tools are refused.
+extensions top_k, min_p, repetition_penalty; tools are refused.
+
+Completions take a prompt as a string, a list of token ids, or a list of either (one choice per
+prompt, in order); n > 1 gives n choices per prompt (index = prompt * n + j; with a seed, choice
+j samples with seed + j). `echo` puts the prompt before the answer; `logprobs` (up to
+--max-logprobs alternatives; chat: `logprobs` + `top_logprobs`) reports each token's
+log-probability under the model, scored as fastlm.eval scores it (fastlm.generate.logprobs), the
+prompt's tokens too with echo (the first is null). A completion that ends at <|endoftext|>
+lists that token last in its logprobs (not in its text), as vLLM does: lm-eval's
+local-completions reads one token past the prompt. Every choice of a request is queued at once,
+so a request may hold at most --max-queue choices; streaming takes one choice without logprobs
+or echo.
 
 Errors are JSON in OpenAI's shape: {"error": {"message", "type", "param", "code"}}.
 """
@@ -45,7 +56,7 @@ import sys
 import threading
 import time
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -56,7 +67,9 @@ from fastlm.generate.decode import (
     SamplingParams,
     add_model_args,
     load_from_args,
+    stop_ids_of,
 )
+from fastlm.generate.logprobs import token_logprobs
 from fastlm.restore import Restored
 
 try:
@@ -79,6 +92,7 @@ class Limits:
     max_tokens: int = 512  # cap on a request's max_tokens
     max_body_bytes: int = 1_000_000
     max_prompt_tokens: int = 0  # 0 = the model's block_size - 1
+    max_logprobs: int = 20  # alternatives per token in logprobs / top_logprobs
 
 
 class ApiError(Exception):
@@ -252,9 +266,7 @@ def sampling_from_body(body: dict, limits: Limits, extra_stop: tuple[str, ...] =
     if not isinstance(stop, list) or len(stop) > 4 or not all(isinstance(s, str) and s for s in stop):
         raise ApiError(400, "'stop' must be a non-empty string or a list of up to 4 of them",
                        param="stop")
-    if _get(body, "n", int, 1) != 1:
-        raise ApiError(400, "'n' must be 1 (one choice per request)", param="n")
-    for unsupported in ("logprobs", "echo", "suffix", "tools", "functions", "best_of"):
+    for unsupported in ("suffix", "tools", "functions", "best_of"):
         if body.get(unsupported) not in (None, False, 1 if unsupported == "best_of" else None):
             raise ApiError(400, f"'{unsupported}' is not supported by this server",
                            param=unsupported)
@@ -273,6 +285,77 @@ def sampling_from_body(body: dict, limits: Limits, extra_stop: tuple[str, ...] =
         return params.validate()
     except ValueError as exc:
         raise ApiError(400, str(exc)) from None
+
+
+def logprobs_from_body(body: dict, limits: Limits, chat: bool) -> int | None:
+    """Alternatives per token asked for (0: the chosen token's log-probability only), or None
+    when no logprobs are asked for. Completions: logprobs=K; chat: logprobs=true (+ top_logprobs=K)."""
+    if chat:
+        if not _get(body, "logprobs", bool, False, rule="a boolean"):
+            if body.get("top_logprobs") is not None:
+                raise ApiError(400, "'top_logprobs' needs 'logprobs': true", param="top_logprobs")
+            return None
+        name = "top_logprobs"
+    else:
+        name = "logprobs"
+    k = _get(body, name, int, 0 if chat else None, lambda v: v >= 0, "an integer >= 0")
+    if k is not None and k > limits.max_logprobs:
+        raise ApiError(400, f"'{name}' is {k}, more than this server's limit of "
+                       f"{limits.max_logprobs} alternatives per token", param=name,
+                       code="too_many_logprobs")
+    return k
+
+
+def prompts_from_body(body: dict, tokenizer) -> list[list[int]]:
+    """A completion's prompts as token ids: 'prompt' is a string, a list of token ids, or a
+    list of strings and token-id lists (one choice each)."""
+    def ids_of(p, where: str) -> list[int]:
+        if isinstance(p, str):
+            return tokenizer.encode(p, allowed_special="all")
+        if isinstance(p, list) and p and all(type(t) is int for t in p):
+            bad = [t for t in p if not 0 <= t < tokenizer.vocab_size]
+            if bad:
+                raise ApiError(400, f"'{where}' holds token ids outside the vocabulary "
+                               f"0..{tokenizer.vocab_size - 1}: {bad[:5]}", param="prompt")
+            return list(p)
+        raise ApiError(400, f"'{where}' must be a string or a non-empty list of token ids "
+                       "('prompt' may also be a list of those)", param="prompt")
+
+    prompt = body.get("prompt")
+    if isinstance(prompt, list) and prompt and all(isinstance(p, (str, list)) for p in prompt):
+        return [ids_of(p, f"prompt[{i}]") for i, p in enumerate(prompt)]
+    return [ids_of(prompt, "prompt")]
+
+
+def token_text(tokenizer, t: int) -> str:
+    """A token as OpenAI names it: its text, or "bytes:\\xNN..." when its bytes are not UTF-8
+    on their own (a piece of a character), so different tokens never share a name."""
+    raw = tokenizer.token_bytes(t)
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return "bytes:" + "".join(f"\\x{b:02x}" for b in raw)
+
+
+def completion_logprobs(tokenizer, shown: list[int], scored: list) -> dict:
+    """OpenAI's completions logprobs of the tokens `shown`; `scored` (fastlm.generate.logprobs)
+    covers their tail (a leading echoed prompt token has nothing to be scored from: null).
+    text_offset: where each token starts in the choice's text."""
+    pad = [None] * (len(shown) - len(scored))
+    return {"tokens": [token_text(tokenizer, t) for t in shown],
+            "token_logprobs": pad + [e.logprob for e in scored],
+            "top_logprobs": pad + [{token_text(tokenizer, t): lp for t, lp in e.top}
+                                   for e in scored],
+            "text_offset": [len(tokenizer.decode(shown[:i])) for i in range(len(shown))]}
+
+
+def chat_logprobs(tokenizer, scored: list) -> dict:
+    """OpenAI's chat logprobs: token, logprob, UTF-8 bytes and top_logprobs per answer token."""
+    def entry(t: int, lp: float) -> dict:
+        return {"token": token_text(tokenizer, t), "logprob": lp,
+                "bytes": list(tokenizer.token_bytes(t))}
+    return {"content": [{**entry(e.token, e.logprob),
+                         "top_logprobs": [entry(t, lp) for t, lp in e.top]} for e in scored]}
 
 
 def _usage(n_prompt: int, n_out: int) -> dict:
@@ -449,21 +532,23 @@ def create_app(lm: Restored, api_key: str | None = None, limits: Limits | None =
             return {**base, "object": obj, "choices": [ch], "usage": _usage(len(job.prompt_ids), n_out)}
         return whole()
 
-    async def until_disconnect(request: Request, job: Job, whole):
-        """Await the whole answer, cancelling the job if the client leaves first (uvicorn
+    async def until_disconnect(request: Request, jobs: list[Job], whole):
+        """Await the whole answer, cancelling the jobs if the client leaves first (uvicorn
         does not cancel a handler whose client went away; a stream notices on its next send)."""
         task = asyncio.ensure_future(whole)
         try:
             while not task.done():
                 await asyncio.wait({task}, timeout=0.25)
                 if not task.done() and await request.is_disconnected():
-                    job.cancelled = True
+                    for job in jobs:
+                        job.cancelled = True
                     task.cancel()
                     raise ApiError(499, "the client closed the request", code="client_closed")
             return task.result()
         finally:
             if not task.done():
-                job.cancelled = True
+                for job in jobs:
+                    job.cancelled = True
                 task.cancel()
 
     async def reply(request: Request, body: dict, ids, params, chat: bool):
@@ -472,7 +557,85 @@ def create_app(lm: Restored, api_key: str | None = None, limits: Limits | None =
         if body.get("stream"):
             return StreamingResponse(result, media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache"})
-        return JSONResponse(await until_disconnect(request, job, result))
+        return JSONResponse(await until_disconnect(request, [job], result))
+
+    score_lock = threading.Lock()  # one scoring forward at a time beside the decode worker
+
+    def score(seq: list[int], start: int, k: int) -> list:
+        with score_lock:
+            return token_logprobs(lm.model, seq, start, k)
+
+    async def collect(job: Job) -> tuple[str, list[int], str | None, list[int]]:
+        """(text, answer ids, finish reason, [the stop id that ended it] or [])."""
+        text, tokens, reason, last = "", [], None, None
+        async for ev in results(job):
+            text += ev.text
+            if ev.token is not None:
+                tokens.append(ev.token)
+            reason, last = ev.finish_reason or reason, ev
+        # the decoder ends a row on a stop id with a token-less "stop" Event (it keeps no id)
+        ended_on = (stop_ids_of(lm.tokenizer)[:1]
+                    if reason == "stop" and last is not None and last.token is None else [])
+        return text, tokens, reason, ended_on
+
+    async def answer_all(request: Request, prompts: list[list[int]], n: int,
+                         params: SamplingParams, k: int | None, echo: bool, chat: bool) -> dict:
+        """The non-streamed answer of every prompt x n choice, with logprobs when k is set."""
+        if len(prompts) * n > limits.max_queue:
+            raise ApiError(400, f"{len(prompts)} prompt(s) x n={n} is {len(prompts) * n} "
+                           f"choices; this server queues at most {limits.max_queue} per request",
+                           param="n", code="too_many_choices")
+        jobs: list[Job] = []
+        try:  # all queued now: a full queue is one 429 and nothing left behind
+            for ids in prompts:
+                for j in range(n):
+                    seed = None if params.seed is None else (params.seed + j) % 2**64
+                    jobs.append(submit(ids, replace(params, seed=seed)))
+        except ApiError:
+            for job in jobs:
+                job.cancelled = True
+            raise
+        outs = await until_disconnect(request, jobs, asyncio.gather(*map(collect, jobs)))
+        choices = []
+        for i, (job, (text, tokens, reason, ended_on)) in enumerate(zip(jobs, outs)):
+            ids = job.prompt_ids
+            finish = "length" if reason == "length" else "stop"
+            lp = None
+            if k is not None:
+                shown = tokens if chat else (ids if echo else []) + tokens + ended_on
+                seq = ids + tokens + ([] if chat else ended_on)
+                scored = await asyncio.to_thread(score, seq, len(seq) - len(shown) + (
+                    1 if echo else 0), k)
+                lp = (chat_logprobs(lm.tokenizer, scored) if chat
+                      else completion_logprobs(lm.tokenizer, shown, scored))
+            if chat:
+                choices.append({"index": i, "message": {"role": "assistant", "content": text},
+                                "logprobs": lp, "finish_reason": finish})
+            else:
+                shown_text = (lm.tokenizer.decode(ids) if echo else "") + text
+                choices.append({"index": i, "text": shown_text, "logprobs": lp,
+                                "finish_reason": finish})
+        n_out = sum(len(tokens) for _, tokens, _, _ in outs)
+        return {"id": ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24],
+                "object": "chat.completion" if chat else "text_completion",
+                "created": int(time.time()), "model": name, "choices": choices,
+                "usage": _usage(sum(len(ids) for ids in prompts), n_out)}
+
+    async def answer(request: Request, body: dict, prompts: list[list[int]],
+                     params: SamplingParams, chat: bool):
+        """One streamed or whole choice the plain way; several choices, logprobs or echo
+        through answer_all (not streamed)."""
+        n = _get(body, "n", int, 1, lambda v: v >= 1, "an integer >= 1")
+        k = logprobs_from_body(body, limits, chat)
+        echo = _get(body, "echo", bool, False, rule="a boolean")
+        if chat and echo:
+            raise ApiError(400, "'echo' is not supported by chat completions", param="echo")
+        if len(prompts) * n == 1 and k is None and not echo:
+            return await reply(request, body, prompts[0], params, chat)
+        if body.get("stream"):
+            raise ApiError(400, "'stream' takes one choice without logprobs or echo; send "
+                           "\"stream\": false", param="stream")
+        return JSONResponse(await answer_all(request, prompts, n, params, k, echo, chat))
 
     @app.get("/health")
     async def health():
@@ -487,26 +650,29 @@ def create_app(lm: Restored, api_key: str | None = None, limits: Limits | None =
     async def page():
         return HTMLResponse(WEB_PAGE.read_text(encoding="utf-8"))
 
+    card = {"id": name, "object": "model", "created": started, "owned_by": "fastlm",
+            "context_length": lm.model.config.block_size}
+
     @app.get("/v1/models")
     async def models(request: Request):
         check_key(request)
-        return {"object": "list", "data": [{"id": name, "object": "model", "created": started,
-                                            "owned_by": "fastlm",
-                                            "context_length": lm.model.config.block_size}]}
+        return {"object": "list", "data": [card]}
+
+    @app.get("/v1/models/{model_id:path}")
+    async def model(request: Request, model_id: str):
+        check_key(request)
+        if model_id != name:
+            raise ApiError(404, f"model {model_id!r} does not exist; this server has {name!r}",
+                           param="model", code="model_not_found")
+        return card
 
     @app.post("/v1/completions")
     async def completions(request: Request):
         check_key(request)
         body = await read_json(request)
-        prompt = body.get("prompt")
-        if isinstance(prompt, list) and len(prompt) == 1:
-            prompt = prompt[0]
-        if not isinstance(prompt, str):
-            raise ApiError(400, "'prompt' must be a string (one prompt per request)",
-                           param="prompt")
+        prompts = [check_length(ids, "prompt") for ids in prompts_from_body(body, lm.tokenizer)]
         params = sampling_from_body(body, limits)
-        ids = check_length(lm.tokenizer.encode(prompt, allowed_special="all"), "prompt")
-        return await reply(request, body, ids, params, chat=False)
+        return await answer(request, body, prompts, params, chat=False)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
@@ -521,7 +687,7 @@ def create_app(lm: Restored, api_key: str | None = None, limits: Limits | None =
         except ValueError as exc:
             raise ApiError(400, str(exc), param="messages") from None
         params = sampling_from_body(body, limits, stop)
-        return await reply(request, body, check_length(ids, "messages"), params, chat=True)
+        return await answer(request, body, [check_length(ids, "messages")], params, chat=True)
 
     return app
 
@@ -541,6 +707,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="requests waiting for a free slot before 429")
     ap.add_argument("--max-tokens", type=int, default=d.max_tokens, help="cap on max_tokens")
     ap.add_argument("--max-body-bytes", type=int, default=d.max_body_bytes)
+    ap.add_argument("--max-logprobs", type=int, default=d.max_logprobs,
+                    help="cap on logprobs / top_logprobs alternatives per token")
     args = ap.parse_args(argv)
     for name in ("max_concurrency", "max_queue", "max_tokens", "max_body_bytes"):
         if getattr(args, name) < 1:
@@ -559,7 +727,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.host not in ("127.0.0.1", "localhost", "::1") and not args.api_key:
         print(f"fastlm.serve: warning: listening on {args.host} without --api-key: anyone who "
               "can reach this port can use the model", file=sys.stderr)
-    limits = Limits(args.max_concurrency, args.max_queue, args.max_tokens, args.max_body_bytes)
+    if args.max_logprobs < 0:
+        ap.error("--max-logprobs must be >= 0")
+    limits = Limits(args.max_concurrency, args.max_queue, args.max_tokens, args.max_body_bytes,
+                    max_logprobs=args.max_logprobs)
     app = create_app(lm, args.api_key, limits)
     print(f"fastlm.serve: {lm.meta.name} ({', '.join(lm.meta.notes)}) on http://{args.host}:{args.port}/",
           file=sys.stderr)

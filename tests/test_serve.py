@@ -120,6 +120,14 @@ def post(server, path, body, key=KEY, **kw):
     ("/v1/chat/completions", {"messages": [{"role": "robot", "content": "x"}]}, KEY, 400, None),
     ("/v1/chat/completions", {"messages": "hi"}, KEY, 400, None),
     ("/v1/nothing", {}, KEY, 404, "not_found"),
+    ("/v1/completions", {"prompt": "x", "logprobs": 21}, KEY, 400, "too_many_logprobs"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "logprobs": True,
+                              "top_logprobs": 21}, KEY, 400, "too_many_logprobs"),
+    ("/v1/completions", {"prompt": "x", "logprobs": 1, "stream": True}, KEY, 400, None),
+    ("/v1/completions", {"prompt": [1, 2, 999]}, KEY, 400, None),
+    ("/v1/completions", {"prompt": ["a", "b"], "n": 9}, KEY, 400, "too_many_choices"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "echo": True},
+     KEY, 400, None),
 ])
 def test_errors(server, path, body, key, status, code):
     r = post(server, path, body, key)
@@ -220,3 +228,77 @@ def test_request_joins_running_batch(tmp_path):
         assert srv.server.config.app.state.engine.max_rows_seen == 2
     finally:
         srv.stop()
+
+
+def test_model_by_id(server, client, lm):
+    assert client.models.retrieve(lm.meta.name).id == lm.meta.name
+    r = httpx.get(server.url + "/v1/models/nope", headers={"Authorization": f"Bearer {KEY}"})
+    assert r.status_code == 404 and r.json()["error"]["code"] == "model_not_found"
+
+
+def test_logprobs_and_echo_score_as_fastlm_eval(client, lm):
+    """echo + logprobs (what lm-eval's local-completions sends) gives every prompt token's
+    log-probability as fastlm.eval.core.loglikelihood computes it, the top alternatives most
+    likely first, and the answer's tokens too."""
+    from fastlm.eval.core import loglikelihood
+    tok = lm.tokenizer
+    prompt = "def main():\n    return"
+    ids = tok.encode(prompt)
+    r = client.completions.create(model=lm.meta.name, prompt=prompt, max_tokens=3,
+                                  temperature=0, logprobs=3, echo=True)
+    ch = r.choices[0]
+    assert ch.text.startswith(prompt)
+    lp = ch.logprobs
+    assert len(lp.tokens) == len(ids) + 3 and "".join(lp.tokens[:len(ids)]) == prompt
+    assert lp.token_logprobs[0] is None and lp.top_logprobs[0] is None
+    for k in range(1, len(ids)):
+        want, _ = loglikelihood(lm.model, [(ids[:k], [ids[k]])])[0]
+        assert abs(lp.token_logprobs[k] - want) < 1e-5
+    for pos in range(1, len(lp.tokens)):
+        top = list(lp.top_logprobs[pos].values())
+        assert len(top) == 3 and top == sorted(top, reverse=True)
+    # greedy: every answer token is the most likely one
+    assert all(lp.token_logprobs[p] == max(lp.top_logprobs[p].values())
+               for p in range(len(ids), len(lp.tokens)))
+    assert lp.text_offset[len(ids)] == len(prompt)
+    plain = client.completions.create(model=lm.meta.name, prompt=prompt, max_tokens=3,
+                                      temperature=0, logprobs=0)
+    assert plain.choices[0].logprobs.token_logprobs == lp.token_logprobs[len(ids):]
+
+
+def test_token_prompts_lists_and_n(server, lm):
+    """Token-id prompts, lists of prompts and n > 1: choice i * n + j answers prompt i."""
+    tok = lm.tokenizer
+    texts = ["def f(", "import "]
+    want = [generate(lm.model, tok, t, max_new_tokens=5, temperature=0) for t in texts]
+    r = post(server, "/v1/completions", {"prompt": [tok.encode(texts[0]), texts[1]], "n": 2,
+                                         "max_tokens": 5, "temperature": 0})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert [c["index"] for c in body["choices"]] == [0, 1, 2, 3]
+    assert [c["text"] for c in body["choices"]] == [want[0], want[0], want[1], want[1]]
+    assert body["usage"]["prompt_tokens"] == sum(len(tok.encode(t)) for t in texts)
+    assert body["usage"]["completion_tokens"] == 4 * 5
+    one = post(server, "/v1/completions", {"prompt": tok.encode(texts[1]), "max_tokens": 5,
+                                           "temperature": 0})
+    assert one.json()["choices"][0]["text"] == want[1]
+    # sampled with a seed: choice j draws with seed + j, so the choices differ and repeat
+    body = {"prompt": "x", "n": 3, "max_tokens": 8, "temperature": 1.0, "seed": 5}
+    a, b = (post(server, "/v1/completions", body).json()["choices"] for _ in range(2))
+    assert [c["text"] for c in a] == [c["text"] for c in b]
+    assert len({c["text"] for c in a}) > 1
+
+
+def test_chat_logprobs(client, lm):
+    r = client.chat.completions.create(model=lm.meta.name, temperature=0, max_tokens=4,
+                                       messages=[{"role": "user", "content": "hi"}],
+                                       logprobs=True, top_logprobs=2)
+    content = r.choices[0].logprobs.content
+    assert len(content) == r.usage.completion_tokens
+    for c in content:
+        assert len(c.top_logprobs) == 2 and c.logprob == c.top_logprobs[0].logprob
+        raw = bytes(c.bytes)  # the token's own bytes; its name is their text when it has one
+        try:
+            assert c.token == raw.decode()
+        except UnicodeDecodeError:
+            assert c.token == "bytes:" + "".join(f"\\x{b:02x}" for b in raw)
