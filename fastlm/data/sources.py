@@ -21,6 +21,7 @@ import gzip
 import io
 import json
 import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Iterator
@@ -113,16 +114,33 @@ def _open_binary(path: Path, comp: str | None) -> IO[bytes]:
     return open(path, "rb")
 
 
+def _utf8_end(piece: bytes) -> int:
+    """Where piece ends without splitting a UTF-8 sequence: its length, or the start of an
+    incomplete sequence at its end (whose first bytes then move to the next piece)."""
+    for back in range(1, min(4, len(piece)) + 1):
+        b = piece[-back]
+        if b & 0xC0 != 0x80:  # not a continuation byte: the last sequence starts here
+            need = 2 if b >> 5 == 0b110 else 3 if b >> 4 == 0b1110 else 4 if b >> 3 == 0b11110 \
+                else 1
+            return len(piece) - back if need > back else len(piece)
+    return len(piece)
+
+
 def _read_text_file(path: Path, comp: str | None, opts: SourceOptions) -> Iterator[bytes]:
     with _open_binary(path, comp) as f:
         reader = io.BufferedReader(f) if comp == ".zst" else f
         piece = reader.read(opts.max_doc_bytes)
+        if b"\0" in piece[:8192]:  # text has no NUL bytes; executables and images do
+            raise SourceError(f"{path}: looks like a binary file (NUL bytes in its first 8 KB), "
+                              "not text; leave it out of the inputs")
         while piece:
-            # Cut at the last newline so a piece never splits a line (or a UTF-8 sequence).
+            # Cut at the last newline so a piece never splits a line; a piece without one at
+            # the end of a UTF-8 sequence, so valid text never gains U+FFFD.
             nl = piece.rfind(b"\n")
             nxt = reader.read(opts.max_doc_bytes)
-            if nxt and 0 <= nl < len(piece) - 1:
-                piece, nxt = piece[: nl + 1], piece[nl + 1:] + nxt
+            cut = nl + 1 if nl >= 0 else _utf8_end(piece)
+            if nxt and 0 < cut < len(piece):
+                piece, nxt = piece[:cut], piece[cut:] + nxt
             yield piece
             piece = nxt
 
@@ -142,22 +160,30 @@ def _read_jsonl(path: Path, comp: str | None, opts: SourceOptions) -> Iterator[s
                 raise SourceError(f"{path}:{lineno}: no field {opts.text_field!r} (has {keys}); "
                                   f"choose it with --text-field")
             value = record[opts.text_field]
+            if value is not None and not isinstance(value, str):  # not a repr as training text
+                raise SourceError(f"{path}:{lineno}: field {opts.text_field!r} is a JSON "
+                                  f"{type(value).__name__}, not a string")
             if value is not None:
-                yield str(value)
+                yield value
 
 
 def _read_parquet(path: Path, opts: SourceOptions) -> Iterator[str]:
     _require("pyarrow", "pyarrow", f"{path} (.parquet)")
     import pyarrow.parquet as pq
 
-    pf = pq.ParquetFile(path)
+    pf = pq.ParquetFile(path)  # a file that is not Parquet: iter_file names it
     if opts.text_field not in pf.schema_arrow.names:
         raise SourceError(f"{path}: no column {opts.text_field!r} (has {pf.schema_arrow.names}); "
                           f"choose it with --text-field")
+    row = 0
     for batch in pf.iter_batches(batch_size=1024, columns=[opts.text_field]):
         for value in batch.column(0).to_pylist():
+            row += 1
+            if value is not None and not isinstance(value, (str, bytes)):
+                raise SourceError(f"{path}: row {row}: column {opts.text_field!r} holds "
+                                  f"{type(value).__name__} values, not text")
             if value is not None:
-                yield value if isinstance(value, str) else bytes(value)
+                yield value
 
 
 @dataclass(frozen=True)
@@ -237,8 +263,19 @@ def iter_file(item: str, opts: SourceOptions) -> Iterator[bytes | str | HtmlPage
             yield from _read_warc(path, opts)  # warcio reads .warc.gz itself
         else:
             yield from _read_text_file(path, comp, opts)
-    except (OSError, EOFError, gzip.BadGzipFile) as exc:
+    except _read_errors() as exc:
         raise SourceError(f"{path}: cannot read ({type(exc).__name__}: {exc})") from exc
+
+
+def _read_errors() -> tuple[type[BaseException], ...]:
+    """What reading a corrupt or truncated input raises: the OS's and gzip's, and zstandard's
+    and pyarrow's when they were imported (only then can they have raised)."""
+    errors: list[type[BaseException]] = [OSError, EOFError]
+    for module, name in (("zstandard", "ZstdError"), ("pyarrow", "ArrowException")):
+        error = getattr(sys.modules.get(module), name, None)  # a blocked import leaves None
+        if error is not None:
+            errors.append(error)
+    return tuple(errors)
 
 
 def iter_documents(files: list[str], opts: SourceOptions) -> Iterator[bytes | str | HtmlPage]:

@@ -86,6 +86,9 @@ def _read(files: list[Path], cap: int) -> bytes:
     parts, total = [], 0
     for path in files:
         data = path.read_bytes()
+        if b"\0" in data[:8192]:  # text has no NUL bytes; executables and images do
+            raise ValueError(f"--data: {path} looks like a binary file (NUL bytes in its first "
+                             "8 KB), not text; leave it out")
         if cap and total + len(data) > cap:
             data = data[:cap - total]
         parts.append(data)
