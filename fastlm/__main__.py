@@ -22,6 +22,7 @@ COMMANDS = {
     "compare": ("fastlm.compare", "train several architectures on one budget and compare them"),
     "profile": ("fastlm.profile", "profile a training step: tokens/s, MFU, memory, power"),
     "bench": ("fastlm.bench", "kernel benchmarks against their peers"),
+    "recipe": ("fastlm.recipe", "raw text to a served chat model, with a report card"),
 }
 
 
