@@ -325,6 +325,8 @@ def _check_value(key: str, value: Any, tp: Any, meta: dict[str, Any], source: st
             raise ConfigError(f"{key}: must be one of {', '.join(choices)}; got {v!r}{where}")
         if isinstance(v, float) and not math.isfinite(v):
             raise ConfigError(f"{key}: must be a finite number, got {v}{where}")
+        if isinstance(v, int) and not -2**63 <= v < 2**63:  # torch and numpy take int64 at most
+            raise ConfigError(f"{key}: {v} does not fit a 64-bit integer{where}")
         if "min" in meta and v < meta["min"]:
             raise ConfigError(f"{key}: must be >= {meta['min']}, got {v}{where}")
         if "max" in meta and v > meta["max"]:
@@ -430,9 +432,12 @@ def _add_raw(raw: Raw, section: str, key: str, value: Any, source: str,
 def _raw_from_toml(path: str | Path, raw: Raw) -> None:
     path = Path(path)
     try:
-        text = path.read_text()
+        text = path.read_text(encoding="utf-8")
     except OSError as exc:
         raise ConfigError(f"--config: cannot read {path}: {exc.strerror}") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"--config: {path} is not UTF-8 text (byte {exc.start}); TOML files "
+                          "are UTF-8") from None
     for section, table in _parse_toml(text, str(path)).items():
         if not isinstance(table, dict):
             raise ConfigError(f"{path}: '{section}' must be a [section] table of keys, "

@@ -56,9 +56,14 @@ def main(argv: list[str] | None = None) -> int:
     while True:
         try:
             line = input("you> ")
+            line.encode("utf-8")  # a surrogate-escaped byte (stdin in a C locale) is not text
         except (EOFError, KeyboardInterrupt):
             print()
             return 0
+        except UnicodeError:  # the conversation so far is kept: only this line is refused
+            print("fastlm.chat: that line is not valid UTF-8 text; type it again",
+                  file=sys.stderr)
+            continue
         if not line.strip():
             return 0
         if line.strip() == "/reset":

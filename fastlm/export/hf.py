@@ -148,10 +148,30 @@ def export_hf(model: LanguageModel, out_dir: str | Path, tokenizer: Tokenizer | 
 
 # ---------------------------------------------------------------------------------------------
 # Hugging Face -> fastlm
+def _read_json(file: Path, kind: type, what: str):
+    """file parsed as JSON of type kind, else ExportError naming the file."""
+    try:
+        value = json.loads(file.read_text(encoding="utf-8"))
+    except (ValueError, OSError) as exc:  # UnicodeDecodeError is a ValueError
+        raise ExportError(f"{file}: not readable JSON ({exc})") from None
+    if not isinstance(value, kind):
+        raise ExportError(f"{file}: {what} must be a JSON {kind.__name__}, got "
+                          f"{type(value).__name__}")
+    return value
+
+
 def _read_tensors(d: Path) -> dict[str, torch.Tensor]:
     index = d / "model.safetensors.index.json"
     if index.is_file():
-        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        weight_map = _read_json(index, dict, "a sharded index").get("weight_map")
+        if not isinstance(weight_map, dict) or not all(isinstance(f, str)
+                                                       for f in weight_map.values()):
+            raise ExportError(f"{index}: 'weight_map' must map tensor names to file names")
+        files = sorted(set(weight_map.values()))
+        for name in files:  # a shard is a file of this folder, never a path out of it
+            if Path(name).name != name or not name.endswith(".safetensors"):
+                raise ExportError(f"{index}: shard {name!r} is not a .safetensors file name in "
+                                  f"{d}")
     elif (d / "model.safetensors").is_file():
         files = ["model.safetensors"]
     else:
@@ -161,7 +181,11 @@ def _read_tensors(d: Path) -> dict[str, torch.Tensor]:
                              "(convert them to safetensors first)" if pickles else ""))
     tensors = {}
     for name in files:
-        tensors.update(load_file(str(d / name)))
+        try:
+            tensors.update(load_file(str(d / name)))
+        except Exception as exc:  # noqa: BLE001 -- safetensors' errors have no common base
+            raise ExportError(f"{d / name}: not a readable safetensors file "
+                              f"({type(exc).__name__}: {exc})") from None
     return tensors
 
 
@@ -259,7 +283,7 @@ def import_hf(hf_dir: str | Path, block_size: int | None = None
     d = Path(hf_dir)
     if not (d / "config.json").is_file():
         raise ExportError(f"{d}: no config.json (not a Hugging Face model directory)")
-    hf = json.loads((d / "config.json").read_text())
+    hf = _read_json(d / "config.json", dict, "the model config")
     cfg = _fastlm_config(hf, block_size)
     tensors = _read_tensors(d)
     try:

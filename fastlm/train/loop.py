@@ -547,9 +547,13 @@ def main(argv: list[str] | None = None) -> int:
     except TrainingDiverged as exc:
         print(f"fastlm.train: {exc}", file=sys.stderr)
         return 3
-    except torch.OutOfMemoryError as exc:
-        raise SystemExit(f"fastlm.train: error: out of memory ({exc}). Try a smaller "
-                         "--train.batch_size (keep the tokens per step with --train.grad_accum "
+    except (MemoryError, RuntimeError) as exc:  # torch.OutOfMemoryError is a RuntimeError
+        # the CPU allocator's failure is a plain RuntimeError naming it
+        if not isinstance(exc, (torch.OutOfMemoryError, MemoryError)) \
+                and "DefaultCPUAllocator" not in str(exc):
+            raise
+        raise SystemExit(f"fastlm.train: error: out of memory ({str(exc).strip()[:200]}). Try "
+                         "a smaller --train.batch_size (keep the tokens per step with --train.grad_accum "
                          "or --train.tokens_per_step), --train.activation_checkpointing=true, "
                          "--train.precision=bf16 or --train.parallel=fsdp") from None
     return 130 if result.interrupted else 0
