@@ -265,6 +265,12 @@ class Tokenizer:
             return self._encoder.decode_bytes(ids)
         except IndexError as e:
             raise ValueError(str(e)) from None
+        except TypeError:  # the native decoder's word for an int past 64 bits: name the id
+            bad = next((i for i in ids if isinstance(i, int) and not -2**63 <= i < 2**63), None)
+            if bad is None:
+                raise
+            raise ValueError(f"token id {bad} is not in the vocabulary (size "
+                             f"{self.vocab_size})") from None
 
     def decode(self, ids, errors="replace"):
         """The text of `ids`. Token boundaries can split a character, so a slice of ids may not
