@@ -5,10 +5,15 @@ import numpy as np
 import pytest
 import torch
 
+from fastlm.export.gguf import (
+    GGUFExportError,
+    export_gguf,
+    gguf_tensors,
+    rope_permute,
+    rope_unpermute,
+)
 from fastlm.export.hf import main
 from fastlm.generate.decode import BatchDecoder, SamplingParams
-from fastlm.export.gguf import (GGUFExportError, export_gguf, gguf_tensors, rope_permute,
-                                 rope_unpermute)
 from fastlm.tokenizer import Tokenizer
 from tests.interop import require
 from tests.lm_fixtures import save_checkpoint, tiny_model
