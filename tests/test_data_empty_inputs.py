@@ -14,8 +14,8 @@ from fastlm.data.dedup import DedupConfig, Deduper, DedupHasher
 WORDLESS = "$$$$%%%%^^^^&&&&"
 EDGE_CASES = ["", " ", "\n\n\n", "\t", "\x00\x01", "\ufeff", "\u00a0\u3000", "\r\n\r", WORDLESS,
               "@@@ ###", "__", "é", "a", "1.2.3.4", b"", b"\xff\xfe", "\ud800"]
-ALL_STEPS = dict(pii=True, lowercase=True, min_chars=0, max_chars=10_000, max_symbol_ratio=0.5,
-                 max_repeated_line_frac=0.3)
+ALL_STEPS = {"pii": True, "lowercase": True, "min_chars": 0, "max_chars": 10_000,
+             "max_symbol_ratio": 0.5, "max_repeated_line_frac": 0.3}
 
 
 @pytest.mark.parametrize("policy", ["replace", "drop"])

@@ -102,7 +102,8 @@ def write_recipe(folder: Path, stages: str = "", vocab: int = 320) -> Path:
 @pytest.mark.parametrize("edit, named", [
     (("[data]", "[dta]"), "unknown section [dta]"),
     (("workers = 1", "wrokers = 1"), "unknown key 'wrokers'"),
-    (('name = "micro"', 'name = "micro"\nstages = ["data", "tokenise"]'), "unknown stage 'tokenise'"),
+    (('name = "micro"', 'name = "micro"\nstages = ["data", "tokenise"]'),
+     "unknown stage 'tokenise'"),
     (('inputs = ["corpus"]', 'inputs = ["nowhere/*.txt"]'), "nowhere/*.txt"),
     (('data = "chat.jsonl"', 'data = "missing.jsonl"'), "missing.jsonl"),
     (("n_layer = 1", "n_layers = 1"), "n_layers"),
@@ -178,7 +179,7 @@ def micro_run(tmp_path_factory):
 
 
 def test_every_stage_finished(micro_run):
-    _, out, records = micro_run
+    _, _, records = micro_run
     assert set(records) == {"data", "tokenizer", "pretrain", "eval", "sft", "eval-sft",
                             "export", "serve-check", "report"}
 
@@ -202,7 +203,7 @@ def test_seam_tokenizer_is_the_one_in_the_shards_and_the_checkpoint(micro_run):
 def test_seam_the_checkpoint_scored_is_the_one_exported_and_served(micro_run):
     from fastlm.recipe.fingerprint import sha256_file
 
-    _, out, records = micro_run
+    _, _, records = micro_run
     sft = records["sft"]["outputs"]
     assert records["eval"]["outputs"]["checkpoint"] == records["pretrain"]["outputs"]["checkpoint"]
     for stage in ("eval-sft", "export", "serve-check"):
@@ -237,7 +238,8 @@ def test_seam_served_chat_sends_the_sft_template_tokens(micro_run):
     ids, _ = encode_chat(tok, served["messages"], add_generation_prompt=True)
     assert served["template_ids"] == ids
     assert served["prompt_tokens"] == len(ids)
-    assert ids[0] == tok.special_tokens["<|user|>"] and ids[-1] == tok.special_tokens["<|assistant|>"]
+    assert ids[0] == tok.special_tokens["<|user|>"]
+    assert ids[-1] == tok.special_tokens["<|assistant|>"]
     assert served["matches_local"], (served["reply"], served["local_reply"])
 
 

@@ -18,8 +18,8 @@ import json
 import math
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 
@@ -187,7 +187,7 @@ def pretrain(ctx: Context) -> dict:
         cmd = [sys.executable, "-m", "torch.distributed.run", *launch,
                f"--nproc_per_node={nproc}", "-m", "fastlm.train", *argv]
         print("  " + " ".join(cmd), flush=True)
-        rc = subprocess.run(cmd).returncode
+        rc = subprocess.run(cmd, check=False).returncode  # the status is read below
     else:
         try:
             rc = train_main(argv)

@@ -85,29 +85,31 @@ def _stage_table(records: dict[str, dict]) -> list[str]:
 def render(name: str, records: dict[str, dict], plots: dict[str, str],
            env: dict[str, str | None]) -> str:
     out = [f"# Report card: {name}", "", "## Stages", "", *_stage_table(records), "",
-           "MFU is known on GPUs with a listed peak (fastlm.train.flops); peak memory is the "
-           "stage's resident-set high-water mark (torchrun children included).", ""]
+           ("MFU is known on GPUs with a listed peak (fastlm.train.flops); peak memory is the "
+            "stage's resident-set high-water mark (torchrun children included)."), ""]
     if "data" in records:
         m = records["data"]["metrics"]
-        out += ["## Data", "", f"- input files: {m['input_files']:,}, bytes in: "
-                f"{_num(m.get('bytes_in'))}",
-                f"- documents kept: {m['train_documents']:,} train + {m['val_documents']:,} "
-                "held out", "", "| cleaning | count |", "|---|---:|",
+        out += ["## Data", "",
+                f"- input files: {m['input_files']:,}, bytes in: {_num(m.get('bytes_in'))}",
+                (f"- documents kept: {m['train_documents']:,} train + {m['val_documents']:,} "
+                 "held out"), "", "| cleaning | count |", "|---|---:|",
                 *[f"| {k.replace('_', ' ')} | {v:,} |" for k, v in sorted(m["cleaning"].items())],
                 ""]
     if "tokenizer" in records:
         m, o = records["tokenizer"]["metrics"], records["tokenizer"]["outputs"]
-        out += ["## Tokenizer", "", f"- vocabulary: {m['vocab_size']:,} ({m['pattern']} split "
-                f"pattern; special tokens {', '.join(m['special_tokens'])})",
+        out += ["## Tokenizer", "",
+                (f"- vocabulary: {m['vocab_size']:,} ({m['pattern']} split pattern; special "
+                 f"tokens {', '.join(m['special_tokens'])})"),
                 f"- bytes per token on held-out text: {m['val_bytes_per_token']:.3f}",
                 f"- training tokens: {m['train_tokens']:,}, held-out tokens: {m['val_tokens']:,}",
-                f"- tokenizer sha256 {o['tokenizer']['sha256'][:16]}…, the shards' tokenizer "
-                f"hash {o['shards_tokenizer_hash'][:16]}…", ""]
+                (f"- tokenizer sha256 {o['tokenizer']['sha256'][:16]}…, the shards' tokenizer "
+                 f"hash {o['shards_tokenizer_hash'][:16]}…"), ""]
     if "pretrain" in records:
         m, o = records["pretrain"]["metrics"], records["pretrain"]["outputs"]
-        out += ["## Pretraining", "", f"- {m['steps']:,} steps on {m['nproc']} process(es), "
-                f"{_num(m.get('tokens'))} tokens; final val loss {_num(m.get('val_loss'), '.4f')}"
-                f", {_num(m.get('val_bpb'), '.4f')} bits/byte",
+        out += ["## Pretraining", "",
+                (f"- {m['steps']:,} steps on {m['nproc']} process(es), {_num(m.get('tokens'))} "
+                 f"tokens; final val loss {_num(m.get('val_loss'), '.4f')}, "
+                 f"{_num(m.get('val_bpb'), '.4f')} bits/byte"),
                 f"- checkpoint {o['checkpoint']} (model sha256 {o['model_sha256'][:16]}…)",
                 f"- loss curve: {plots.get('pretrain', '—')}", ""]
         if plots.get("pretrain", "").endswith(".png"):
@@ -123,24 +125,29 @@ def render(name: str, records: dict[str, dict], plots: dict[str, str],
                            f"{_num(after.get(key), '.4f')} |")
         if "sft" in records:
             s = records["sft"]["metrics"]
-            out.append(f"| chat set val loss (nats/token) | {_num(s['chat_val_loss_before'], '.4f')}"
-                       f" | {_num(s['chat_val_loss_after'], '.4f')} |")
+            out.append(f"| chat set val loss (nats/token) | "
+                       f"{_num(s['chat_val_loss_before'], '.4f')} | "
+                       f"{_num(s['chat_val_loss_after'], '.4f')} |")
         out += [""]
         if "sft" in records:
-            out += [f"- sft: {records['sft']['metrics']['steps']:,} steps; loss curve: "
-                    f"{plots.get('sft', '—')}", ""]
+            out += [(f"- sft: {records['sft']['metrics']['steps']:,} steps; loss curve: "
+                     f"{plots.get('sft', '—')}"), ""]
+            if plots.get("sft", "").endswith(".png"):
+                out += [f"![sft loss](report/{plots['sft']})", ""]
     if "serve-check" in records:
         o = records["serve-check"]["outputs"]
-        out += ["## Sample conversation", "", "Through fastlm.serve and the official openai "
-                f"client (greedy, {o['completion_tokens']} tokens, finish: {o['finish_reason']}):",
+        out += ["## Sample conversation", "",
+                ("Through fastlm.serve and the official openai client (greedy, "
+                 f"{o['completion_tokens']} tokens, finish: {o['finish_reason']}):"),
                 "", f"> **user:** {o['messages'][0]['content']}", ">",
                 f"> **assistant:** {o['reply']}", "",
-                f"- the server's prompt: {o['prompt_tokens']} tokens, the chat template's ids; "
-                f"reply equals fastlm's own greedy decoding: {o['matches_local']}", ""]
+                (f"- the server's prompt: {o['prompt_tokens']} tokens, the chat template's "
+                 f"ids; reply equals fastlm's own greedy decoding: {o['matches_local']}"), ""]
     if "export" in records:
         o, m = records["export"]["outputs"], records["export"]["metrics"]
-        out += ["## Exported files", "", f"From {o['checkpoint']} (model sha256 "
-                f"{o['model_sha256'][:16]}…).", "", "| file | bytes | sha256 |", "|---|---:|---|",
+        out += ["## Exported files", "",
+                f"From {o['checkpoint']} (model sha256 {o['model_sha256'][:16]}…).", "",
+                "| file | bytes | sha256 |", "|---|---:|---|",
                 *[f"| {k} | {v['bytes']:,} | `{v['sha256']}` |" for k, v in o["files"].items()],
                 "", "- transformers logits vs fastlm's, max |difference|: "
                 + ("transformers not installed" if m["hf_logits_max_abs_diff"] is None

@@ -86,7 +86,7 @@ def run(recipe: Recipe, out: str | Path, from_stage: str | None = None,
             _say(f"stopped in stage {stage} ({exc or 'interrupted'}); earlier stages are kept "
                  f"in {root}; run the same command again to continue")
             return 130
-        except Exception as exc:  # any failure: name the stage, keep what is done
+        except Exception as exc:  # noqa: BLE001 -- any failure: name the stage, keep what is done
             (folder / "error.txt").write_text(traceback.format_exc())
             why = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
             _say(f"stage {stage} failed: {why} (traceback: {folder / 'error.txt'}); the "
