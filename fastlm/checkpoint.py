@@ -145,6 +145,10 @@ def _write(tmp: Path, step: int, model, optimizer, train_state: dict[str, Any],
         save_file({k: v.contiguous() for k, v in model.items()}, str(tmp / "model.safetensors"))
     else:
         save_model(model, str(tmp / "model.safetensors"))
+    umask = os.umask(0)
+    os.umask(umask)
+    # safetensors creates its file 0600; the weights get the mode every other file gets
+    os.chmod(tmp / "model.safetensors", 0o666 & ~umask)
     opt_state = optimizer if isinstance(optimizer, dict) else optimizer.state_dict()
     torch.save(opt_state, tmp / "optimizer.pt")
     torch.save(train_state, tmp / "train_state.pt")

@@ -97,3 +97,9 @@ def test_full_disk_leaves_no_temp_dir(tmp_path, monkeypatch):
     with pytest.raises(checkpoint.SaveError, match="No space left on device"):
         save(tmp_path, 2)
     assert [p.name for p in checkpoint.checkpoint_dir(tmp_path).iterdir()] == [good.name]
+
+
+def test_weights_get_the_mode_of_the_other_files(tmp_path):
+    path = save(tmp_path, 1)
+    modes = {p.name: p.stat().st_mode & 0o777 for p in path.iterdir()}
+    assert modes["model.safetensors"] == modes["optimizer.pt"], modes
