@@ -110,7 +110,7 @@ setup(
     # kernels/ and bench/ live at the top level of the repo but install inside the package.
     packages=find_packages(include=["fastlm", "fastlm.*"]) + ["fastlm.kernels", "fastlm.bench"],
     package_dir={"fastlm.kernels": "kernels", "fastlm.bench": "bench"},
-    package_data={"fastlm": ["configs/*.toml", "web/*.html"]},
+    package_data={"fastlm": ["configs/*.toml", "recipes/*.toml", "web/*.html"]},
     ext_modules=ext_modules,
     cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
 )
