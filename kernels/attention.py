@@ -37,21 +37,68 @@ LN2_C = tl.constexpr(LN2)
 
 
 # ---------------------------------------------------------------------------------------------
-# Block configs. GPU: candidates for Ampere (A100: 164 KB shared memory, 108 SMs) and Hopper
-# (H100: 228 KB, 132 SMs); the autotuner times them once per key and drops the ones that do not
-# fit (OutOfResources). Interpreter: one config (no timing), 16 x 16 blocks so that small test
-# shapes (T = 17, 128) cross several blocks and their tails.
-def _configs(kind: str) -> list:
-    if utils.INTERPRET:
+# Block configs. GPU: candidates for Ampere (A100: 163 KB shared memory per block, 108 SMs) and
+# Hopper (H100: 227 KB, 132 SMs). Before timing them, the autotuner drops the ones whose shared
+# memory (shared_memory_need) exceeds the GPU's, so a launch never picks a config that cannot
+# run; the last two of each list are small enough for every dtype and head dim up to 256 on both
+# (fp32 at head dim 256 fits nothing else on an H100, bf16/fp16 at 256 little else on an A100;
+# tests/test_triton_aot.py checks this by compiling them for sm_80 and sm_90). Interpreter: one
+# config (no timing), 16 x 16 blocks so that small test shapes (T = 17, 128) cross several
+# blocks and their tails.
+def _configs(kind: str, interpret: bool = utils.INTERPRET) -> list:
+    if interpret:
         return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16}, num_warps=4, num_stages=1)]
     if kind == "fwd":
         shapes = [(128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 3), (64, 64, 4, 3),
-                  (128, 32, 4, 4), (64, 128, 4, 3)]
+                  (128, 32, 4, 4), (64, 128, 4, 3), (64, 32, 4, 2), (32, 32, 4, 1)]
     else:  # the backward kernels hold more live tiles: smaller blocks
         shapes = [(64, 64, 4, 3), (64, 64, 8, 2), (128, 64, 8, 2), (64, 128, 8, 2),
-                  (32, 64, 4, 3), (64, 32, 4, 3)]
+                  (32, 64, 4, 3), (64, 32, 4, 3), (32, 32, 4, 2), (32, 32, 4, 1)]
     return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s)
             for m, n, w, s in shapes]
+
+
+def shared_memory_need(kernel: str, config, block_d: int, elsize: int) -> int:
+    """Bytes of shared memory a config of kernel "fwd", "dkdv" or "dq" needs (an upper bound).
+
+    The tiles a kernel streams through its loop (k and v for fwd and dq, q and dO for dkdv) sit
+    in shared memory once per pipeline stage (at least 2: num_stages=1 still double-buffers);
+    with 16-bit inputs the tiles it holds for its whole life (q and dO, or k and v) are
+    tensor-core operands in shared memory too (fp32 takes the ieee FMA path: registers); one
+    (BLOCK_M, BLOCK_N) tile (p or ds) is staged for the second dot; 1 KB for reductions.
+    Fitted to Triton 3.6's compiled kernels for sm_80 and sm_90, exact for the larger dkdv
+    configs and above the rest (bench/results/aot-attention.md; tests/test_triton_aot.py
+    compiles the configs that survive at head dim 256 to check it).
+    """
+    m, n = config.kwargs["BLOCK_M"], config.kwargs["BLOCK_N"]
+    streamed, held = (m, n) if kernel == "dkdv" else (n, m)
+    per_d = max(config.num_stages, 2) * 2 * streamed + (2 * held if elsize == 2 else 0)
+    return elsize * (block_d * per_d + m * n) + 1024
+
+
+def fitting_configs(kernel: str, configs: list, block_d: int, elsize: int, limit: int) -> list:
+    """The configs whose shared memory fits `limit` bytes; a clear error when none does."""
+    fits = [c for c in configs if shared_memory_need(kernel, c, block_d, elsize) <= limit]
+    if not fits:
+        least = min(shared_memory_need(kernel, c, block_d, elsize) for c in configs)
+        raise RuntimeError(
+            f"fastlm::attention (triton, {kernel}): no block configuration fits this GPU's "
+            f"shared memory for head dim {block_d} (padded) with {elsize}-byte inputs: the "
+            f"smallest needs {least // 1024} KB, the GPU has {limit // 1024} KB. Use a smaller "
+            "head dim, 16-bit inputs, or another backend (backend='torch').")
+    return fits
+
+
+def _prune(kernel: str):
+    """early_config_prune for the autotuner of `kernel`: fitting_configs for the GPU of q."""
+    def prune(configs, named_args, **kwargs):
+        q = named_args["q_ptr"]
+        if q.device.type != "cuda":  # the interpreter: one config, no shared memory
+            return configs
+        props = triton.runtime.driver.active.utils.get_device_properties(q.device.index)
+        return fitting_configs(kernel, configs, kwargs["BLOCK_D"], q.element_size(),
+                               props["max_shared_mem"])
+    return {"early_config_prune": prune}
 
 
 # Re-tune per head dim, mask kind, dtype and sequence-length bucket (powers of two), not per T.
@@ -86,7 +133,7 @@ def _key_range(start_m, Tq, Tk, WINDOW, BLOCK_M: tl.constexpr, BLOCK_N: tl.const
 
 # ---------------------------------------------------------------------------------------------
 # Forward
-@triton.autotune(configs=_configs("fwd"), key=_KEY)
+@triton.autotune(configs=_configs("fwd"), key=_KEY, prune_configs_by=_prune("fwd"))
 @triton.jit
 def _attention_fwd_kernel(
     q_ptr,    # (B, H, Tq, D) contiguous
@@ -169,7 +216,7 @@ def _attention_bwd_delta_kernel(
     tl.store(delta_ptr + rows, tl.sum(o * do.to(tl.float32), axis=1), mask=rows < N)
 
 
-@triton.autotune(configs=_configs("bwd"), key=_KEY)
+@triton.autotune(configs=_configs("bwd"), key=_KEY, prune_configs_by=_prune("dkdv"))
 @triton.jit
 def _attention_bwd_dkdv_kernel(
     q_ptr, k_ptr, v_ptr, do_ptr,  # as in the forward; do like q
@@ -236,7 +283,7 @@ def _attention_bwd_dkdv_kernel(
     tl.store(dv_ptr + out_off, dv.to(dv_ptr.dtype.element_ty), mask=kv_mask)
 
 
-@triton.autotune(configs=_configs("bwd"), key=_KEY)
+@triton.autotune(configs=_configs("bwd"), key=_KEY, prune_configs_by=_prune("dq"))
 @triton.jit
 def _attention_bwd_dq_kernel(
     q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr,
