@@ -50,12 +50,18 @@ DISPATCH: dict[str, dict[str, tuple[str, ...]]] = {
     "layer_norm": {"cpu": ("cpu", "torch"), "cuda": ("torch", "cuda", "triton")},
     "rms_norm": {"cpu": ("cpu", "torch"), "cuda": ("torch", "cuda", "triton")},
     # C++ attention fwd+bwd 1.4-2.3x torch SDPA on CPU (T 512..2048, d64, fp32, 1 thread,
-    # bench/bench_attention.py); Triton on CUDA awaits a GPU measurement.
+    # bench/bench_attention.py). cuda: torch only. Triton awaits a GPU measurement, and its fp32
+    # path (ieee FMA dots) spills in every config on sm_90 and bf16 d128 dk/dv in all of them
+    # (issue 23; `python -m bench.aot_check` lists them): a row needs a measured, non-spilling
+    # config.
     "attention": {"cpu": ("cpu", "torch"), "cuda": ("torch",)},
     # cpu rows: bench/results/cpu-amd-epyc (2 cores): C++ cross_entropy 1.6-1.8x F.cross_entropy
     # fwd+bwd, linear_cross_entropy 3.5x faster at 0.11x the peak memory of the materialised path,
     # adamw_step at or above torch's fused AdamW. cuda rows: torch first until a GPU run of the
-    # native kernels (tested and benched on a GPU) justifies them.
+    # native kernels (tested and benched on a GPU) justifies them. Known costs until then
+    # (issue 23): cross_entropy with odd V (GPT-2's 50257) loads scalars (CUDA always, Triton
+    # 16-bit ones); the Triton adamw_step launches once per tensor (torch's fused one per group),
+    # so it has no cuda row.
     "cross_entropy": {"cpu": ("cpu", "torch"), "cuda": ("torch", "triton", "cuda")},
     "linear_cross_entropy": {"cpu": ("cpu", "torch"), "cuda": ("torch", "triton")},
     "adamw_step": {"cpu": ("cpu", "torch"), "cuda": ("torch", "cuda")},
