@@ -21,6 +21,7 @@ pytest.importorskip("fastlm._bpe", reason="fastlm._bpe is not built")
 
 EOT = "<|endoftext|>"
 GGML_TYPE_F32 = 0  # ggml_type of an f32 KV cache: llama.cpp's default f16 cache rounds
+LOGIT_TOLERANCE = {"llama": 1e-4, "gpt2": 5e-3}
 
 
 @pytest.fixture(scope="module", params=["gpt4", "gpt2", "byte"])
@@ -47,8 +48,10 @@ def corpus_chunks(n=60):
 
 
 def load(path, n_ctx=64):
+    # flash_attn off: llama.cpp's CPU flash attention rounds through f16 (logits 5e-3..9e-3 off)
     return llama_cpp.Llama(model_path=str(path), n_ctx=n_ctx, n_batch=n_ctx, logits_all=True,
-                           type_k=GGML_TYPE_F32, type_v=GGML_TYPE_F32, verbose=False, seed=0)
+                           type_k=GGML_TYPE_F32, type_v=GGML_TYPE_F32, flash_attn=False,
+                           verbose=False, seed=0)
 
 
 @pytest.fixture(scope="module")
@@ -84,11 +87,22 @@ def test_logits_and_greedy_text_identical(tok, exported, arch):
     with torch.no_grad():
         ours = model(torch.tensor([ids]))[0][0].numpy()
     diff = float(np.abs(theirs - ours).max())
-    assert diff < 1e-3, f"max |logit diff| {diff}"
-    prompt = "import os\n"
-    want = generate(model, tok, prompt, max_new_tokens=12, temperature=0)
-    got = llm.create_completion(prompt, max_tokens=12, temperature=0.0, top_k=1)
-    assert got["choices"][0]["text"] == want
+    # Measured: llama 4.5e-6 (float32 throughout). gpt2 1.5e-3: ggml's GELU reads a float16
+    # table of its input, llama.cpp's own rounding, not the export's.
+    assert diff < LOGIT_TOLERANCE[arch], f"max |logit diff| {diff}"
+    prompt = tok.encode_ordinary("import os\n")
+    with torch.no_grad():
+        want = model.generate(torch.tensor([prompt]), 12, top_k=1)[0, len(prompt):].tolist()
+    llm.reset()
+    got = []
+    for token in llm.generate(prompt, top_k=1, temp=0.0):
+        got.append(token)
+        if len(got) == 12:
+            break
+    assert got == want  # the same greedy ids, hence the same text
+    # (special tokens a random model may emit are rendered differently by each; text is not)
+    ordinary = [i for i in want if i not in tok.special_tokens.values()]
+    assert llm.detokenize(ordinary) == tok.decode_bytes(ordinary)
 
 
 def test_chat_template_in_metadata_gives_fastlm_prompt(tok, exported):
