@@ -30,6 +30,7 @@ import sys
 
 import torch
 from fastlm.bench import compare, plot, report, utils
+from fastlm.command import run_command
 from fastlm.ops.dispatch import IMPLEMENTED
 
 KERNEL_OPS = tuple(IMPLEMENTED)  # the default set: fastlm's ops (kernels and peers), in its order
@@ -304,4 +305,4 @@ def subcommand(name: str, argv: list[str]) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_command(main))

@@ -5,6 +5,8 @@ Each command is also `python -m fastlm.<module>`; `python -m fastlm` alone lists
 import runpy
 import sys
 
+from fastlm.command import run_command
+
 # command -> (module run as __main__, one line on what it does)
 COMMANDS = {
     "data": ("fastlm.data", "collect, clean, deduplicate, tokenize and shard a corpus"),
@@ -52,4 +54,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_command(main))

@@ -62,6 +62,7 @@ from typing import Any
 
 from fastlm import checkpoint as ckpt
 from fastlm.chat.template import chat_prompt
+from fastlm.command import run_command
 from fastlm.generate.decode import (
     ContinuousDecoder,
     SamplingParams,
@@ -741,4 +742,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_command(main))

@@ -2,5 +2,6 @@
 import sys
 
 from fastlm.chat.cli import main
+from fastlm.command import run_command
 
-sys.exit(main())
+sys.exit(run_command(main))

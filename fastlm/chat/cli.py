@@ -17,6 +17,7 @@ import time
 
 from fastlm import checkpoint as ckpt
 from fastlm.chat.template import chat_prompt
+from fastlm.command import run_command
 from fastlm.tokenizer import Tokenizer
 from fastlm.generate.decode import (
     SamplingParams,
@@ -91,4 +92,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_command(main))

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
+from fastlm.command import run_command
 from fastlm.data.clean import CleanConfig
 from fastlm.data.dedup import DedupConfig
 from fastlm.data.encoders import ByteEncoder, load_encoder
@@ -156,4 +157,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_command(main))

@@ -38,6 +38,7 @@ from tqdm import tqdm
 
 from fastlm.chat.template import encode_chat, has_chat_tokens
 from fastlm.checkpoint import CheckpointError
+from fastlm.command import run_command
 from fastlm.eval.scores import accuracy, bleu, macro_f1
 from fastlm.restore import Restored, load
 from fastlm.eval.tasks import Example, TaskError, read_jsonl
@@ -441,4 +442,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_command(main))

@@ -24,6 +24,7 @@ import hashlib
 import random
 from pathlib import Path
 
+from fastlm.command import run_command
 from fastlm.data.text import stdlib_files
 from fastlm.eval.tasks import write_jsonl
 
@@ -159,4 +160,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    sys.exit(run_command(main))

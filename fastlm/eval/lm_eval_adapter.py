@@ -29,6 +29,7 @@ import sys
 import torch
 
 from fastlm.chat import template
+from fastlm.command import run_command
 from fastlm.eval.core import loglikelihood
 from fastlm.generate.decode import SamplingParams, stream
 from fastlm.restore import load
@@ -192,4 +193,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_command(main))

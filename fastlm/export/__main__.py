@@ -1,6 +1,7 @@
 """python -m fastlm.export: see fastlm.export.hf."""
 import sys
 
+from fastlm.command import run_command
 from fastlm.export.hf import main
 
-sys.exit(main())
+sys.exit(run_command(main))

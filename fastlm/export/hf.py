@@ -33,6 +33,7 @@ from safetensors.torch import load_file, save_file
 from fastlm import checkpoint as ckpt
 from fastlm import run_dir as run_dirs
 from fastlm.chat.template import has_chat_tokens
+from fastlm.command import run_command
 from fastlm.config import ConfigError, ModelConfig
 from fastlm.models.base import LanguageModel
 from fastlm.models.gpt import GPT
@@ -358,4 +359,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_command(main))

@@ -53,6 +53,7 @@ from fastlm import run_dir as run_dirs
 from fastlm import config as config_mod
 from fastlm.chat.template import IGNORE, SPECIAL_TOKENS, messages_of, sft_example
 from fastlm.checkpoint import CheckpointError
+from fastlm.command import run_command
 from fastlm.models.classifier import Classifier
 from fastlm.config import Config, ConfigError, load_config, to_dict
 from fastlm.eval.core import encode_batch, label_ids
@@ -455,4 +456,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_command(main))

@@ -40,6 +40,7 @@ from dataclasses import dataclass
 import torch
 
 from fastlm import checkpoint as ckpt
+from fastlm.command import run_command
 from fastlm.config import ModelConfig
 from fastlm.generate.kv_cache import KVCache, SlotCache
 from fastlm.models.base import LanguageModel
@@ -597,4 +598,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_command(main))

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from fastlm.command import run_command
 from fastlm.recipe.runner import run
 from fastlm.recipe.spec import SHIPPED, STAGES, RecipeError, parse, tomllib
 
@@ -52,4 +53,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_command(main))

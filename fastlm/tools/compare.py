@@ -45,6 +45,8 @@ from pathlib import Path
 
 import torch
 
+from fastlm.command import run_command
+
 DEFAULT_PRESETS = {"gpt2": "shakespeare_char_cpu"}  # any other arch A: shakespeare-A
 CALIBRATION_SECONDS = (0.5, 4.0)  # per arch, after 2 warm-up steps: 3% of the budget, clamped
 N_EVALS = 10  # periodic evaluations per run (the points of the curve), plus the one at step 0
@@ -479,4 +481,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_command(main))

@@ -30,6 +30,7 @@ import time
 
 import torch
 
+from fastlm.command import run_command
 from fastlm.config import ConfigError, list_presets, model_preset
 from fastlm.tools import nvml
 from fastlm.train import flops
@@ -321,4 +322,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_command(main))

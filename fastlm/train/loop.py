@@ -55,6 +55,7 @@ from tqdm import tqdm
 
 from fastlm import checkpoint, models, ops
 from fastlm import run_dir as run_dirs
+from fastlm.command import run_command
 from fastlm.config import Config, ConfigError, parse_args, to_dict, to_toml
 from fastlm.data.corpus import DataError, load_data
 from fastlm.models import LanguageModel
@@ -560,4 +561,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_command(main))
