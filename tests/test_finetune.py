@@ -187,6 +187,19 @@ def test_finetune_uses_the_configured_optimizer(tmp_path):
     assert opt["param_groups"][0]["momentum"] == 0.9 and "momentum_buffer" in opt["state"][0]
 
 
+def test_max_seconds_stops_finetuning(tmp_path):
+    base = save_base(tmp_path)
+    data = tmp_path / "train.jsonl"
+    write_classify(data, 16)
+    out = tmp_path / "timed"
+    main(["--checkpoint", base, "--task", "classify", "--data", str(data), "--out", str(out),
+          "--train.max_steps=1000", "--eval.interval=500", "--train.max_seconds=0.001",
+          "--train.progress=false"])
+    summary = json.loads((out / "finetune.json").read_text())
+    assert summary["steps"] == 1 and not summary["stopped_early"]
+    assert summary["best"]["step"] in (0, 1)  # the stop was validated like a last step
+
+
 def test_early_stopping_on_patience(tmp_path):
     base = save_base(tmp_path)
     data = tmp_path / "train.jsonl"

@@ -426,11 +426,14 @@ def finetune(args: Args) -> dict:
                 metrics.write(kind="train", step=step, loss=loss.item(), lr=lr,
                               time_s=round(time.perf_counter() - t0, 3))
                 bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
-            if step % cfg.eval.interval == 0 or step == cfg.train.max_steps or stop.requested:
+            out_of_time = (cfg.train.max_seconds > 0
+                           and time.perf_counter() - t0 >= cfg.train.max_seconds)
+            if (step % cfg.eval.interval == 0 or step == cfg.train.max_steps or stop.requested
+                    or out_of_time):
                 if evaluate_and_keep():
                     stopped_early = True
                     break
-                if stop.requested:
+                if stop.requested or out_of_time:  # train.max_seconds: as if max_steps were hit
                     break
     bar.close()
     summary = {"task": args.task, "run_dir": str(run_dir), "best_checkpoint": str(best_path),
