@@ -1,5 +1,5 @@
 """fastlm.models.gpt: shapes of both flavours, causality, weight tying and init, sampling, and
-DESIGN's whole-model test (fastlm's native CPU backends vs the reference over optimizer steps)."""
+the whole-model test (fastlm's native CPU backends vs the reference over optimizer steps)."""
 from __future__ import annotations
 
 import dataclasses
@@ -140,9 +140,9 @@ def _train_steps(arch: str, backend: str, steps: int = 4):
 
 @pytest.mark.parametrize("arch", ["gpt2", "llama"])
 def test_whole_model_native_matches_reference(arch):
-    """DESIGN.md: the model on fastlm's fastest CPU backends (C++ norms; torch rows for the ops
-    whose kernels have not landed) against the all-reference model: losses, every gradient and
-    the parameters after several optimizer steps."""
+    """The whole-model check: the model on fastlm's fastest CPU backends (C++ norms; torch rows
+    for the ops whose kernels have not landed) against the all-reference model: losses, every
+    gradient and the parameters after several optimizer steps."""
     native = "cpu" if "cpu" in fastlm.ops.available_backends("layer_norm", "cpu") else "torch"
     losses, grads, params = _train_steps(arch, native)
     ref_losses, ref_grads, ref_params = _train_steps(arch, "reference")
@@ -150,7 +150,7 @@ def test_whole_model_native_matches_reference(arch):
         assert_close(a, b, f"loss at step {step}")
     for step, (g, rg) in enumerate(zip(grads, ref_grads)):
         for name in rg:
-            # attention/matmul tolerance (DESIGN: 1e-4 for float32 attention)
+            # attention/matmul tolerance (1e-4 for float32 attention, README: How an op is verified)
             torch.testing.assert_close(g[name], rg[name], rtol=1e-4, atol=1e-5,
                                        msg=f"grad {name} at step {step} differs")
     # Adam divides each gradient by its own running RMS: where a gradient element is near zero, a
