@@ -71,6 +71,7 @@ from fastlm.generate.decode import (
     stop_ids_of,
 )
 from fastlm.generate.logprobs import token_logprobs
+from fastlm.serve_schema import CHAT_BODY, COMPLETION_BODY
 from fastlm.restore import Restored
 
 try:
@@ -667,7 +668,7 @@ def create_app(lm: Restored, api_key: str | None = None, limits: Limits | None =
                            param="model", code="model_not_found")
         return card
 
-    @app.post("/v1/completions")
+    @app.post("/v1/completions", openapi_extra=COMPLETION_BODY)
     async def completions(request: Request):
         check_key(request)
         body = await read_json(request)
@@ -675,7 +676,7 @@ def create_app(lm: Restored, api_key: str | None = None, limits: Limits | None =
         params = sampling_from_body(body, limits)
         return await answer(request, body, prompts, params, chat=False)
 
-    @app.post("/v1/chat/completions")
+    @app.post("/v1/chat/completions", openapi_extra=CHAT_BODY)
     async def chat_completions(request: Request):
         check_key(request)
         body = await read_json(request)

@@ -1,6 +1,6 @@
-"""Schemathesis fuzz of the server's API (issue 19): requests generated from the app's own
-OpenAPI document (FastAPI's, with the JSON bodies the two POST endpoints read added, since they
-parse their bodies themselves), sent to a real uvicorn on 127.0.0.1 with a tiny random model.
+"""Schemathesis fuzz of the server's API: requests generated from the app's own OpenAPI
+document (its POST bodies published by fastlm.serve_schema), sent to a real uvicorn on
+127.0.0.1 with a tiny random model.
 No answer may be a 5xx, and the generation worker must be alive at the end. Bounded: a few
 dozen examples per operation, answers of at most 4 tokens."""
 import httpx
@@ -16,32 +16,6 @@ from tests.lm_fixtures import save_checkpoint, tiny_model  # noqa: E402
 from tests.test_serve import Server  # noqa: E402
 
 
-def _body(**required) -> dict:
-    sampling = {"model": {"type": "string"}, "max_tokens": {"type": "integer"},
-                "max_completion_tokens": {"type": "integer"}, "temperature": {"type": "number"},
-                "top_p": {"type": "number"}, "top_k": {"type": "integer"},
-                "min_p": {"type": "number"}, "repetition_penalty": {"type": "number"},
-                "seed": {"type": "integer"}, "n": {"type": "integer"},
-                "stream": {"type": "boolean"},
-                "stop": {"anyOf": [{"type": "string"}, {"type": "array",
-                                                        "items": {"type": "string"}}]}}
-    return {"required": True, "content": {"application/json": {"schema": {
-        "type": "object", "properties": {**sampling, **required},
-        "required": list(required)}}}}
-
-
-MESSAGE = {"type": "object", "properties": {"role": {"type": "string"},
-                                            "content": {"type": "string"}}}
-
-
-def api_schema(app) -> dict:
-    doc = app.openapi()
-    doc["paths"]["/v1/completions"]["post"]["requestBody"] = _body(prompt={"type": "string"})
-    doc["paths"]["/v1/chat/completions"]["post"]["requestBody"] = _body(
-        messages={"type": "array", "items": MESSAGE})
-    return doc
-
-
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     path = tmp_path_factory.mktemp("run")
@@ -52,7 +26,11 @@ def server(tmp_path_factory):
 
 
 def test_api_fuzz_no_5xx_worker_alive(server):
-    schema = schemathesis.openapi.from_dict(api_schema(server.server.config.app))
+    doc = server.server.config.app.openapi()  # the server's own document, bodies included
+    for path, field in (("/v1/completions", "prompt"), ("/v1/chat/completions", "messages")):
+        body = doc["paths"][path]["post"]["requestBody"]["content"]["application/json"]
+        assert field in body["schema"]["properties"]
+    schema = schemathesis.openapi.from_dict(doc)
     failures, statuses = [], set()
     for operation in schema.get_all_operations():
         op = operation.ok()
@@ -72,3 +50,18 @@ def test_api_fuzz_no_5xx_worker_alive(server):
     assert 200 in statuses and 400 in statuses  # both answers and refusals were exercised
     health = httpx.get(server.url + "/health", timeout=10)
     assert health.status_code == 200 and health.json()["status"] == "ok"
+
+
+def test_published_bodies_list_every_field_the_server_reads():
+    """A field the handlers read but the schema omits would never be fuzzed (nor documented)."""
+    import re
+
+    import fastlm.serve
+    from fastlm.serve_schema import CHAT, COMPLETION
+
+    source = open(fastlm.serve.__file__).read()
+    read = set(re.findall(r'body\.get\("(\w+)"', source))
+    read |= set(re.findall(r'_get\(body, "(\w+)"', source))
+    refused = {"suffix", "tools", "functions", "best_of"}  # read only to refuse them
+    assert read - refused - set(COMPLETION) - set(CHAT) == set()
+    assert {"prompt", "messages", "logprobs", "seed"} <= read  # the scan found the handlers
