@@ -41,7 +41,10 @@ def test_compare_two_archs_writes_table_json_and_plot(tmp_path, corpus, capsys):
         # The budget is a hard stop (one step and one evaluation may run past it).
         assert r["train_seconds"] < budget + 5
         assert 0 < r["val_loss"] < math.log(256) + 1
-        assert math.isclose(r["val_bpb"], r["val_loss"] / math.log(2), rel_tol=1e-3)
+        # both are rounded to 4 decimals: at a low loss (0.0603 -> 0.0871 bits, seen in CI)
+        # that rounding alone is 1.2e-3 relative, so allow it absolutely
+        assert math.isclose(r["val_bpb"], r["val_loss"] / math.log(2), rel_tol=1e-3,
+                            abs_tol=0.5e-4 + 0.5e-4 / math.log(2))
         n = len(TEXT.encode())
         assert r["val_tokens"] == (n - int(n * 0.9) - 1) // 32 * 32  # every full val window
         times = [p[0] for p in r["curve"]]

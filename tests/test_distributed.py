@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import socket
 import subprocess
 import sys
 
@@ -26,10 +27,19 @@ ARGS = ["--model.n_layer=2", "--model.n_embd=32", "--model.n_head=2", "--model.b
         "--train.max_steps=6", "--eval.interval=3", "--train.device=cpu"]
 
 
-def torchrun(tmp_path, nproc, args, port):
+def free_port() -> int:
+    """A loopback port nobody holds now: fixed ports collided when two test runs shared a
+    machine (EADDRINUSE)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def torchrun(tmp_path, nproc, args):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.getcwd()}
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
-           "--master_addr=127.0.0.1", f"--master_port={port}", "-m", "fastlm.train", *args]
+           "--master_addr=127.0.0.1", f"--master_port={free_port()}", "-m", "fastlm.train",
+           *args]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, check=False,
                           cwd=tmp_path)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -43,20 +53,18 @@ def corpus(tmp_path):
     return path
 
 
-@pytest.mark.parametrize("parallel, per_rank, port", [
-    ("ddp", ["--train.batch_size=4"], 29611),
+@pytest.mark.parametrize("parallel, per_rank", [
+    ("ddp", ["--train.batch_size=4"]),
     # 2 ranks x 2 micro-batches of 2 (DDP syncs only the last one: no_sync) = 1 rank x 8;
     # validation takes eval.batches of batch_size x ranks windows: 4 x 4 = 2 x 8, the same ones
     pytest.param("ddp", ["--train.batch_size=2", "--train.grad_accum=2", "--eval.batches=4"],
-                 29613,
                  marks=pytest.mark.slow),
-    pytest.param("fsdp", ["--train.batch_size=4"], 29612, marks=pytest.mark.slow)])
-def test_two_ranks_match_one_rank_at_the_same_global_batch(tmp_path, corpus, parallel, per_rank,
-                                                           port):
+    pytest.param("fsdp", ["--train.batch_size=4"], marks=pytest.mark.slow)])
+def test_two_ranks_match_one_rank_at_the_same_global_batch(tmp_path, corpus, parallel, per_rank):
     one, two = tmp_path / "one", tmp_path / "two"
     assert main([f"--data={corpus}", "--out", str(one), *ARGS, "--train.batch_size=8"]) == 0
     proc = torchrun(tmp_path, 2, [f"--data={corpus}", "--out", str(two), *ARGS, *per_rank,
-                                  f"--train.parallel={parallel}"], port)
+                                  f"--train.parallel={parallel}"])
     assert f"{parallel} x 2 processes" in proc.stdout
     assert proc.stdout.count("fastlm.train: run directory") == 1  # rank 0 alone prints
     (t1, v1), (t2, v2) = read_metrics(one), read_metrics(two)
@@ -80,7 +88,7 @@ def test_two_ranks_match_one_rank_at_the_same_global_batch(tmp_path, corpus, par
         shutil.copytree(one, again)
         torchrun(tmp_path, 2, [f"--data={corpus}", "--out", str(again), *ARGS[:-3],
                                "--train.max_steps=8", "--eval.interval=4",
-                               "--train.batch_size=4", "--train.parallel=fsdp", "--resume"], port)
+                               "--train.batch_size=4", "--train.parallel=fsdp", "--resume"])
         after = lambda run: [r for r in read_metrics(run)[0] + read_metrics(run)[1]
                              if r["step"] > 6]
         for a, b in zip(after(resumed), after(again), strict=True):
