@@ -52,6 +52,7 @@ import json
 import math
 import os
 import queue
+import socket
 import sys
 import threading
 import time
@@ -692,6 +693,41 @@ def create_app(lm: Restored, api_key: str | None = None, limits: Limits | None =
         return await answer(request, body, [check_length(ids, "messages")], params, chat=True)
 
     return app
+
+
+class BackgroundServer:
+    """create_app's app served by uvicorn in a thread, on a loopback socket bound here (so the
+    port is known before it starts): the recipe's serve-check and the tests run it.
+
+        with BackgroundServer(create_app(lm)) as server:
+            httpx.get(server.url + "/health")
+    """
+
+    def __init__(self, app, start_timeout: float = 60.0):
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
+        self.server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
+        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]},
+                                       daemon=True)
+        self.thread.start()
+        deadline = time.monotonic() + start_timeout
+        while not self.server.started:
+            if time.monotonic() > deadline or not self.thread.is_alive():
+                self.stop()
+                raise RuntimeError(f"the server did not start within {start_timeout:g} s")
+            time.sleep(0.02)
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=30)
+        self.sock.close()
+
+    def __enter__(self) -> BackgroundServer:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
 
 
 # ---------------------------------------------------------------------------------------------

@@ -2,7 +2,6 @@
 real uvicorn server bound to 127.0.0.1 on a free port, with a tiny random model."""
 import concurrent.futures
 import json
-import socket
 import threading
 import time
 
@@ -14,33 +13,11 @@ httpx = pytest.importorskip("httpx")
 
 from fastlm.generate.decode import generate
 from fastlm.restore import load
+from fastlm.serve import BackgroundServer as Server  # noqa: F401 (used by the other server tests)
 from fastlm.serve import Limits, create_app
 from tests.lm_fixtures import save_checkpoint, tiny_model
 
 KEY = "test-key"
-
-
-class Server:
-    """uvicorn in a thread on a socket we bound ourselves (so the port is known)."""
-
-    def __init__(self, app):
-        self.sock = socket.socket()
-        self.sock.bind(("127.0.0.1", 0))
-        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
-        self.server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
-        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]},
-                                       daemon=True)
-        self.thread.start()
-        for _ in range(200):
-            if self.server.started:
-                return
-            time.sleep(0.02)
-        raise RuntimeError("uvicorn did not start")
-
-    def stop(self):
-        self.server.should_exit = True
-        self.thread.join(timeout=10)
-        self.sock.close()
 
 
 @pytest.fixture(scope="module")

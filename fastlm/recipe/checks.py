@@ -17,8 +17,6 @@ Every stage records the checkpoint it read and that checkpoint's model sha256, s
 from __future__ import annotations
 
 import secrets
-import socket
-import threading
 import time
 from pathlib import Path
 
@@ -118,45 +116,21 @@ def export(ctx: Context) -> dict:
             "metrics": {"hf_logits_max_abs_diff": diff}}
 
 
-class _Server:
-    """uvicorn serving app in a thread on a loopback socket bound here (so the port is known)."""
-
-    def __init__(self, app):
-        import uvicorn  # optional: the serve extra (spec.parse checked it is installed)
-
-        self.sock = socket.socket()
-        self.sock.bind(("127.0.0.1", 0))
-        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
-        self.server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
-        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]},
-                                       daemon=True)
-
-    def __enter__(self):
-        self.thread.start()
-        deadline = time.monotonic() + 60
-        while not self.server.started:
-            if time.monotonic() > deadline or not self.thread.is_alive():
-                raise StageError("the server did not start within 60 s")
-            time.sleep(0.05)
-        return self
-
-    def __exit__(self, *exc):
-        self.server.should_exit = True
-        self.thread.join(timeout=30)
-        self.sock.close()
-
-
 def serve_check(ctx: Context) -> dict:
     import openai  # optional: the official client (spec.parse checked it is installed)
 
-    from fastlm.serve import create_app  # needs fastapi, optional like the client
+    from fastlm.serve import BackgroundServer, create_app  # needs fastapi, optional too
 
     stage, s = ctx.model_stage, ctx.recipe.serve
     checkpoint = ctx.output(stage, "checkpoint")
     lm = load(checkpoint)
     messages = [{"role": "user", "content": s.message}]
     key = secrets.token_hex(16)
-    with _Server(create_app(lm, api_key=key)) as server:
+    try:
+        server = BackgroundServer(create_app(lm, api_key=key))
+    except RuntimeError as exc:
+        raise StageError(str(exc)) from None
+    with server:
         client = openai.OpenAI(base_url=f"{server.url}/v1", api_key=key, max_retries=0,
                                timeout=600)
         t0 = time.perf_counter()
