@@ -11,11 +11,10 @@ import os
 import sys
 
 
-def hand_over(name: str, init_file: str, keep_if_unowned: bool = False) -> bool:
+def hand_over(name: str, init_file: str, keep_if_unowned: bool = False) -> None:
     """Replace the bare module `name` being imported from `init_file`'s folder by the one the
     rest of sys.path provides. Where nothing else provides it: fail as if the repository root
-    were not on sys.path, or with keep_if_unowned stay this folder (it then hides nothing) and
-    return False."""
+    were not on sys.path, or with keep_if_unowned stay this folder (it then hides nothing)."""
     root = os.path.dirname(os.path.dirname(os.path.abspath(init_file)))
     saved = sys.path[:]
     # "" (and ".") stand for the working directory, which is the root when Python starts there.
@@ -25,13 +24,12 @@ def hand_over(name: str, init_file: str, keep_if_unowned: bool = False) -> bool:
         # Re-entrant: this thread already holds `name`'s import lock, and the rest of sys.path
         # (and every meta-path finder, editable installs included) is searched as usual.
         importlib.import_module(name)
-        return True
     except ModuleNotFoundError as e:
         if e.name != name:
             raise
         if keep_if_unowned:
             sys.modules[name] = ours
-            return False
+            return
         raise ModuleNotFoundError(
             f"No module named {name!r}: the repository's {name}/ folder is fastlm.{name}, "
             f"import it under that name", name=name) from None

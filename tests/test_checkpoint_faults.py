@@ -2,7 +2,6 @@
 back to the previous checkpoint with a report; what killed saves leave behind is cleared by the
 next save; a save that cannot write removes its own temporary directory, names the place and
 leaves the checkpoints already there untouched."""
-import json
 import os
 import subprocess
 import sys

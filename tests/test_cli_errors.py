@@ -1,14 +1,11 @@
 """Bad input to the commands ends in one line naming the file, key or value (issue 19): a
 non-UTF-8 --config, integers past int64, CPU out of memory, Hugging Face directories that are
 truncated or of the wrong shape, a chat line that is not UTF-8."""
-import json
 import os
 import subprocess
 import sys
 
 import pytest
-import torch
-from safetensors.torch import save_file
 
 from fastlm.config import ConfigError, parse_args
 from fastlm.export.hf import ExportError, export_hf, import_hf

@@ -10,7 +10,6 @@ import torch
 
 from fastlm.chat.template import SPECIAL_TOKENS, chat_prompt
 from fastlm.export.gguf import export_gguf
-from fastlm.generate.decode import generate
 from fastlm.tokenizer import Tokenizer
 from tests.bpe_corpus import mixed_text, stdlib_text
 from tests.interop import require

@@ -7,7 +7,6 @@ import os
 import subprocess
 import sys
 
-import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Folders that install inside the package and hand their bare name over (fastlm/_no_shadow.py).
