@@ -33,7 +33,9 @@ import sys
 import tempfile
 import time
 
+import numpy as np
 import torch
+
 from fastlm.bench import utils
 
 from fastlm.config import model_preset
@@ -69,6 +71,111 @@ def hf_run(hf, prompts: torch.Tensor, new: int):
             hf.generate(prompts, attention_mask=mask, max_new_tokens=new, min_new_tokens=new,
                         do_sample=False, pad_token_id=0)
     return run
+
+
+# ---------------------------------------------------------------------------------------------
+# llama.cpp through llama-cpp-python's low-level API (the high-level Llama decodes one sequence)
+# GGUF type -> (llama_ftype that llama_model_quantize writes from the f32 export, or None for the
+# export itself; ggml type of the KV cache: the weights' precision, q8_0 keeps llama.cpp's f16)
+GGUF_TYPES = {"f32": (None, 0), "f16": (1, 1), "bf16": (32, 30), "q8_0": (7, 1)}
+# fastlm --dtype -> the GGUF type of equal precision (weights, activations and KV cache alike)
+EQUAL_PRECISION = {"float32": "f32", "bfloat16": "bf16", "float16": "f16"}
+KV_NAMES = {0: "f32", 1: "f16", 30: "bf16"}
+
+
+def gguf_files(model: GPT, types: list[str], out_dir: str) -> dict[str, str]:
+    """model exported to GGUF f32 by fastlm.export, converted by llama.cpp's own quantizer to
+    the other types -> {type: path}."""
+    import llama_cpp
+
+    from fastlm.export.gguf import export_gguf
+    from fastlm.tokenizer import Tokenizer
+
+    bad = [t for t in types if t not in GGUF_TYPES]
+    if bad:
+        raise ValueError(f"--llama-cpp: unknown GGUF type(s) {bad}; choose from "
+                         f"{', '.join(GGUF_TYPES)}")
+    f32 = str(export_gguf(model, out_dir, Tokenizer.byte()))  # model: float32
+    paths = {}
+    for t in types:
+        ftype = GGUF_TYPES[t][0]
+        if ftype is None:
+            paths[t] = f32
+            continue
+        paths[t] = f"{out_dir}/model-{t}.gguf"
+        params = llama_cpp.llama_model_quantize_default_params()
+        params.ftype = ftype
+        if llama_cpp.llama_model_quantize(f32.encode(), paths[t].encode(), params) != 0:
+            raise RuntimeError(f"llama_model_quantize to {t} failed")
+    return paths
+
+
+class LlamaCpp:
+    """A GGUF model in llama.cpp with a context for `batch` parallel sequences of up to
+    `seq_len` tokens: greedy decoding of a (B, P) prompt batch, one llama_decode per step with
+    one token per sequence (what llama.cpp's own batched decoding does)."""
+
+    def __init__(self, path: str, gguf_type: str, batch: int, seq_len: int, threads: int):
+        import llama_cpp as L
+        self.L = L
+        L.llama_backend_init()
+        self.model = L.llama_model_load_from_file(path.encode(), L.llama_model_default_params())
+        if not self.model:
+            raise RuntimeError(f"llama.cpp could not load {path}")
+        cp = L.llama_context_default_params()
+        cp.n_ctx = batch * seq_len
+        cp.n_batch = cp.n_ubatch = batch * seq_len
+        cp.n_seq_max = batch
+        cp.n_threads = cp.n_threads_batch = threads
+        cp.type_k = cp.type_v = GGUF_TYPES[gguf_type][1]
+        self.ctx = L.llama_init_from_model(self.model, cp)
+        if not self.ctx:
+            raise RuntimeError("llama.cpp could not create a context")
+        self.batch = L.llama_batch_init(batch * seq_len, 0, 1)
+        self.n_vocab = L.llama_vocab_n_tokens(L.llama_model_get_vocab(self.model))
+
+    def _decode(self, tokens: list[tuple[int, int, int, bool]]) -> np.ndarray:
+        """tokens: (id, position, sequence, wants logits) -> logits (n_wanted, V) float32."""
+        b = self.batch
+        b.n_tokens = len(tokens)
+        for i, (t, pos, seq, out) in enumerate(tokens):
+            b.token[i], b.pos[i], b.n_seq_id[i], b.logits[i] = t, pos, 1, out
+            b.seq_id[i][0] = seq
+        if self.L.llama_decode(self.ctx, b) != 0:
+            raise RuntimeError("llama_decode failed")
+        n = sum(out for *_, out in tokens)
+        return np.ctypeslib.as_array(self.L.llama_get_logits(self.ctx), shape=(n, self.n_vocab))
+
+    def generate(self, prompts: list[list[int]], new: int) -> list[list[int]]:
+        """Greedy: `new` ids per prompt (prompts of equal length)."""
+        self.L.llama_memory_clear(self.L.llama_get_memory(self.ctx), True)
+        P = len(prompts[0])
+        last = self._decode([(t, j, r, j == P - 1) for r, p in enumerate(prompts)
+                             for j, t in enumerate(p)]).argmax(axis=1)  # prefill
+        out = [[int(t)] for t in last]
+        for step in range(new - 1):
+            last = self._decode([(int(t), P + step, r, True) for r, t in enumerate(last)]
+                                ).argmax(axis=1)
+            for r, t in enumerate(last):
+                out[r].append(int(t))
+        return out
+
+    def close(self) -> None:
+        self.L.llama_batch_free(self.batch)
+        self.L.llama_free(self.ctx)
+        self.L.llama_model_free(self.model)
+
+
+def llama_cpp_info() -> dict:
+    """llama-cpp-python's version and the CPU features its ggml build uses."""
+    import llama_cpp
+    return {"version": llama_cpp.__version__, "path": llama_cpp.__file__,
+            "system_info": llama_cpp.llama_print_system_info().decode().strip()}
+
+
+def llama_cpp_run(llm: LlamaCpp, prompts: torch.Tensor, new: int):
+    rows = prompts.tolist()
+    return lambda: llm.generate(rows, new)
 
 
 def measure(makers: dict, prompts: torch.Tensor, new: int, repeats: int) -> list[dict]:
@@ -140,6 +247,12 @@ def server_throughput(model: GPT, clients: int, new: int) -> dict:
             "clock": "wall"}
 
 
+def _llama_cpp_types(spec: str, dtype: str) -> list[str]:
+    if spec == "none":
+        return []
+    return [EQUAL_PRECISION[dtype] if t == "auto" else t for t in spec.split(",")]
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m fastlm.bench.bench_generate")
     ap.add_argument("--preset", default="gpt2-124m")
@@ -149,28 +262,36 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--server-clients", type=int, default=16, help="0 = skip the server row")
     ap.add_argument("--no-hf", action="store_true", help="skip transformers")
+    ap.add_argument("--llama-cpp", default="auto", help="GGUF types llama.cpp runs, comma "
+                    f"separated from {', '.join(GGUF_TYPES)}; auto = the one of --dtype's "
+                    "precision (f32 / bf16 / f16); none = skip llama.cpp")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
-                    help="weights and activations of both providers")
-    ap.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
+                    help="weights and activations of fastlm and transformers")
+    ap.add_argument("--threads", default="0", help="thread counts to measure, comma separated "
+                    "(torch's and llama.cpp's; 0 = torch's default)")
     ap.add_argument("--backend", default="", help="fastlm.ops backend spec for fastlm's rows, "
                     "e.g. attention=torch (default: the dispatch table)")
     ap.add_argument("--clock", default="wall", choices=sorted(CLOCKS),
                     help="wall: perf_counter; cpu: this process's CPU time (process_time), which "
                     "leaves out the time other processes held the cores of a shared machine "
-                    "(use with --threads 1; the server row is always wall time)")
+                    "(only with --threads 1; the server row is always wall time)")
     ap.add_argument("--no-pack", action="store_true", help="fastlm without packed Linear "
                     "weights (what load(pack=False) gives)")
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    threads_list = [int(t) for t in args.threads.split(",")]
+    if args.clock == "cpu" and threads_list != [1]:
+        ap.error("--clock cpu adds up the CPU time of every thread: use it with --threads 1")
     global _clock
     _clock = CLOCKS[args.clock]
     if args.backend:
         from fastlm import ops
         ops.set_backend(args.backend)
     device = torch.device(args.device)
+    gguf_types = _llama_cpp_types(args.llama_cpp, args.dtype)
+    if gguf_types and device.type != "cpu":
+        ap.error("llama.cpp runs on the CPU here: pass --llama-cpp none on a GPU")
     torch.manual_seed(0)
     dtype = getattr(torch, args.dtype)
     model = GPT(model_preset(args.preset)).eval().to(device)
@@ -187,25 +308,53 @@ def main(argv: list[str] | None = None) -> int:
                 export_hf(model, d)
                 hf = transformers.AutoModelForCausalLM.from_pretrained(
                     d, local_files_only=True).eval().to(device, dtype)
+    gguf_dir = tempfile.TemporaryDirectory()
+    gguf_paths = {}
+    if gguf_types:
+        import logging
+
+        import llama_cpp._logger  # noqa: F401  installs the callback the level below quiets
+        logging.getLogger("llama-cpp-python").setLevel(logging.ERROR)
+        env["llama_cpp"] = llama_cpp_info()
+        gguf_paths = gguf_files(model, gguf_types, gguf_dir.name)  # from the float32 weights
     model.to(dtype)
     env["fastlm_packed_linears"] = 0 if args.no_pack else pack_linears(model)
     rows = []
-    for B in (int(b) for b in args.batches.split(",")):
-        prompts = torch.randint(0, model.config.vocab_size, (B, args.prompt))
-        makers = {"fastlm": lambda p, n: fastlm_run(model, p, n)}
-        if hf is not None:
-            makers["transformers"] = lambda p, n: hf_run(hf, p.to(device), n)
-        pair = measure(makers, prompts, args.new, args.repeats)
-        if hf is not None:
-            pair[0]["decode_speedup_vs_transformers"] = (pair[0]["decode_tokens_per_s"]
-                                                         / pair[1]["decode_tokens_per_s"])
-        rows += pair
+    for threads in threads_list:
+        if threads:
+            torch.set_num_threads(threads)
+        n_threads = torch.get_num_threads()
+        for B in (int(b) for b in args.batches.split(",")):
+            prompts = torch.randint(0, model.config.vocab_size, (B, args.prompt))
+            makers = {"fastlm": lambda p, n: fastlm_run(model, p, n)}
+            precision = {"fastlm": args.dtype}
+            if hf is not None:
+                makers["transformers"] = lambda p, n: hf_run(hf, p.to(device), n)
+                precision["transformers"] = args.dtype
+            llms = {t: LlamaCpp(gguf_paths[t], t, B, args.prompt + args.new + 1, n_threads)
+                    for t in gguf_types}
+            for t, llm in llms.items():
+                makers[f"llama.cpp-{t}"] = lambda p, n, llm=llm: llama_cpp_run(llm, p, n)
+                precision[f"llama.cpp-{t}"] = f"{t} (KV cache {KV_NAMES[GGUF_TYPES[t][1]]})"
+            group = measure(makers, prompts, args.new, args.repeats)
+            for llm in llms.values():
+                llm.close()
+            ours = group[0]["decode_tokens_per_s"]
+            for r in group:
+                r.update(engine=r["provider"].split("-")[0], precision=precision[r["provider"]],
+                         threads=n_threads)
+                if r["provider"] != "fastlm":
+                    r["fastlm_decode_speedup"] = ours / r["decode_tokens_per_s"]
+            if hf is not None:
+                group[0]["decode_speedup_vs_transformers"] = group[1]["fastlm_decode_speedup"]
+            rows += group
+    gguf_dir.cleanup()
     for r in rows:
-        extra = (f"  {r['decode_speedup_vs_transformers']:.2f}x transformers decode"
-                 if "decode_speedup_vs_transformers" in r else "")
-        print(f"{r['provider']:<13} B={r['batch']:<2} prompt={r['prompt']}  prefill "
-              f"{r['prefill_tokens_per_s']:8.1f} tok/s  decode {r['decode_tokens_per_s']:7.1f} "
-              f"tok/s{extra}")
+        extra = (f"  fastlm {r['fastlm_decode_speedup']:.2f}x" if "fastlm_decode_speedup" in r
+                 else "")
+        print(f"{r['provider']:<16} {r['precision']:<22} B={r['batch']:<2} threads="
+              f"{r['threads']} prompt={r['prompt']}  prefill {r['prefill_tokens_per_s']:8.1f} "
+              f"tok/s  decode {r['decode_tokens_per_s']:7.1f} tok/s{extra}")
     if args.server_clients:
         srv = server_throughput(model, args.server_clients, args.new)
         rows.append(srv)
