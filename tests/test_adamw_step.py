@@ -38,6 +38,7 @@ def run_steps(backend, params, m, v, device, steps=STEPS):
             ops.adamw_step(params, grads, m, v, step, **HYPER, backend=backend)
 
 
+@pytest.mark.gpu_subset
 @pytest.mark.parametrize("state_dtype", ["float32", "param"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -86,6 +86,7 @@ def test_cpu_matches_reference(dtype, shape, causal):
     check_backend("cpu", dtype, make_inputs(shape, dtype, "cpu"), causal)
 
 
+@pytest.mark.gpu_subset
 @pytest.mark.parametrize("causal", [True, False])
 @pytest.mark.parametrize("shape", TRITON_SHAPES, ids=str)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
@@ -94,6 +95,7 @@ def test_triton_matches_reference(device, dtype, shape, causal):
     check_backend("triton", dtype, make_inputs(shape, dtype, device), causal)
 
 
+@pytest.mark.gpu_subset
 @pytest.mark.parametrize("backend", ["cpu", "triton"])
 def test_float16(device, backend):
     require_backend(OP, backend, device)

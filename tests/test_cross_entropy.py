@@ -50,6 +50,7 @@ def check_backend(backend, dtype, logits, target, reduction, **kw):
     return ours
 
 
+@pytest.mark.gpu_subset
 @pytest.mark.parametrize("reduction", REDUCTIONS)
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)

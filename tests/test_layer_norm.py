@@ -40,6 +40,7 @@ def check_backend(backend, dtype, inputs):
     return ours
 
 
+@pytest.mark.gpu_subset
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -39,6 +39,7 @@ def make_inputs(N, D, V, dtype, device):
     return hidden, weight, target
 
 
+@pytest.mark.gpu_subset
 @pytest.mark.parametrize("reduction", REDUCTIONS)
 @pytest.mark.parametrize("case", CASES, ids=str)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
