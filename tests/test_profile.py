@@ -1,6 +1,6 @@
 """fastlm.train.flops: the FLOPs-per-token formula by hand and peak_flops' table; fastlm.profile:
-MFU, a CPU run of the tiny preset (valid JSON, NVML fields null with the reason), a bf16 run
-through the trainer's step, and NVML without NVML."""
+MFU, a CPU run of the tiny preset (valid JSON, NVML fields null with the reason, the step against
+its matmul time), a bf16 run through the trainer's step, and NVML without NVML."""
 import json
 import sys
 
@@ -87,6 +87,34 @@ def test_cpu_run_writes_valid_json(cpu_report):
     assert all(op["name"] and op["self_ms"] > 0 and op["pct_of_step"] > 0 for op in r["top_ops"])
     assert r["device_type"] == "cpu" and r["torch"] and "date" in r
     assert json.loads(trace.read_text())  # a Chrome trace is JSON
+    m = r["matmul"]  # the step against its matmul floor (CPU)
+    assert m["matmul_ms"] > 0 and m["other_ms"] == pytest.approx(r["step_ms"] - m["matmul_ms"])
+    assert m["step_over_matmul"] == pytest.approx(r["step_ms"] / m["matmul_ms"])
+    assert 1 <= len(m["top_other"]) <= 5
+    assert not {op["name"] for op in m["top_other"]} & prof.MATMUL_OPS
+
+
+def test_matmul_breakdown_separates_matmuls_from_the_rest():
+    a, b = torch.randn(256, 256), torch.randn(256, 256)
+    with torch.profiler.profile() as p:
+        for _ in range(2):
+            (a @ b).exp().sum()
+    m = prof.matmul_breakdown(p, profile_steps=2, step_ms=1e3, k=10)
+    names = [op["name"] for op in m["top_other"]]
+    assert m["matmul_ms"] > 0 and "aten::mm" not in names
+    assert "aten::exp" in names and "aten::sum" in names
+    exp = next(op for op in m["top_other"] if op["name"] == "aten::exp")
+    assert exp["calls"] == 1 and exp["self_ms"] > 0  # per profiled step
+    assert m["other_ms"] == pytest.approx(1e3 - m["matmul_ms"])
+
+
+def test_threads_option_applies_and_restores(monkeypatch):
+    before = torch.get_num_threads()
+    r = prof.profile("tiny", steps=1, warmup=0, batch=1, seq_len=16, device="cpu",
+                     profile_steps=1, threads=1, log=lambda *_: None)
+    assert r["threads"] == 1 and torch.get_num_threads() == before
+    with pytest.raises(ValueError, match="--threads must be >= 1"):
+        prof.profile("tiny", threads=0, device="cpu", log=lambda *_: None)
 
 
 def test_mfu_is_model_flops_over_the_peak(monkeypatch):
@@ -115,6 +143,7 @@ def test_bf16_runs_the_trainers_autocast_step(monkeypatch):
     (["--preset", "tiny", "--seq-len", "4096", "--device", "cpu"], "exceeds the preset's"),
     (["--preset", "tiny", "--steps", "0", "--device", "cpu"], "--steps"),
     (["--preset", "tiny", "--dtype", "int8", "--device", "cpu"], "--dtype"),
+    (["--preset", "tiny", "--threads", "0", "--device", "cpu"], "--threads"),
 ])
 def test_bad_arguments_name_what_to_fix(argv, message, capsys):
     assert prof.main(argv) == 2

@@ -2,7 +2,7 @@
 
     python -m fastlm.profile --preset gpt2-124m [--steps N] [--warmup W] [--compile]
                              [--batch B] [--seq-len T] [--dtype bfloat16] [--device cuda]
-                             [--json PATH] [--trace FILE] [--top K]
+                             [--threads N] [--json PATH] [--trace FILE] [--top K]
 
 Each step is what fastlm.train runs (fastlm.train.step: forward with the loss under the
 precision's autocast, backward, gradient clipping, a fastlm.train.optim.AdamW step; --dtype is
@@ -13,7 +13,8 @@ per second over the GPU's dense bf16/fp16 peak, fastlm.train.flops), peak memory
 peak on a GPU; peak resident set size on CPU), and with NVML (nvidia-ml-py on an NVIDIA GPU) the
 GPU's name, clocks, utilisation and power sampled during the timed steps, energy per step and
 per token. A separate short run under torch.profiler gives the top kernels (GPU) or ops (CPU)
-and their share of the step; --trace writes that run as a Chrome trace (chrome://tracing or
+and their share of the step; on CPU also the step against its floor, the matrix multiplies:
+"matmul ms / other ms / step ms, step/matmul" and the top non-matmul ops; --trace writes that run as a Chrome trace (chrome://tracing or
 https://ui.perfetto.dev). Fields that cannot be measured here are null in the JSON, with the
 reason in `notes`.
 
@@ -111,11 +112,59 @@ def top_ops(prof, device: torch.device, step_ms_total: float, k: int) -> list[di
             for us, e in rows[:k]]
 
 
+# The operators that multiply matrices on CPU, forward and backward (autograd's mm for a
+# Linear's weight and input gradients is aten::mm too). linear and matmul only dispatch to mm
+# or addmm: their self time is that dispatch, counted with them.
+MATMUL_OPS = frozenset({"aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::addbmm",
+                        "aten::matmul", "aten::linear", "aten::mv", "aten::addmv", "aten::dot",
+                        "aten::_addmm_activation"})
+
+
+def matmul_breakdown(prof, profile_steps: int, step_ms: float, k: int) -> dict:
+    """CPU: how far the step is above its matrix multiplies. matmul_ms is the profiled self time
+    of MATMUL_OPS per step; other_ms is the timed step (measured without the profiler) minus
+    that, so the profiler's own per-op cost does not land in it; top_other lists the other
+    operators by self time (these do include the profiler's per-call overhead, ~us per call).
+    The C++ attention's own small matrix products count as other: they are not aten matmuls."""
+    matmul_us, others = 0.0, []
+    for e in prof.key_averages():
+        us = e.self_cpu_time_total
+        if e.key in MATMUL_OPS:
+            matmul_us += us
+        elif us > 0:
+            others.append((us, e))
+    others.sort(key=lambda r: -r[0])
+    matmul_ms = matmul_us / 1e3 / profile_steps
+    return {
+        "matmul_ms": matmul_ms,
+        "other_ms": step_ms - matmul_ms,
+        "step_over_matmul": step_ms / matmul_ms if matmul_ms > 0 else None,
+        "top_other": [{"name": e.key, "calls": e.count // profile_steps,
+                       "self_ms": us / 1e3 / profile_steps} for us, e in others[:k]],
+    }
+
+
 def profile(preset: str, steps: int = 10, warmup: int = 3, batch: int | None = None,
             seq_len: int | None = None, dtype: str | None = None, device: str | None = None,
             compile: bool = False, trace: str | None = None, top: int = 15,
-            profile_steps: int = 2, seed: int = 0, log=print) -> dict:
-    """Run the measurement and return the report (the JSON written by the CLI)."""
+            profile_steps: int = 2, seed: int = 0, threads: int | None = None,
+            log=print) -> dict:
+    """Run the measurement and return the report (the JSON written by the CLI).
+    threads: torch.set_num_threads for the run (CPU), restored afterwards; None keeps torch's."""
+    if threads is not None and threads < 1:
+        raise ValueError(f"--threads must be >= 1, got {threads}")
+    previous = torch.get_num_threads()
+    if threads is not None:
+        torch.set_num_threads(threads)
+    try:
+        return _profile(preset, steps, warmup, batch, seq_len, dtype, device, compile, trace,
+                        top, profile_steps, seed, log)
+    finally:
+        torch.set_num_threads(previous)
+
+
+def _profile(preset, steps, warmup, batch, seq_len, dtype, device, compile, trace, top,
+             profile_steps, seed, log) -> dict:
     from fastlm.bench import utils
     from fastlm import models
     from fastlm.models.base import param_groups
@@ -237,6 +286,9 @@ def profile(preset: str, steps: int = 10, warmup: int = 3, batch: int | None = N
         "nvml": None if nvml_info is None else {**nvml_info, **(power or {})},
         "profiled_steps": profile_steps,
         "top_ops": top_ops(prof, dev, profiled_ms, top),
+        "threads": torch.get_num_threads(),
+        # CPU only: on a GPU the matmuls are kernels overlapping the host's work
+        "matmul": None if gpu else matmul_breakdown(prof, profile_steps, step_ms, top),
         "trace": trace,
         "notes": notes,
         **utils.environment(dev),
@@ -279,6 +331,15 @@ def format_report(r: dict) -> str:
         pct = "" if op["pct_of_step"] is None else f"{op['pct_of_step']:5.1f}%"
         lines.append(f"  {pct} {op['self_ms'] / r['profiled_steps']:9.3f} ms/step "
                      f"{op['calls'] // r['profiled_steps']:>5}x  {op['name'][:90]}")
+    m = r.get("matmul")
+    if m:
+        ratio = "n/a" if m["step_over_matmul"] is None else f"{m['step_over_matmul']:.2f}"
+        lines.append(f"matmul          {m['matmul_ms']:.2f} ms / other {m['other_ms']:.2f} ms / "
+                     f"step {r['step_ms']:.2f} ms, step/matmul {ratio} ({r['threads']} "
+                     f"thread{'s' if r['threads'] != 1 else ''})")
+        lines.append("top non-matmul ops (self time per profiled step):")
+        for op in m["top_other"]:
+            lines.append(f"  {op['self_ms']:9.3f} ms/step {op['calls']:>5}x  {op['name'][:90]}")
     lines += [f"note: {n}" for n in r["notes"]]
     return "\n".join(lines)
 
@@ -297,6 +358,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="float32, bfloat16 or float16 (default bfloat16 on a GPU, float32 on CPU)")
     p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda if present)")
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
+    p.add_argument("--threads", type=int, default=None,
+                   help="CPU threads (torch.set_num_threads; default: torch's)")
     p.add_argument("--top", type=int, default=15, help="how many top kernels/ops to list")
     p.add_argument("--json", default=None, help="write the report as JSON here")
     p.add_argument("--trace", default=None, help="write a Chrome trace of the profiled steps")
@@ -307,7 +370,8 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     try:
         report = profile(args.preset, args.steps, args.warmup, args.batch, args.seq_len,
-                         args.dtype, args.device, args.compile, args.trace, args.top)
+                         args.dtype, args.device, args.compile, args.trace, args.top,
+                         threads=args.threads)
     except (ValueError, ConfigError) as exc:
         print(f"fastlm.profile: {exc}", file=sys.stderr)
         return 2
