@@ -219,3 +219,78 @@ def test_triton_launches_more_than_65535_heads():
     """The launch itself with B * H = 65,537 (one token each: small)."""
     check_backend("triton", torch.float32, make_inputs((65_537, 1, 1, 1, 1, 16), torch.float32,
                                                        torch.device("cuda")), True)
+
+
+# Views out of one fused projection, as the models make them: (B, H, H_kv, T, D), with one
+# token, primes, a tile-crossing T (> 64 rows) and head dims that are no multiple of the vector
+# width (33: a scalar column tail; 48 and 80: 32-column blocks plus a 16-wide one).
+FUSED_SHAPES = [(1, 1, 1, 1, 32), (2, 4, 2, 17, 33), (1, 3, 3, 67, 48), (2, 2, 1, 130, 80),
+                (3, 4, 4, 64, 32)]
+
+
+def fused_qkv_views(shape, dtype):
+    """q, k, v as (B, H, T, D) views of one (B, T, H + 2 H_kv, D) tensor (the leaf): no copies,
+    strides (T (H + 2 H_kv) D, D, (H + 2 H_kv) D, 1)."""
+    B, H, Hkv, T, D = shape
+    qkv = randn(B, T, H + 2 * Hkv, D, dtype=dtype, requires_grad=True)
+    q, k, v = qkv.split([H, Hkv, Hkv], dim=2)
+    return qkv, [t.transpose(1, 2) for t in (q, k, v)]
+
+
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("shape", FUSED_SHAPES, ids=str)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_cpu_fused_qkv_views(dtype, shape, causal):
+    """The C++ kernel reads q, k, v at their strides (float32: in place) and matches the
+    reference forward and backward; the gradient reaching the fused tensor is checked too."""
+    require_backend(OP, "cpu", torch.device("cpu"))
+    B, H, Hkv, T, D = shape
+    qkv, (q, k, v) = fused_qkv_views(shape, dtype)
+    assert q.stride(-1) == 1 and (T == 1 or not q.is_contiguous())
+    out = ops.attention(q, k, v, causal, backend="cpu")
+    dy = randn(*out.shape).to(dtype)
+    (dqkv,) = torch.autograd.grad(out, qkv, dy)
+    ref_qkv = qkv.detach().float().requires_grad_(True)
+    rq, rk, rv = (t.transpose(1, 2) for t in ref_qkv.split([H, Hkv, Hkv], dim=2))
+    ref = reference.attention(rq, rk, rv, causal)
+    (ref_dqkv,) = torch.autograd.grad(ref, ref_qkv, dy.float())
+    name = f"{OP}[cpu, fused qkv {shape}, causal={causal}]"
+    if dtype == torch.float32:
+        for what, a, r in (("out", out, ref), ("dqkv", dqkv, ref_dqkv)):
+            assert torch.allclose(a, r, rtol=FP32.rtol, atol=FP32.atol), mismatch_report(
+                a, r, f"{name} {what}")
+        return
+    lq, lk, lv = (t.detach().to(dtype).requires_grad_(True) for t in (rq, rk, rv))
+    ours = (out.detach(), [g.transpose(1, 2) for g in dqkv.split([H, Hkv, Hkv], dim=2)])
+    theirs = (ref.detach(), [g.transpose(1, 2) for g in ref_dqkv.split([H, Hkv, Hkv], dim=2)])
+    lout = naive_lowp(lq, lk, lv, causal, None, None)
+    lowp = (lout.detach(), list(torch.autograd.grad(lout, [lq, lk, lv], dy)))
+    compare_with_reference(name, dtype, ours, theirs, lowp)
+
+
+def test_cpu_unit_feature_stride_not_required():
+    """A view whose last dim is strided (here D is the slow axis) is still right: the glue
+    makes it contiguous instead of reading it in place."""
+    require_backend(OP, "cpu", torch.device("cpu"))
+    q, k, v = (randn(2, 3, 24, 37).transpose(-1, -2).requires_grad_(True) for _ in range(3))
+    assert q.stride(-1) != 1
+    check_backend("cpu", torch.float32, [q, k, v], True)
+
+
+def test_cpu_fp32_views_are_not_copied():
+    """float32 q/k/v views and the transposed output gradient go into the C++ kernels without a
+    copy, and out, dq, dk, dv come back laid out (B, T, H, D), so the model's
+    y.transpose(1, 2).reshape(B, T, C) and the backward of its views copy nothing either."""
+    require_backend(OP, "cpu", torch.device("cpu"))
+    B, H, T, D = 2, 4, 20, 32
+    qkv, (q, k, v) = fused_qkv_views((B, H, H, T, D), torch.float32)
+    with torch.profiler.profile() as prof:
+        out = ops.attention(q, k, v, True, backend="cpu")
+        y = out.transpose(1, 2).reshape(B, T, H * D)  # (B, T, C): a view, no copy
+        (dqkv,) = torch.autograd.grad(y, qkv, randn(B, T, H * D))
+    copies = [e.key for e in prof.key_averages() if e.key in ("aten::copy_", "aten::clone",
+                                                               "aten::contiguous")]
+    assert y._base is not None, "out is not laid out (B, T, H, D): the reshape copied"
+    # the one copy left: the split's backward concatenates dq, dk, dv into dqkv
+    assert "aten::clone" not in copies and "aten::contiguous" not in copies, copies
+    assert dqkv.shape == qkv.shape

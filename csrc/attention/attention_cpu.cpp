@@ -1,6 +1,8 @@
 // C++ CPU attention (forward and backward) and its registration for CPU tensors.
-// q (B, H, Tq, D), k and v (B, H_kv, Tk, D), H % H_kv == 0. Inputs are upcast to float32 (the
-// kernels' only dtype); outputs come back in q's dtype, lse (B, H, Tq) in float32.
+// q (B, H, Tq, D), k and v (B, H_kv, Tk, D), H % H_kv == 0, at any strides: float32 inputs with
+// unit feature stride are read in place; others are upcast to float32 (the kernels' only dtype)
+// once. Outputs come back in q's dtype laid out (B, T, H, D) (see heads_inner), lse (B, H, Tq)
+// in float32.
 // Parallel over batch x query heads with at::parallel_for; each task runs the tiled kernels of
 // attention_tiles.h on one head, so memory stays linear in T (no T x T scores anywhere).
 #include <algorithm>
@@ -58,21 +60,36 @@ namespace {
 
 constexpr const char* kOp = "attention";
 
+// Kernel entry points on raw pointers and row strides: each instruction set's version has its
+// own Rows and Mask types (the same plain structs in different namespaces), so the function
+// pointers take plain arguments and the wrappers build that version's structs.
 struct Kernels {
-  void (*forward)(const float*, const float*, const float*, float*, float*, int64_t, float,
-                  const attention_generic::Mask&);
-  void (*backward)(const float*, const float*, const float*, const float*, const float*,
-                   const float*, float*, float*, float*, int64_t, float,
-                   const attention_generic::Mask&);
+  void (*forward)(const float* q, int64_t ldq, const float* k, int64_t ldk, const float* v,
+                  int64_t ldv, float* out, int64_t ldo, float* lse, int64_t D, float scale,
+                  const attention_generic::Mask& mask);
+  void (*backward)(const float* q, int64_t ldq, const float* k, int64_t ldk, const float* v,
+                   int64_t ldv, const float* out, int64_t ldo, const float* dout, int64_t lddo,
+                   const float* lse, float* dq, int64_t lddq, float* dk, int64_t lddk, float* dv,
+                   int64_t lddv, int64_t D, float scale, const attention_generic::Mask& mask);
   const char* isa;  // which version was chosen (for a debugger; not exposed)
 };
 
-// The Mask structs of the three versions are the same plain struct in different namespaces;
-// the wrappers convert so one function-pointer type serves all.
-template <typename M>
-M convert(const attention_generic::Mask& m) {
-  return M{m.Tq, m.Tk, m.causal, m.window};
-}
+#define FASTLM_ATTN_KERNELS(ns, name)                                                         \
+  Kernels {                                                                                   \
+    [](const float* q, int64_t ldq, const float* k, int64_t ldk, const float* v, int64_t ldv, \
+       float* o, int64_t ldo, float* l, int64_t D, float s, const attention_generic::Mask& m) { \
+      ns::forward_head({q, ldq}, {k, ldk}, {v, ldv}, o, ldo, l, D, s,                         \
+                       ns::Mask{m.Tq, m.Tk, m.causal, m.window});                             \
+    },                                                                                        \
+    [](const float* q, int64_t ldq, const float* k, int64_t ldk, const float* v, int64_t ldv, \
+       const float* o, int64_t ldo, const float* g, int64_t ldg, const float* l, float* dq,   \
+       int64_t lddq, float* dk, int64_t lddk, float* dv, int64_t lddv, int64_t D, float s,    \
+       const attention_generic::Mask& m) {                                                    \
+      ns::backward_head({q, ldq}, {k, ldk}, {v, ldv}, {o, ldo}, {g, ldg}, l, dq, lddq, dk,    \
+                        lddk, dv, lddv, D, s, ns::Mask{m.Tq, m.Tk, m.causal, m.window});      \
+    },                                                                                        \
+    name                                                                                      \
+  }
 
 const Kernels& kernels() {
   static const Kernels chosen = [] {
@@ -80,40 +97,15 @@ const Kernels& kernels() {
     __builtin_cpu_init();
     if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") &&
         __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512bw")) {
-      return Kernels{
-          [](const float* q, const float* k, const float* v, float* o, float* l, int64_t D,
-             float s, const attention_generic::Mask& m) {
-            attention_avx512::forward_head(q, k, v, o, l, D, s,
-                                           convert<attention_avx512::Mask>(m));
-          },
-          [](const float* q, const float* k, const float* v, const float* o, const float* dout,
-             const float* lse, float* dq, float* dk, float* dv, int64_t D, float s,
-             const attention_generic::Mask& m) {
-            attention_avx512::backward_head(q, k, v, o, dout, lse, dq, dk, dv, D, s,
-                                            convert<attention_avx512::Mask>(m));
-          },
-          "avx512"};
+      return FASTLM_ATTN_KERNELS(attention_avx512, "avx512");
     }
-    if (cpu::cpu_has_avx2()) {
-      return Kernels{
-          [](const float* q, const float* k, const float* v, float* o, float* l, int64_t D,
-             float s, const attention_generic::Mask& m) {
-            attention_avx2::forward_head(q, k, v, o, l, D, s, convert<attention_avx2::Mask>(m));
-          },
-          [](const float* q, const float* k, const float* v, const float* o, const float* dout,
-             const float* lse, float* dq, float* dk, float* dv, int64_t D, float s,
-             const attention_generic::Mask& m) {
-            attention_avx2::backward_head(q, k, v, o, dout, lse, dq, dk, dv, D, s,
-                                          convert<attention_avx2::Mask>(m));
-          },
-          "avx2"};
-    }
+    if (cpu::cpu_has_avx2()) return FASTLM_ATTN_KERNELS(attention_avx2, "avx2");
 #endif
-    return Kernels{&attention_generic::forward_head, &attention_generic::backward_head,
-                   "generic"};
+    return FASTLM_ATTN_KERNELS(attention_generic, "generic");
   }();
   return chosen;
 }
+#undef FASTLM_ATTN_KERNELS
 
 struct Shape {
   int64_t B, H, Hkv, Tq, Tk, D;
@@ -138,37 +130,56 @@ Shape check_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v
   return {q.size(0), q.size(1), k.size(1), q.size(2), k.size(2), q.size(3)};
 }
 
-at::Tensor as_float_contiguous(const at::Tensor& t) { return t.to(at::kFloat).contiguous(); }
+// The kernels read float32 rows of D contiguous floats at any batch, head and row strides: a
+// float32 view with unit feature stride (q, k, v split out of one fused qkv projection, a
+// gradient arriving as a transposed view) goes in as it is; anything else is converted once.
+at::Tensor readable(const at::Tensor& t) {
+  if (t.scalar_type() == at::kFloat && (t.stride(3) == 1 || t.size(3) == 1)) return t;
+  return t.to(at::kFloat).contiguous();
+}
+
+// Head (b, h) of a (B, H, T, D) float32 tensor: its first element and its row (T) stride.
+struct Head {
+  const at::Tensor& t;
+  float* p;
+  Head(const at::Tensor& t) : t(t), p(t.data_ptr<float>()) {}
+  float* at(int64_t b, int64_t h) const { return p + b * t.stride(0) + h * t.stride(1); }
+  int64_t ld() const { return t.stride(2); }
+};
+
+// A new (B, H, T, D) tensor laid out (B, T, H, D) (heads inner): the layout the model's
+// y.transpose(1, 2).reshape(B, T, C) and the backward of its q/k/v views want, so neither copies.
+// The fake kernels (fastlm/ops/autograd.py) give the same strides.
+at::Tensor heads_inner(int64_t B, int64_t H, int64_t T, int64_t D, const at::TensorOptions& o) {
+  return empty_output({B, T, H, D}, o).transpose(1, 2);
+}
 
 // A float32 buffer the kernel fills: the output itself when it is float32, else a scratch tensor
-// (poisoned like outputs, so an unwritten element still shows) copied into it afterwards.
+// of the same layout (poisoned like outputs, so an unwritten element still shows) copied into it.
 at::Tensor float_target(const at::Tensor& out) {
   if (out.scalar_type() == at::kFloat) return out;
-  return empty_output(out.sizes(), out.options().dtype(at::kFloat));
+  return heads_inner(out.size(0), out.size(1), out.size(2), out.size(3),
+                     out.options().dtype(at::kFloat));
 }
 
 std::tuple<at::Tensor, at::Tensor> attention_fwd_cpu(const at::Tensor& q, const at::Tensor& k,
                                                      const at::Tensor& v, bool causal,
                                                      double scale, int64_t window) {
   const Shape s = check_inputs(q, k, v);
-  const at::Tensor qf = as_float_contiguous(q), kf = as_float_contiguous(k),
-                   vf = as_float_contiguous(v);
-  at::Tensor out = empty_output({s.B, s.H, s.Tq, s.D}, q.options());
+  const at::Tensor qf = readable(q), kf = readable(k), vf = readable(v);
+  at::Tensor out = heads_inner(s.B, s.H, s.Tq, s.D, q.options());
   at::Tensor lse = empty_output({s.B, s.H, s.Tq}, q.options().dtype(at::kFloat));
   at::Tensor of = float_target(out);
   const attention_generic::Mask mask{s.Tq, s.Tk, causal, window};
   const Kernels& kern = kernels();
   const int64_t n_rep = s.H / s.Hkv;
-  const float* qp = qf.data_ptr<float>();
-  const float* kp = kf.data_ptr<float>();
-  const float* vp = vf.data_ptr<float>();
-  float* op = of.data_ptr<float>();
+  const Head qh(qf), kh(kf), vh(vf), oh(of);
   float* lp = lse.data_ptr<float>();
   at::parallel_for(0, s.B * s.H, 1, [&](int64_t begin, int64_t end) {
     for (int64_t bh = begin; bh < end; ++bh) {
-      const int64_t bkv = bh / s.H * s.Hkv + bh % s.H / n_rep;  // its key/value head
-      kern.forward(qp + bh * s.Tq * s.D, kp + bkv * s.Tk * s.D, vp + bkv * s.Tk * s.D,
-                   op + bh * s.Tq * s.D, lp + bh * s.Tq, s.D, static_cast<float>(scale), mask);
+      const int64_t b = bh / s.H, h = bh % s.H, hkv = h / n_rep;  // its key/value head
+      kern.forward(qh.at(b, h), qh.ld(), kh.at(b, hkv), kh.ld(), vh.at(b, hkv), vh.ld(),
+                   oh.at(b, h), oh.ld(), lp + bh * s.Tq, s.D, static_cast<float>(scale), mask);
     }
   });
   if (!of.is_same(out)) out.copy_(of);
@@ -186,34 +197,41 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd_cpu(
                   lse.size(1) == s.H && lse.size(2) == s.Tq,
               "fastlm::attention_bwd: lse must be the float32 (B, H, Tq) tensor the forward "
               "returned, got ", lse.scalar_type(), " ", lse.sizes());
-  const at::Tensor qf = as_float_contiguous(q), kf = as_float_contiguous(k),
-                   vf = as_float_contiguous(v), of = as_float_contiguous(out),
-                   dof = as_float_contiguous(dout), lf = lse.contiguous();
-  at::Tensor dq = empty_output(q.sizes(), q.options());
+  const at::Tensor qf = readable(q), kf = readable(k), vf = readable(v), of = readable(out),
+                   dof = readable(dout), lf = lse.contiguous();
+  at::Tensor dq = heads_inner(s.B, s.H, s.Tq, s.D, q.options());
   at::Tensor dqf = float_target(dq);
-  // dk and dv of every query head, summed below over the heads sharing a key/value head.
-  at::Tensor dkh = empty_output({s.B, s.H, s.Tk, s.D}, q.options().dtype(at::kFloat));
-  at::Tensor dvh = empty_output({s.B, s.H, s.Tk, s.D}, q.options().dtype(at::kFloat));
+  const int64_t n_rep = s.H / s.Hkv;
+  // dk and dv: written straight into the result (float32, one query head per k/v head), else
+  // per query head in float32 and summed below over the heads sharing a key/value head.
+  const bool direct = n_rep == 1 && k.scalar_type() == at::kFloat;
+  at::Tensor dk = direct ? heads_inner(s.B, s.Hkv, s.Tk, s.D, k.options())
+                         : heads_inner(s.B, s.H, s.Tk, s.D, k.options().dtype(at::kFloat));
+  at::Tensor dv = direct ? heads_inner(s.B, s.Hkv, s.Tk, s.D, v.options())
+                         : heads_inner(s.B, s.H, s.Tk, s.D, v.options().dtype(at::kFloat));
   const attention_generic::Mask mask{s.Tq, s.Tk, causal, window};
   const Kernels& kern = kernels();
-  const int64_t n_rep = s.H / s.Hkv;
+  const Head qh(qf), kh(kf), vh(vf), oh(of), gh(dof), dqh(dqf), dkh(dk), dvh(dv);
+  const float* lp = lf.data_ptr<float>();
   at::parallel_for(0, s.B * s.H, 1, [&](int64_t begin, int64_t end) {
     for (int64_t bh = begin; bh < end; ++bh) {
-      const int64_t bkv = bh / s.H * s.Hkv + bh % s.H / n_rep;
-      const int64_t qo = bh * s.Tq * s.D, ko = bkv * s.Tk * s.D, kho = bh * s.Tk * s.D;
-      kern.backward(qf.data_ptr<float>() + qo, kf.data_ptr<float>() + ko,
-                    vf.data_ptr<float>() + ko, of.data_ptr<float>() + qo,
-                    dof.data_ptr<float>() + qo, lf.data_ptr<float>() + bh * s.Tq,
-                    dqf.data_ptr<float>() + qo, dkh.data_ptr<float>() + kho,
-                    dvh.data_ptr<float>() + kho, s.D, static_cast<float>(scale), mask);
+      const int64_t b = bh / s.H, h = bh % s.H, hkv = h / n_rep;
+      kern.backward(qh.at(b, h), qh.ld(), kh.at(b, hkv), kh.ld(), vh.at(b, hkv), vh.ld(),
+                    oh.at(b, h), oh.ld(), gh.at(b, h), gh.ld(), lp + bh * s.Tq, dqh.at(b, h),
+                    dqh.ld(), dkh.at(b, h), dkh.ld(), dvh.at(b, h), dvh.ld(), s.D,
+                    static_cast<float>(scale), mask);
     }
   });
   if (!dqf.is_same(dq)) dq.copy_(dqf);
-  auto per_kv_head = [&](const at::Tensor& g) {
-    at::Tensor summed = n_rep == 1 ? g : g.view({s.B, s.Hkv, n_rep, s.Tk, s.D}).sum(2);
-    return summed.to(k.scalar_type());
+  if (direct) return {dq, dk, dv};
+  auto per_kv_head = [&](const at::Tensor& g, const at::Tensor& like) {
+    // (B, H, Tk, D) viewed as its (B, Tk, H, D) storage; heads h = hkv * n_rep + r.
+    const at::Tensor bthd = g.transpose(1, 2);
+    const at::Tensor summed =
+        n_rep == 1 ? bthd : bthd.view({s.B, s.Tk, s.Hkv, n_rep, s.D}).sum(3);
+    return summed.to(like.scalar_type()).contiguous().transpose(1, 2);
   };
-  return {dq, per_kv_head(dkh), per_kv_head(dvh)};
+  return {dq, per_kv_head(dk, k), per_kv_head(dv, v)};
 }
 
 }  // namespace

@@ -86,25 +86,29 @@ static inline void micro(int64_t K, const float* A, int64_t lda, const float* B,
     for (int v = 0; v < NV; ++v) storeu(C + r * ldc + v * VW, acc[r][v]);
 }
 
-// Rows [0, M) of C += A * B for one column block of NV vectors: 4 rows at a time, then singles.
-template <int NV>
+// Rows [0, M) of C += A * B for one column block of NV vectors: MR rows at a time, then singles.
+template <int MR, int NV>
 static inline void rows_block(int64_t M, int64_t K, const float* A, int64_t lda, const float* B,
                               int64_t ldb, float* C, int64_t ldc) {
   int64_t i = 0;
-  for (; i + 4 <= M; i += 4) micro<4, NV>(K, A + i * lda, lda, B, ldb, C + i * ldc, ldc);
-  for (int64_t r = i; r < M && r < i + 3; ++r)  // the < 4 rows left (the bound tells gcc so)
+  for (; i + MR <= M; i += MR) micro<MR, NV>(K, A + i * lda, lda, B, ldb, C + i * ldc, ldc);
+  for (int64_t r = i; r < M && r < i + MR - 1; ++r)  // the < MR rows left (the bound tells gcc)
     micro<1, NV>(K, A + r * lda, lda, B, ldb, C + r * ldc, ldc);
 }
 
 // C (M x N) += A (M x K) * B (K x N), all row-major with the given row strides.
 // 32 columns per block with 4 rows is 4 x (32 / VW) accumulators: 8 AVX2 or SSE-pair registers,
-// 8 AVX-512 registers at 64 columns. Columns past the last full vector are done in scalar.
+// 8 AVX-512 registers at 64 columns. AVX-512 has 32 registers: a 32-column block (a head dim of
+// 32 or 48) takes 8 rows, 16 accumulators, since 4 FMA chains of 4-cycle latency would leave
+// half its FMA throughput unused. Columns past the last full vector are done in scalar.
 static void gemm_acc(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda,
                      const float* B, int64_t ldb, float* C, int64_t ldc) {
   constexpr int NV = (VW >= 16 ? 64 : 32) / VW;
   int64_t j = 0;
-  for (; j + NV * VW <= N; j += NV * VW) rows_block<NV>(M, K, A, lda, B + j, ldb, C + j, ldc);
-  for (; j + VW <= N; j += VW) rows_block<1>(M, K, A, lda, B + j, ldb, C + j, ldc);
+  for (; j + NV * VW <= N; j += NV * VW) rows_block<4, NV>(M, K, A, lda, B + j, ldb, C + j, ldc);
+  if constexpr (VW >= 16)
+    for (; j + 2 * VW <= N; j += 2 * VW) rows_block<8, 2>(M, K, A, lda, B + j, ldb, C + j, ldc);
+  for (; j + VW <= N; j += VW) rows_block<4, 1>(M, K, A, lda, B + j, ldb, C + j, ldc);
   for (; j < N; ++j) {
     for (int64_t i = 0; i < M; ++i) {
       float s = C[i * ldc + j];
@@ -135,13 +139,26 @@ struct Mask {
   }
 };
 
-// Rows [i0, i0 + rows) of a (T, D) matrix as a (BR, D) tile: the matrix itself when the tile is
-// full, else a zero-padded copy in `buf` (padding rows must be finite: they meet zeros of P).
-static const float* tile_rows(const float* m, int64_t i0, int64_t rows, int64_t D, float* buf,
-                              int64_t tile) {
-  if (rows == tile) return m + i0 * D;
-  std::memcpy(buf, m + i0 * D, sizeof(float) * rows * D);
+// A (T, D) matrix whose rows are `ld` floats apart (ld >= D): a head of a (B, T, H, D) tensor,
+// or of q, k or v viewed out of one fused qkv projection, is read in place, without a copy.
+struct Rows {
+  const float* p;
+  int64_t ld;
+  const float* row(int64_t i) const { return p + i * ld; }
+};
+
+// Rows [i0, i0 + rows) of a strided (T, D) matrix as a (tile, D) tile, its row stride in *ld:
+// the matrix itself when the tile is full, else a zero-padded copy in `buf` with stride D
+// (padding rows must be finite: they meet zeros of P).
+static const float* tile_rows(Rows m, int64_t i0, int64_t rows, int64_t D, float* buf,
+                              int64_t tile, int64_t* ld) {
+  if (rows == tile) {
+    *ld = m.ld;
+    return m.row(i0);
+  }
+  for (int64_t r = 0; r < rows; ++r) std::memcpy(buf + r * D, m.row(i0 + r), sizeof(float) * D);
   std::memset(buf + rows * D, 0, sizeof(float) * (tile - rows) * D);
+  *ld = D;
   return buf;
 }
 
@@ -165,10 +182,11 @@ static inline void masked_exp2(float* s, const int64_t* lo, const int64_t* hi, i
   }
 }
 
-// Forward of one head. q (Tq, D), k and v (Tk, D) -> out (Tq, D), lse (Tq,) natural-log
-// log-sum-exp of the scaled scores (-inf, with out 0, for a query that sees no key).
-static void forward_head(const float* q, const float* k, const float* v, float* out, float* lse,
-                         int64_t D, float scale, const Mask& mask) {
+// Forward of one head. q (Tq, D), k and v (Tk, D) -> out (Tq, D), each with its own row stride,
+// and lse (Tq,) natural-log log-sum-exp of the scaled scores (-inf, with out 0, for a query
+// that sees no key).
+static void forward_head(Rows q, Rows k, Rows v, float* out, int64_t ldo, float* lse, int64_t D,
+                         float scale, const Mask& mask) {
   const int64_t Tq = mask.Tq, Tk = mask.Tk;
   const float c = scale * kLog2e;
   std::vector<float> qbuf(BR * D), kt(D * BC), vbuf(BC * D), s(BR * BC), acc(BR * D);
@@ -176,7 +194,8 @@ static void forward_head(const float* q, const float* k, const float* v, float* 
   float m[BR], l[BR];
   for (int64_t i0 = 0; i0 < Tq; i0 += BR) {
     const int64_t rows = std::min(BR, Tq - i0);
-    const float* qt = tile_rows(q, i0, rows, D, qbuf.data(), BR);
+    int64_t ldq, ldv;
+    const float* qt = tile_rows(q, i0, rows, D, qbuf.data(), BR, &ldq);
     for (int64_t r = 0; r < rows; ++r) {
       mask.range(i0 + r, &lo[r], &hi[r]);
       m[r] = kNegInf;
@@ -187,13 +206,13 @@ static void forward_head(const float* q, const float* k, const float* v, float* 
     const int64_t j_begin = lo[0] / BC * BC, j_end = hi[rows - 1];
     for (int64_t j0 = j_begin; j0 < j_end; j0 += BC) {
       const int64_t cols = std::min(BC, Tk - j0);
-      transpose(cols, D, k + j0 * D, D, kt.data(), BC);
+      transpose(cols, D, k.row(j0), k.ld, kt.data(), BC);
       for (int64_t d = 0; d < D; ++d)  // keys past Tk: zero (finite) scores, masked below
         std::fill(kt.data() + d * BC + cols, kt.data() + (d + 1) * BC, 0.f);
-      const float* vt = tile_rows(v, j0, cols, D, vbuf.data(), BC);
+      const float* vt = tile_rows(v, j0, cols, D, vbuf.data(), BC, &ldv);
 
       std::fill(s.begin(), s.end(), 0.f);
-      gemm_acc(rows, BC, D, qt, D, kt.data(), BC, s.data(), BC);  // (rows, BC) = q k^T
+      gemm_acc(rows, BC, D, qt, ldq, kt.data(), BC, s.data(), BC);  // (rows, BC) = q k^T
       // Online softmax: new running max, rescale what was accumulated under the old one.
       float sub[BR];
       for (int64_t r = 0; r < rows; ++r) {
@@ -216,68 +235,72 @@ static void forward_head(const float* q, const float* k, const float* v, float* 
         for (int64_t j = 0; j < BC; j += VW) sum += loadu(s.data() + r * BC + j);
         l[r] += hsum(sum);
       }
-      gemm_acc(rows, D, BC, s.data(), BC, vt, D, acc.data(), D);  // (rows, D) += p v
+      gemm_acc(rows, D, BC, s.data(), BC, vt, ldv, acc.data(), D);  // (rows, D) += p v
     }
     for (int64_t r = 0; r < rows; ++r) {
       const float inv = l[r] > 0.f ? 1.0f / l[r] : 0.f;
-      for (int64_t d = 0; d < D; ++d) out[(i0 + r) * D + d] = acc[r * D + d] * inv;
+      for (int64_t d = 0; d < D; ++d) out[(i0 + r) * ldo + d] = acc[r * D + d] * inv;
       lse[i0 + r] = l[r] > 0.f ? (m[r] + std::log2(l[r])) * kLn2 : kNegInf;
     }
   }
 }
 
 // Backward of one head: dq (Tq, D), dk and dv (Tk, D) of this head alone (the glue sums dk and dv
-// over the query heads that share a key/value head). Loops over key tiles outside, so the
-// tile's dk and dv accumulate in place, and adds each query tile's share into dq.
+// over the query heads that share a key/value head), every matrix with its own row stride.
+// Loops over key tiles outside, so the tile's dk and dv accumulate in place, and adds each
+// query tile's share into dq.
 //   P = exp(s - lse), dV = P^T dO, dP = dO V^T, dS = P * (dP - rowsum(dO * O)),
 //   dQ = scale * dS K, dK = scale * dS^T Q.
-static void backward_head(const float* q, const float* k, const float* v, const float* out,
-                          const float* dout, const float* lse, float* dq, float* dk, float* dv,
-                          int64_t D, float scale, const Mask& mask) {
+static void backward_head(Rows q, Rows k, Rows v, Rows out, Rows dout, const float* lse,
+                          float* dq, int64_t lddq, float* dk, int64_t lddk, float* dv,
+                          int64_t lddv, int64_t D, float scale, const Mask& mask) {
   const int64_t Tq = mask.Tq, Tk = mask.Tk;
   const float c = scale * kLog2e;
   std::vector<float> delta(Tq), lse2(Tq), kt(D * BC), vt(D * BC), kbuf(BC * D), qbuf(BR * D),
       dobuf(BR * D), p(BR * BC), dp(BR * BC), pt(BC * BR), dkt(BC * D), dvt(BC * D);
   std::vector<int64_t> lo(Tq), hi(Tq);
   for (int64_t i = 0; i < Tq; ++i) {
+    const float* o = out.row(i);
+    const float* g = dout.row(i);
     vf acc = vf{};
     int64_t d = 0;
-    for (; d + VW <= D; d += VW) acc += loadu(dout + i * D + d) * loadu(out + i * D + d);
+    for (; d + VW <= D; d += VW) acc += loadu(g + d) * loadu(o + d);
     float sum = hsum(acc);
-    for (; d < D; ++d) sum += dout[i * D + d] * out[i * D + d];
+    for (; d < D; ++d) sum += g[d] * o[d];
     delta[i] = sum;
     lse2[i] = lse[i] * kLog2e;
     mask.range(i, &lo[i], &hi[i]);
+    std::fill(dq + i * lddq, dq + i * lddq + D, 0.f);
   }
-  std::fill(dq, dq + Tq * D, 0.f);
   int64_t tlo[BR], thi[BR];
   for (int64_t j0 = 0; j0 < Tk; j0 += BC) {
     const int64_t cols = std::min(BC, Tk - j0);
-    transpose(cols, D, k + j0 * D, D, kt.data(), BC);
-    transpose(cols, D, v + j0 * D, D, vt.data(), BC);
+    transpose(cols, D, k.row(j0), k.ld, kt.data(), BC);
+    transpose(cols, D, v.row(j0), v.ld, vt.data(), BC);
     for (int64_t d = 0; d < D; ++d) {
       std::fill(kt.data() + d * BC + cols, kt.data() + (d + 1) * BC, 0.f);
       std::fill(vt.data() + d * BC + cols, vt.data() + (d + 1) * BC, 0.f);
     }
-    const float* kj = tile_rows(k, j0, cols, D, kbuf.data(), BC);
+    int64_t ldk, ldq, lddo;
+    const float* kj = tile_rows(k, j0, cols, D, kbuf.data(), BC, &ldk);
     std::fill(dkt.begin(), dkt.end(), 0.f);
     std::fill(dvt.begin(), dvt.end(), 0.f);
     for (int64_t i0 = 0; i0 < Tq; i0 += BR) {
       const int64_t rows = std::min(BR, Tq - i0);
       if (hi[i0 + rows - 1] <= j0 || lo[i0] >= j0 + cols) continue;  // no row sees these keys
-      const float* qi = tile_rows(q, i0, rows, D, qbuf.data(), BR);
-      const float* doi = tile_rows(dout, i0, rows, D, dobuf.data(), BR);
+      const float* qi = tile_rows(q, i0, rows, D, qbuf.data(), BR, &ldq);
+      const float* doi = tile_rows(dout, i0, rows, D, dobuf.data(), BR, &lddo);
       for (int64_t r = 0; r < rows; ++r) {
         tlo[r] = std::clamp<int64_t>(lo[i0 + r] - j0, 0, BC);
         thi[r] = std::clamp<int64_t>(hi[i0 + r] - j0, 0, BC);
       }
       std::fill(p.begin(), p.end(), 0.f);
-      gemm_acc(rows, BC, D, qi, D, kt.data(), BC, p.data(), BC);  // raw scores q k^T
+      gemm_acc(rows, BC, D, qi, ldq, kt.data(), BC, p.data(), BC);  // raw scores q k^T
       masked_exp2(p.data(), tlo, thi, rows, c, lse2.data() + i0);  // P
       transpose(rows, BC, p.data(), BC, pt.data(), BR);
-      gemm_acc(BC, D, rows, pt.data(), BR, doi, D, dvt.data(), D);  // dV += P^T dO
+      gemm_acc(BC, D, rows, pt.data(), BR, doi, lddo, dvt.data(), D);  // dV += P^T dO
       std::fill(dp.begin(), dp.end(), 0.f);
-      gemm_acc(rows, BC, D, doi, D, vt.data(), BC, dp.data(), BC);  // dP = dO V^T
+      gemm_acc(rows, BC, D, doi, lddo, vt.data(), BC, dp.data(), BC);  // dP = dO V^T
       for (int64_t r = 0; r < rows; ++r) {  // dS = P * (dP - delta), into dp
         const vf dl = splat(delta[i0 + r]);
         for (int64_t j = 0; j < BC; j += VW) {
@@ -285,16 +308,17 @@ static void backward_head(const float* q, const float* k, const float* v, const 
           storeu(x, loadu(p.data() + r * BC + j) * (loadu(x) - dl));
         }
       }
-      gemm_acc(rows, D, BC, dp.data(), BC, kj, D, dq + i0 * D, D);  // dQ += dS K (unscaled)
+      gemm_acc(rows, D, BC, dp.data(), BC, kj, ldk, dq + i0 * lddq, lddq);  // dQ += dS K
       transpose(rows, BC, dp.data(), BC, pt.data(), BR);
-      gemm_acc(BC, D, rows, pt.data(), BR, qi, D, dkt.data(), D);  // dK += dS^T Q (unscaled)
+      gemm_acc(BC, D, rows, pt.data(), BR, qi, ldq, dkt.data(), D);  // dK += dS^T Q (unscaled)
     }
     for (int64_t j = 0; j < cols; ++j) {
       for (int64_t d = 0; d < D; ++d) {
-        dk[(j0 + j) * D + d] = dkt[j * D + d] * scale;
-        dv[(j0 + j) * D + d] = dvt[j * D + d];
+        dk[(j0 + j) * lddk + d] = dkt[j * D + d] * scale;
+        dv[(j0 + j) * lddv + d] = dvt[j * D + d];
       }
     }
   }
-  for (int64_t i = 0; i < Tq * D; ++i) dq[i] *= scale;
+  for (int64_t i = 0; i < Tq; ++i)
+    for (int64_t d = 0; d < D; ++d) dq[i * lddq + d] *= scale;
 }

@@ -235,15 +235,22 @@ def register_adamw_step(name: str, master: str | None = None,
 # attention: fwd(q, k, v, causal, scale, window) -> (out, lse); bwd(dout, q, k, v, out, lse,
 # causal, scale, window) -> (dq, dk, dv). q (B, H, Tq, D), k and v (B, H_kv, Tk, D), lse
 # (B, H, Tq) float32: the backward recomputes the scores from q, k and lse (flash attention).
-def register_attention(fwd: str, bwd: str) -> None:
+# heads_inner: the kernels return out, dq, dk and dv laid out (B, T, H, D) as (B, H, T, D) views
+# (the C++ CPU kernels do, so the model's transpose + reshape around attention copies nothing).
+def register_attention(fwd: str, bwd: str, heads_inner: bool = False) -> None:
+    def new(t):  # an output of t's shape, laid out as the kernels lay it out
+        if not heads_inner:
+            return t.new_empty(t.shape)  # contiguous
+        B, H, T, D = t.shape
+        return t.new_empty((B, T, H, D)).transpose(1, 2)
+
     @torch.library.register_fake(fwd)
     def _fwd_fake(q, k, v, causal, scale, window):
-        out = q.new_empty(q.shape)  # contiguous, like the kernels' outputs
-        return out, q.new_empty(q.shape[:-1], dtype=torch.float32)
+        return new(q), q.new_empty(q.shape[:-1], dtype=torch.float32)
 
     @torch.library.register_fake(bwd)
     def _bwd_fake(dout, q, k, v, out, lse, causal, scale, window):
-        return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+        return new(q), new(k), new(v)
 
     bwd_op = _op(bwd)
 

@@ -33,7 +33,8 @@ else:
     opdefs.register_cross_entropy("fastlm::cross_entropy_fwd", "fastlm::cross_entropy_bwd")
     opdefs.register_linear_cross_entropy("fastlm::linear_cross_entropy_fwd")
     opdefs.register_adamw_step("fastlm::adamw_step")
-    opdefs.register_attention("fastlm::attention_fwd", "fastlm::attention_bwd")
+    opdefs.register_attention("fastlm::attention_fwd", "fastlm::attention_bwd",
+                              heads_inner=True)
 
 
 @functools.cache
