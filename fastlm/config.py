@@ -133,8 +133,10 @@ class TrainConfig:
                               min=0)
     grad_clip: float = _f(1.0, "clip the global gradient norm to this (0 = off; the norm is "
                                "logged either way)", min=0.0)
-    precision: Literal["fp32", "bf16", "fp16"] = _f(
-        "fp32", "fp32; bf16 (autocast); fp16 (autocast + gradient scaler)")
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = _f(
+        "auto", "auto (bf16 where the hardware computes bf16 natively: CUDA sm_80+, CPUs with "
+                "avx512_bf16 or amx_bf16; else fp32; a resumed run keeps its checkpoint's); "
+                "fp32; bf16 (autocast); fp16 (autocast + gradient scaler)")
     compile: Literal["auto", "true", "false"] = _f(
         "auto", "torch.compile the model: auto = on on GPU, off on CPU")
     activation_checkpointing: bool = _f(False, "recompute each block's activations in the "

@@ -208,9 +208,14 @@ class Trainer:
                                                         and device.type == "cuda")
         if self.compiled:
             self.model = torch.compile(self.model)
+        self.asked_precision, kept = cfg.train.precision, self._resumed_precision()
         self.train_step = TrainStep(self.model, self.optimizer, device=device,
-                                    precision=cfg.train.precision, grad_clip=cfg.train.grad_clip,
-                                    accum=self.accum, dist=dist)
+                                    precision=kept or cfg.train.precision,
+                                    grad_clip=cfg.train.grad_clip, accum=self.accum, dist=dist)
+        self.precision_reason = ("auto: kept from the resumed checkpoint" if kept
+                                 else self.train_step.precision_reason)
+        # the run records the choice (config.toml, checkpoints): repeating or resuming it keeps it
+        cfg.train.precision = self.train_step.precision
         self._open_run_dir()
 
         T, B = cfg.seq_len, cfg.train.batch_size
@@ -289,6 +294,14 @@ class Trainer:
         if self.raw_model.recurrent and state.get("carry") is not None:
             self.carry = tree_map(lambda t: t.to(self.device), state["carry"])
 
+    def _resumed_precision(self) -> str | None:
+        """train.precision=auto on a resumed run: the checkpoint's precision, so a run keeps its
+        arithmetic when resumed (on other hardware too); None: resolve as asked."""
+        if self.cfg.train.precision != "auto" or self.resume is None:
+            return None
+        saved = self.resume.manifest["config"].get("train", {}).get("precision")
+        return saved if saved in ("fp32", "bf16", "fp16") else None
+
     def _open_run_dir(self) -> None:
         cfg, resume, main_rank = self.cfg, self.resume, self.dist.is_main
         self.run_dir = Path(cfg.train.out_dir) if cfg.train.out_dir else (
@@ -315,7 +328,9 @@ class Trainer:
             if continuing:  # the steps after the checkpoint are trained (and logged) again
                 logs.trim(self.run_dir / "metrics.jsonl",
                           self.step if resume is not None else None)
-            (self.run_dir / "config.toml").write_text(to_toml(cfg))
+            (self.run_dir / "config.toml").write_text(
+                f"# train.precision: asked {self.asked_precision}, chose {cfg.train.precision} "
+                f"({self.precision_reason})\n" + to_toml(cfg))
             self.tok_spec.tok.save(self.tok_file)
         tb_log, self.tb_where = (logs.open_log(self.run_dir, cfg.train.tensorboard) if main_rank
                                  else (None, ""))
@@ -333,7 +348,8 @@ class Trainer:
                   f"{self.raw_model.num_params() / 1e6:.2f}M parameters, context {T}")
         self._say(f"  device  {self.device}, ops: "
                   + ", ".join(f"{k}={v}" for k, v in self.backends.items()))
-        self._say(f"  train   {o.name}, {o.schedule} lr {o.lr:g}, {cfg.train.precision}"
+        self._say(f"  train   {o.name}, {o.schedule} lr {o.lr:g}, {cfg.train.precision} "
+                  f"({self.precision_reason})"
                   + (", compiled" if self.compiled else "")
                   + (", activation checkpointing" if cfg.train.activation_checkpointing else "")
                   + (f", {cfg.train.parallel} x {dist.world_size} processes"

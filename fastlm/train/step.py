@@ -23,6 +23,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from fastlm.precision import resolve_precision
 from fastlm.train import distributed
 
 _AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}  # fp32: autocast off
@@ -51,12 +52,14 @@ class TrainStep:
     DDP's no_sync but for the last), and returns its mean loss: fetching the batch inside it
     keeps one micro-batch in memory at a time, and a recurrent model carries its state there.
     `model` is the module micro_loss calls (DDP, FSDP2 or compiled alike); gradients are clipped
-    over its trainable parameters (frozen ones have none)."""
+    over its trainable parameters (frozen ones have none). precision "auto" is resolved here
+    (fastlm.precision): .precision is the choice, .precision_reason why."""
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, *,
                  device: torch.device, precision: str = "fp32", grad_clip: float = 0.0,
                  accum: int = 1, dist: distributed.DistInfo | None = None):
-        precision_context(precision, device)  # an unknown precision fails here, not mid-step
+        # an unknown precision fails here, not mid-step
+        precision, self.precision_reason = resolve_precision(precision, device)
         self.model, self.optimizer, self.device = model, optimizer, device
         self.precision, self.grad_clip, self.accum = precision, grad_clip, accum
         self.dist = dist or distributed.DistInfo()

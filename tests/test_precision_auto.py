@@ -1,0 +1,127 @@
+"""train.precision=auto (the default) and the inference --precision flag: what fastlm.precision
+picks on faked hardware (CPU flags, CUDA capabilities), what a run logs and records in its
+config.toml, that a resumed run keeps its checkpoint's precision, and that fp32 can be forced."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from fastlm import checkpoint, precision
+from fastlm.config import ConfigError, parse_args
+from fastlm.precision import resolve_precision
+from fastlm.train.loop import main
+from fastlm.train.step import TrainStep
+from tests.test_train import TEXT, TINY
+
+QUIET = [*TINY, "--sample.tokens=0", "--train.max_steps=2", "--eval.interval=2"]
+
+
+@pytest.fixture
+def fake_cpu(tmp_path, monkeypatch):
+    """fake_cpu(flags): /proc/cpuinfo as a CPU with these flags (None: no cpuinfo at all)."""
+    def make(flags: str | None):
+        path = tmp_path / "cpuinfo"
+        if flags is None:
+            path.unlink(missing_ok=True)
+        else:
+            path.write_text(f"processor\t: 0\nmodel name\t: fake\nflags\t\t: fpu sse2 {flags}\n"
+                            f"\nprocessor\t: 1\nflags\t\t: fpu\n")
+        monkeypatch.setattr(precision, "CPUINFO", path)
+    return make
+
+
+@pytest.fixture
+def corpus(tmp_path):
+    path = tmp_path / "corpus.txt"
+    path.write_text(TEXT)
+    return path
+
+
+@pytest.mark.parametrize("flags, choice, why", [
+    ("avx512f avx512_bf16", "bf16", "avx512_bf16"),
+    ("avx512f amx_bf16 amx_tile", "bf16", "amx_bf16"),
+    ("avx512f avx512bw avx2", "fp32", "neither"),
+    (None, "fp32", "unknown"),
+])
+def test_auto_on_cpu_follows_the_bf16_flags(fake_cpu, flags, choice, why):
+    fake_cpu(flags)
+    got, reason = resolve_precision("auto", "cpu")
+    assert got == choice and why in reason
+
+
+@pytest.mark.parametrize("capability, choice", [((7, 5), "fp32"), ((8, 0), "bf16"),
+                                                ((9, 0), "bf16")])
+def test_auto_on_cuda_needs_sm80(monkeypatch, capability, choice):
+    monkeypatch.setattr(precision, "cuda_capability", lambda device: capability)
+    got, reason = resolve_precision("auto", torch.device("cuda", 0))
+    assert got == choice and f"sm_{capability[0]}{capability[1]}" in reason
+
+
+def test_explicit_choices_are_kept_and_unknown_ones_name_the_allowed(fake_cpu):
+    fake_cpu("avx512_bf16")
+    for asked in ("fp32", "bf16", "fp16"):
+        assert resolve_precision(asked, "cpu")[0] == asked
+    with pytest.raises(ValueError, match="auto, fp32, bf16, fp16.*'fp8'"):
+        resolve_precision("fp8", "cpu")
+    with pytest.raises(ValueError, match="auto, fp32, bf16, got 'fp16'"):
+        resolve_precision("fp16", "cpu", allowed=("auto", "fp32", "bf16"))
+
+
+def test_config_default_is_auto_and_bad_values_name_the_key():
+    assert parse_args([]).train.precision == "auto"
+    with pytest.raises(ConfigError, match="train.precision"):
+        parse_args(["--train.precision=fp8"])
+
+
+def test_train_step_resolves_auto(fake_cpu):
+    model = torch.nn.Linear(4, 4)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    for flags, want in (("avx512_bf16", torch.bfloat16), ("avx2", torch.float32)):
+        fake_cpu(flags)
+        step = TrainStep(model, opt, device=torch.device("cpu"), precision="auto")
+        with step.autocast():
+            out = model(torch.randn(2, 4))
+        assert out.dtype == want
+
+
+def config_comment(run_dir) -> str:
+    return (run_dir / "config.toml").read_text().splitlines()[0]
+
+
+def test_default_run_logs_and_records_the_choice(tmp_path, corpus, fake_cpu, capsys):
+    fake_cpu("avx512_bf16")
+    run_dir = tmp_path / "run"
+    assert main([f"--data={corpus}", "--out", str(run_dir), *QUIET]) == 0
+    out = capsys.readouterr().out
+    assert "bf16 (auto: CPU has avx512_bf16 (native bf16 matmuls))" in out
+    assert config_comment(run_dir).startswith("# train.precision: asked auto, chose bf16 (auto:")
+    assert 'precision = "bf16"' in (run_dir / "config.toml").read_text()
+    assert checkpoint.load(run_dir).manifest["config"]["train"]["precision"] == "bf16"
+    # the saved config repeats the run with the same precision wherever it runs
+    assert parse_args(["--config", str(run_dir / "config.toml")]).train.precision == "bf16"
+
+
+def test_fp32_can_be_forced_on_a_bf16_cpu(tmp_path, corpus, fake_cpu, capsys):
+    fake_cpu("avx512_bf16 amx_bf16")
+    run_dir = tmp_path / "run"
+    assert main([f"--data={corpus}", "--out", str(run_dir), *QUIET,
+                 "--train.precision=fp32"]) == 0
+    assert "fp32 (asked for)" in capsys.readouterr().out
+    assert config_comment(run_dir) == "# train.precision: asked fp32, chose fp32 (asked for)"
+
+
+def test_a_resumed_run_keeps_its_precision_on_other_hardware(tmp_path, corpus, fake_cpu,
+                                                             capsys):
+    run_dir = tmp_path / "run"
+    fake_cpu("avx512_bf16")
+    assert main([f"--data={corpus}", "--out", str(run_dir), *QUIET]) == 0
+    fake_cpu("avx2")  # resumed where auto alone would pick fp32
+    assert main([f"--data={corpus}", "--out", str(run_dir), *TINY, "--sample.tokens=0",
+                 "--train.max_steps=4", "--eval.interval=2", "--resume"]) == 0
+    assert "bf16 (auto: kept from the resumed checkpoint)" in capsys.readouterr().out
+    assert checkpoint.load(run_dir).manifest["config"]["train"]["precision"] == "bf16"
+    # asking explicitly switches it
+    assert main([f"--data={corpus}", "--out", str(run_dir), *TINY, "--sample.tokens=0",
+                 "--train.max_steps=6", "--eval.interval=2", "--resume",
+                 "--train.precision=fp32"]) == 0
+    assert checkpoint.load(run_dir).manifest["config"]["train"]["precision"] == "fp32"
