@@ -144,7 +144,9 @@ def step_rows(args) -> list[dict]:
             for r in group:
                 if base and "median_ms" in r:
                     r["speedup_vs_torch"] = base["median_ms"] / r["median_ms"]
-                    r["peak_mem_vs_torch"] = r["peak_mem_bytes"] / base["peak_mem_bytes"]
+                    # a peak under one page (tiny shapes) reads as 0 bytes
+                    r["peak_mem_vs_torch"] = (r["peak_mem_bytes"] / base["peak_mem_bytes"]
+                                              if base["peak_mem_bytes"] else None)
                 if "median_ms" in r:
                     print(f"{r['provider']:>22} {N}x{V} {r['dtype']}: {r['median_ms']:.1f} ms, "
                           f"peak {r['peak_mem_bytes'] / 2**20:.0f} MiB "

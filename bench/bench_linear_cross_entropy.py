@@ -123,7 +123,9 @@ def run(args) -> list[dict]:
             for r in group:
                 if torch_row and "median_ms" in r:
                     r["speedup_vs_torch"] = torch_row["median_ms"] / r["median_ms"]
-                    r["peak_mem_vs_torch"] = r["peak_mem_bytes"] / torch_row["peak_mem_bytes"]
+                    # a peak under one page (tiny shapes) reads as 0 bytes
+                    r["peak_mem_vs_torch"] = (r["peak_mem_bytes"] / torch_row["peak_mem_bytes"]
+                                              if torch_row["peak_mem_bytes"] else None)
             rows += group
     for r in rows:
         if "median_ms" in r:
