@@ -132,5 +132,5 @@ def run(args) -> list[dict]:
             print(f"{r['provider']:>14} {r['shape']} {r['dtype']}: {r['median_ms']:.0f} ms, "
                   f"peak {r['peak_mem_bytes'] / 2**20:.0f} MiB"
                   + (f", {r['speedup_vs_torch']:.2f}x time, {r['peak_mem_vs_torch']:.3f}x memory "
-                     "vs torch" if "speedup_vs_torch" in r else ""), file=sys.stderr)
+                     "vs torch" if r.get("peak_mem_vs_torch") else ""), file=sys.stderr)
     return rows
