@@ -32,7 +32,13 @@ static inline vf loadu(const float* p) {
   return v;
 }
 static inline void storeu(float* p, vf v) { std::memcpy(p, &v, sizeof v); }
-static inline vf splat(float x) { return vf{} + x; }
+// Every lane x. Not `vf{} + x`: 0 + x is not x for x = -0, so gcc keeps a scalar add before
+// the broadcast, in the GEMMs' inner loop.
+static inline vf splat(float x) {
+  vf v = {};
+  v[0] = x;
+  return __builtin_shuffle(v, vi{});  // lane 0 everywhere: one broadcast
+}
 
 // 2^x for x <= 0 (scores minus their running max), ~1 ulp: x = n + f with n an integer and
 // |f| <= 1/2, 2^f by its degree-7 Taylor polynomial in f*ln2, 2^n added to the exponent bits.
@@ -67,8 +73,9 @@ static inline float hsum(vf v) {
 }
 
 // C (MR x NV*VW) += A (MR x K, row stride lda) * B (K x NV*VW, row stride ldb), with the MR x NV
-// accumulators held in registers across the K loop.
-template <int MR, int NV>
+// accumulators held in registers across the K loop. TA: A is stored transposed (K x MR, row
+// stride lda), so P^T dO and dS^T Q need no transposed copy of P or dS.
+template <int MR, int NV, bool TA>
 static inline void micro(int64_t K, const float* A, int64_t lda, const float* B, int64_t ldb,
                          float* C, int64_t ldc) {
   vf acc[MR][NV];
@@ -78,7 +85,7 @@ static inline void micro(int64_t K, const float* A, int64_t lda, const float* B,
     vf b[NV];
     for (int v = 0; v < NV; ++v) b[v] = loadu(B + k * ldb + v * VW);
     for (int r = 0; r < MR; ++r) {
-      const vf a = splat(A[r * lda + k]);
+      const vf a = splat(TA ? A[k * lda + r] : A[r * lda + k]);
       for (int v = 0; v < NV; ++v) acc[r][v] += a * b[v];
     }
   }
@@ -87,32 +94,38 @@ static inline void micro(int64_t K, const float* A, int64_t lda, const float* B,
 }
 
 // Rows [0, M) of C += A * B for one column block of NV vectors: MR rows at a time, then singles.
-template <int MR, int NV>
+template <int MR, int NV, bool TA>
 static inline void rows_block(int64_t M, int64_t K, const float* A, int64_t lda, const float* B,
                               int64_t ldb, float* C, int64_t ldc) {
+  const int64_t row_step = TA ? 1 : lda;  // how far A's next row starts
   int64_t i = 0;
-  for (; i + MR <= M; i += MR) micro<MR, NV>(K, A + i * lda, lda, B, ldb, C + i * ldc, ldc);
+  for (; i + MR <= M; i += MR)
+    micro<MR, NV, TA>(K, A + i * row_step, lda, B, ldb, C + i * ldc, ldc);
   for (int64_t r = i; r < M && r < i + MR - 1; ++r)  // the < MR rows left (the bound tells gcc)
-    micro<1, NV>(K, A + r * lda, lda, B, ldb, C + r * ldc, ldc);
+    micro<1, NV, TA>(K, A + r * row_step, lda, B, ldb, C + r * ldc, ldc);
 }
 
-// C (M x N) += A (M x K) * B (K x N), all row-major with the given row strides.
+// C (M x N) += A (M x K) * B (K x N), all row-major with the given row strides (TA: A stored
+// as its transpose, K x M).
 // 32 columns per block with 4 rows is 4 x (32 / VW) accumulators: 8 AVX2 or SSE-pair registers,
 // 8 AVX-512 registers at 64 columns. AVX-512 has 32 registers: a 32-column block (a head dim of
 // 32 or 48) takes 8 rows, 16 accumulators, since 4 FMA chains of 4-cycle latency would leave
 // half its FMA throughput unused. Columns past the last full vector are done in scalar.
+template <bool TA = false>
 static void gemm_acc(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda,
                      const float* B, int64_t ldb, float* C, int64_t ldc) {
   constexpr int NV = (VW >= 16 ? 64 : 32) / VW;
   int64_t j = 0;
-  for (; j + NV * VW <= N; j += NV * VW) rows_block<4, NV>(M, K, A, lda, B + j, ldb, C + j, ldc);
+  for (; j + NV * VW <= N; j += NV * VW)
+    rows_block<4, NV, TA>(M, K, A, lda, B + j, ldb, C + j, ldc);
   if constexpr (VW >= 16)
-    for (; j + 2 * VW <= N; j += 2 * VW) rows_block<8, 2>(M, K, A, lda, B + j, ldb, C + j, ldc);
-  for (; j + VW <= N; j += VW) rows_block<4, 1>(M, K, A, lda, B + j, ldb, C + j, ldc);
+    for (; j + 2 * VW <= N; j += 2 * VW)
+      rows_block<8, 2, TA>(M, K, A, lda, B + j, ldb, C + j, ldc);
+  for (; j + VW <= N; j += VW) rows_block<4, 1, TA>(M, K, A, lda, B + j, ldb, C + j, ldc);
   for (; j < N; ++j) {
     for (int64_t i = 0; i < M; ++i) {
       float s = C[i * ldc + j];
-      for (int64_t k = 0; k < K; ++k) s += A[i * lda + k] * B[k * ldb + j];
+      for (int64_t k = 0; k < K; ++k) s += (TA ? A[k * lda + i] : A[i * lda + k]) * B[k * ldb + j];
       C[i * ldc + j] = s;
     }
   }
@@ -182,6 +195,23 @@ static inline void masked_exp2(float* s, const int64_t* lo, const int64_t* hi, i
   }
 }
 
+// max over j in [lo, hi) of s[j] * c (-inf for an empty range), a vector at a time: a scalar
+// max is a chain of dependent instructions, BC of them per row.
+static inline float masked_row_max(const float* s, int64_t lo, int64_t hi, float c) {
+  vi iota;
+  for (int l = 0; l < VW; ++l) iota[l] = l;
+  const vi lov = vi{} + (int32_t)lo, hiv = vi{} + (int32_t)hi;
+  const vf ninf = splat(kNegInf);
+  vf mx = ninf;
+  for (int64_t j = 0; j < BC; j += VW) {
+    const vi jv = iota + (int32_t)j;
+    const vf x = loadu(s + j) * c;
+    const vf keep = ((jv >= lov) & (jv < hiv)) ? x : ninf;
+    mx = keep > mx ? keep : mx;
+  }
+  return hmax(mx);
+}
+
 // Forward of one head. q (Tq, D), k and v (Tk, D) -> out (Tq, D), each with its own row stride,
 // and lse (Tq,) natural-log log-sum-exp of the scaled scores (-inf, with out 0, for a query
 // that sees no key).
@@ -218,8 +248,7 @@ static void forward_head(Rows q, Rows k, Rows v, float* out, int64_t ldo, float*
       for (int64_t r = 0; r < rows; ++r) {
         tlo[r] = std::clamp<int64_t>(lo[r] - j0, 0, BC);
         thi[r] = std::clamp<int64_t>(hi[r] - j0, 0, BC);
-        float mx = kNegInf;
-        for (int64_t j = tlo[r]; j < thi[r]; ++j) mx = std::max(mx, s[r * BC + j] * c);
+        const float mx = masked_row_max(s.data() + r * BC, tlo[r], thi[r], c);
         const float m_new = std::max(m[r], mx);
         if (m_new != kNegInf && m_new != m[r]) {
           const float alpha = std::exp2(m[r] - m_new);  // 0 when m[r] is -inf
@@ -257,7 +286,7 @@ static void backward_head(Rows q, Rows k, Rows v, Rows out, Rows dout, const flo
   const int64_t Tq = mask.Tq, Tk = mask.Tk;
   const float c = scale * kLog2e;
   std::vector<float> delta(Tq), lse2(Tq), kt(D * BC), vt(D * BC), kbuf(BC * D), qbuf(BR * D),
-      dobuf(BR * D), p(BR * BC), dp(BR * BC), pt(BC * BR), dkt(BC * D), dvt(BC * D);
+      dobuf(BR * D), p(BR * BC), dp(BR * BC), dkt(BC * D), dvt(BC * D);
   std::vector<int64_t> lo(Tq), hi(Tq);
   for (int64_t i = 0; i < Tq; ++i) {
     const float* o = out.row(i);
@@ -297,8 +326,7 @@ static void backward_head(Rows q, Rows k, Rows v, Rows out, Rows dout, const flo
       std::fill(p.begin(), p.end(), 0.f);
       gemm_acc(rows, BC, D, qi, ldq, kt.data(), BC, p.data(), BC);  // raw scores q k^T
       masked_exp2(p.data(), tlo, thi, rows, c, lse2.data() + i0);  // P
-      transpose(rows, BC, p.data(), BC, pt.data(), BR);
-      gemm_acc(BC, D, rows, pt.data(), BR, doi, lddo, dvt.data(), D);  // dV += P^T dO
+      gemm_acc<true>(BC, D, rows, p.data(), BC, doi, lddo, dvt.data(), D);  // dV += P^T dO
       std::fill(dp.begin(), dp.end(), 0.f);
       gemm_acc(rows, BC, D, doi, lddo, vt.data(), BC, dp.data(), BC);  // dP = dO V^T
       for (int64_t r = 0; r < rows; ++r) {  // dS = P * (dP - delta), into dp
@@ -309,8 +337,7 @@ static void backward_head(Rows q, Rows k, Rows v, Rows out, Rows dout, const flo
         }
       }
       gemm_acc(rows, D, BC, dp.data(), BC, kj, ldk, dq + i0 * lddq, lddq);  // dQ += dS K
-      transpose(rows, BC, dp.data(), BC, pt.data(), BR);
-      gemm_acc(BC, D, rows, pt.data(), BR, qi, ldq, dkt.data(), D);  // dK += dS^T Q (unscaled)
+      gemm_acc<true>(BC, D, rows, dp.data(), BC, qi, ldq, dkt.data(), D);  // dK += dS^T Q
     }
     for (int64_t j = 0; j < cols; ++j) {
       for (int64_t d = 0; d < D; ++d) {
