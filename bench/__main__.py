@@ -7,6 +7,7 @@
     python -m fastlm.bench compare OLD.json NEW.json [--threshold 0.1]
     python -m fastlm.bench plot RESULTS.json [...] --out DIR
     python -m fastlm.bench report [--results bench/results] [--out bench/RESULTS.md]
+    python -m fastlm.bench dispatch RESULTS.json [...] [--mode full] [--tests JUNIT.xml]
 
 Each op is a module bench/bench_<op>.py with run(args) -> rows. --sizes takes a preset or
 explicit shapes in the op's own layout, e.g. `--ops layer_norm --sizes 256x64,1024x768` (rows x
@@ -29,12 +30,12 @@ import re
 import sys
 
 import torch
-from fastlm.bench import compare, plot, report, utils
+from fastlm.bench import compare, dispatch, plot, report, utils
 from fastlm.command import run_command
 from fastlm.ops.dispatch import IMPLEMENTED
 
 KERNEL_OPS = tuple(IMPLEMENTED)  # the default set: fastlm's ops (kernels and peers), in its order
-SUBCOMMANDS = ("compare", "plot", "report")
+SUBCOMMANDS = ("compare", "dispatch", "plot", "report")
 
 
 def available_benches() -> list[str]:
@@ -292,6 +293,8 @@ def subcommand(name: str, argv: list[str]) -> int:
         return compare.main(argv)
     if name == "report":
         return report.main(argv)
+    if name == "dispatch":
+        return dispatch.main(argv)
     p = argparse.ArgumentParser(prog="python -m fastlm.bench plot",
                                 description="PNG plots (time vs size per provider) of bench JSON")
     p.add_argument("files", nargs="+")
