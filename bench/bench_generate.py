@@ -35,7 +35,6 @@ import time
 
 import numpy as np
 import torch
-
 from fastlm.bench import utils
 
 from fastlm.config import model_preset

@@ -5,8 +5,8 @@ import json
 
 import pytest
 import torch
-
 from fastlm.bench import bench_generate as bench
+
 from fastlm.generate.decode import BatchDecoder, SamplingParams
 from tests.interop import require
 from tests.lm_fixtures import tiny_model

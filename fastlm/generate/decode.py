@@ -231,7 +231,10 @@ class BatchDecoder:
         if self.finish_reason[row] is None:
             self.finish_reason[row] = reason
 
-    @torch.no_grad()
+    # inference_mode, not no_grad: no version counters or view tracking on the ~300 small ops
+    # of a step (1.6-2.6 ms of a gpt2-124m step, 1 thread, 2-core Xeon). Tensors made here stay
+    # inside the decoder; the caller's (cache buffers, weights) are ordinary ones, written in place.
+    @torch.inference_mode()
     def step(self) -> list[int | None]:
         if self.done:
             raise RuntimeError("BatchDecoder.step: every row has finished")
@@ -422,7 +425,7 @@ class ContinuousDecoder:
     def row_keys(self) -> list[int]:
         return [row.key for row in self.rows]
 
-    @torch.no_grad()
+    @torch.inference_mode()  # as BatchDecoder.step
     def add(self, prompt: Sequence[int], params: SamplingParams, key: int) -> list[Event]:
         """Prefill prompt in a free slot and sample its first token -> its Events."""
         params.validate()
@@ -447,7 +450,7 @@ class ContinuousDecoder:
             self.cancel(key)
             raise
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def step(self) -> list[Event]:
         """One token for every active row -> their Events (finished rows have left)."""
         if not self.rows:
