@@ -193,7 +193,8 @@ def test_model_preset_unknown_name():
 
 
 @pytest.mark.parametrize("argv, expected", [
-    (["--train.precision=fp8"], "train.precision: must be one of fp32, bf16, fp16; got 'fp8'"),
+    (["--train.precision=fp8"],
+     "train.precision: must be one of auto, fp32, bf16, fp16; got 'fp8'"),
     (["--train.parallel=tp"], "train.parallel: must be one of ddp, fsdp; got 'tp'"),
     (["--model.gelu=relu"], "model.gelu: must be one of tanh, exact; got 'relu'"),
 ])

@@ -156,7 +156,7 @@ def test_cli_text_and_mc_json_and_metrics(tmp_path, capsys):
     text.write_text("import os\nprint(os.getcwd())\n" * 5)
     out = tmp_path / "res.json"
     main(["--checkpoint", str(run), "--text", str(text), "--json", str(out), "--no-progress",
-          "--context", "16", "--stride", "8"])
+          "--context", "16", "--stride", "8", "--precision", "fp32"])  # vs an fp32 oracle
     res = json.loads(out.read_text())
     ids = list(text.read_bytes())
     assert res["perplexity"] == pytest.approx(perplexity(model, ids, 16, 8), rel=1e-6)

@@ -125,3 +125,72 @@ def test_a_resumed_run_keeps_its_precision_on_other_hardware(tmp_path, corpus, f
                  "--train.max_steps=6", "--eval.interval=2", "--resume",
                  "--train.precision=fp32"]) == 0
     assert checkpoint.load(run_dir).manifest["config"]["train"]["precision"] == "fp32"
+
+
+# -- generate / chat / serve (one loader: fastlm.generate.decode.load_from_args) and eval ------
+def test_generate_loads_bf16_weights_where_auto_says_and_fp32_when_forced(tmp_path, fake_cpu,
+                                                                          capsys):
+    from fastlm.generate.decode import main as generate
+    from tests.lm_fixtures import save_checkpoint, tiny_model
+
+    ckpt = save_checkpoint(tmp_path / "run", tiny_model())
+    common = ["--checkpoint", str(ckpt), "--prompt", "ab", "--max-new-tokens", "3",
+              "--temperature", "0"]
+    fake_cpu("avx512_bf16")
+    assert generate(common) == 0
+    assert "bfloat16 weights (auto: CPU has avx512_bf16" in capsys.readouterr().err
+    assert generate([*common, "--precision", "fp32"]) == 0
+    assert "float32 weights (asked for)" in capsys.readouterr().err
+    fake_cpu("avx2")
+    assert generate(common) == 0
+    assert "float32 weights (auto: CPU has neither" in capsys.readouterr().err
+    assert generate([*common, "--dtype", "bfloat16"]) == 0  # an explicit cast wins
+    assert "bfloat16 weights (--dtype)" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        generate([*common, "--precision", "fp16"])
+    assert "invalid choice: 'fp16'" in capsys.readouterr().err
+
+
+def test_eval_scores_under_the_auto_choice_and_fp32_when_forced(tmp_path, fake_cpu):
+    from fastlm.eval.core import evaluate_cli, parse
+    from tests.lm_fixtures import save_checkpoint, tiny_model
+
+    ckpt = save_checkpoint(tmp_path / "run", tiny_model())
+    text = tmp_path / "t.txt"
+    text.write_text(TEXT[:600])
+    argv = ["--checkpoint", str(ckpt), "--text", str(text), "--no-progress"]
+    fake_cpu("amx_bf16")
+    auto, _ = evaluate_cli(parse(argv))
+    fp32, _ = evaluate_cli(parse([*argv, "--precision", "fp32"]))
+    assert (auto["precision"], fp32["precision"]) == ("bf16", "fp32")
+    assert "amx_bf16" in auto["precision_reason"]
+    # the same tokens scored; bf16 rounding moves the loss a little, not a lot
+    assert auto["tokens"] == fp32["tokens"] and auto["bits_per_byte"] != fp32["bits_per_byte"]
+    assert auto["bits_per_byte"] == pytest.approx(fp32["bits_per_byte"], rel=0.05)
+
+
+# -- bench_train --vs-fp32: the claim's arithmetic ----------------------------------------------
+def test_bench_train_times_each_run_to_the_fp32_runs_final_val_loss():
+    from fastlm.bench import bench_train as bt
+
+    fp32 = {"val_curve": [(0, 1.0, 5.0), (50, 20.0, 2.5), (100, 40.0, 2.0)]}
+    auto = {"val_curve": [(0, 1.0, 5.0), (50, 10.0, 2.1), (100, 20.0, 1.9)]}
+    never = {"val_curve": [(0, 1.0, 5.0), (100, 9.0, 2.2)]}
+    assert bt.time_to_reach(auto["val_curve"], 2.0) == 20.0
+    assert bt.time_to_reach(never["val_curve"], 2.0) is None
+    rows = [{"provider": "fastlm-fp32", "threads": 1}, {"provider": "fastlm-auto", "threads": 1},
+            {"provider": "fastlm-bf16", "threads": 1}]
+    bt.add_time_to_fp32_loss(rows, {("fastlm-fp32", 1): [fp32], ("fastlm-auto", 1): [auto],
+                                    ("fastlm-bf16", 1): [never]})
+    assert [r["time_to_fp32_val_s"] for r in rows] == [40.0, 20.0, None]
+    assert rows[1]["speedup_at_fp32_val"] == 2.0 and rows[0]["speedup_at_fp32_val"] == 1.0
+    assert "speedup_at_fp32_val" not in rows[2] and rows[2]["fp32_target_val_loss"] == 2.0
+
+
+def test_bench_train_needs_nanogpt_unless_vs_fp32(capsys):
+    from fastlm.bench import bench_train as bt
+
+    assert bt.parse_args(["--vs-fp32"]).precisions == ["auto", "fp32"]
+    with pytest.raises(SystemExit):
+        bt.parse_args([])
+    assert "--nanogpt PATH is needed (or --vs-fp32" in capsys.readouterr().err

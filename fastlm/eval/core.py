@@ -19,6 +19,11 @@
 Results print as a table, go to --json OUT, and are appended to RUN_DIR/metrics.jsonl as
 {"kind": "eval", ...} when the checkpoint belongs to a run directory.
 
+--precision auto (the default) scores text, mc and classify under bf16 autocast where the
+hardware computes bf16 natively (fastlm.precision: CUDA sm_80+, CPUs with avx512_bf16/amx_bf16),
+else in fp32; the weights stay float32, generate tasks decode in float32, and the results say
+which precision was chosen. --precision fp32 forces float32.
+
 Bits per byte = total NLL in bits / UTF-8 bytes of the scored tokens: unlike perplexity it does not
 depend on how the tokenizer cuts text, so models with different tokenizers compare on it.
 """
@@ -40,6 +45,7 @@ from fastlm.chat.template import encode_chat, has_chat_tokens
 from fastlm.checkpoint import CheckpointError
 from fastlm.command import run_command
 from fastlm.eval.scores import accuracy, bleu, macro_f1
+from fastlm.precision import resolve_precision
 from fastlm.restore import Restored, load
 from fastlm.eval.tasks import Example, TaskError, read_jsonl
 
@@ -363,6 +369,9 @@ def parse(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--limit", type=int, default=0, help="use the first N task examples (0 = all)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16"),
+                   help="auto: bf16 autocast where the hardware computes bf16 natively, else "
+                        "fp32 (default auto)")
     args = p.parse_args(argv)
     if bool(args.task) != bool(args.task_type):
         p.error("--task and --task-type go together")
@@ -371,9 +380,18 @@ def parse(argv: list[str]) -> argparse.Namespace:
 
 def evaluate_cli(args: argparse.Namespace) -> tuple[dict, Restored]:
     restored = load(args.checkpoint, args.device)
+    choice, reason = resolve_precision(args.precision, args.device)
+    device_type = next(restored.model.parameters()).device.type
+    with torch.autocast(device_type, dtype=torch.bfloat16, enabled=choice == "bf16"):
+        return _evaluate(args, restored, choice, reason)
+
+
+def _evaluate(args: argparse.Namespace, restored: Restored, precision: str,
+              reason: str) -> tuple[dict, Restored]:
     meta = restored.meta
     progress = not args.no_progress
-    results: dict = {"checkpoint": str(meta.path), "step": meta.step}
+    results: dict = {"checkpoint": str(meta.path), "step": meta.step, "precision": precision,
+                     "precision_reason": reason}
     t0 = time.perf_counter()
     if args.task:
         examples = read_jsonl(args.task, args.task_type)[:args.limit or None]
@@ -393,9 +411,11 @@ def evaluate_cli(args: argparse.Namespace) -> tuple[dict, Restored]:
             if args.task_type == "mc":
                 results.update(multiple_choice_accuracy(restored.model, restored.tokenizer,
                                                         examples, args.batch_size, progress))
-            else:
-                results.update(generation_scores(restored, examples, args.max_new_tokens,
-                                                 args.temperature, args.seed, progress))
+            else:  # decoding keeps float32: autocast's bf16 k/v do not fit the fp32 KV cache
+                with torch.autocast(next(restored.model.parameters()).device.type,
+                                    enabled=False):
+                    results.update(generation_scores(restored, examples, args.max_new_tokens,
+                                                     args.temperature, args.seed, progress))
     if args.text or not args.task:
         if meta.task == "classify":
             raise TaskError(f"{meta.path} is a classifier: evaluate it with "

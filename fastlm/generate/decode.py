@@ -2,7 +2,11 @@
 
     python -m fastlm.generate --checkpoint RUN_OR_STEP_DIR --prompt "def " [--max-new-tokens 200
         --temperature 0.8 --top-k 50 --top-p 0.95 --min-p 0.05 --repetition-penalty 1.1
-        --stop "\\n\\n" --seed 0 --tokenizer tok.json --device cpu]
+        --stop "\\n\\n" --seed 0 --tokenizer tok.json --device cpu --precision auto|fp32|bf16]
+
+--precision auto (the default, shared with fastlm.chat and fastlm.serve) loads bfloat16 weights
+where the hardware computes bf16 natively and float32 elsewhere (fastlm.precision); --precision
+fp32 forces float32, --dtype casts to exactly the dtype given.
 
     from fastlm.generate.decode import generate
     from fastlm.restore import load
@@ -45,6 +49,7 @@ from fastlm.config import ModelConfig
 from fastlm.generate.kv_cache import KVCache, SlotCache
 from fastlm.models.base import LanguageModel
 from fastlm.models.gpt import GPT
+from fastlm.precision import resolve_precision
 from fastlm.restore import Restored, load
 from fastlm.tokenizer import Tokenizer
 
@@ -530,7 +535,12 @@ def add_model_args(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--tokenizer", default=None, help="tokenizer JSON (default: found next to "
                     "the checkpoint, else bytes)")
     ap.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N")
-    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    ap.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"],
+                    help="weights: auto = bfloat16 where the hardware computes bf16 natively "
+                         "(CUDA sm_80+, CPUs with avx512_bf16/amx_bf16), else float32 "
+                         "(default auto); fp32 forces float32")
+    ap.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
+                    help="cast the weights to exactly this dtype (overrides --precision)")
 
 
 def add_sampling_args(ap: argparse.ArgumentParser, max_new_tokens: int = 200) -> None:
@@ -550,10 +560,22 @@ def sampling_from_args(args: argparse.Namespace) -> SamplingParams:
                           args.seed).validate()
 
 
+def weight_dtype(args: argparse.Namespace) -> tuple[torch.dtype, str]:
+    """(dtype, why) of the weights: --dtype as given, else --precision through
+    fastlm.precision. bf16 casts the weights (not autocast): decoding streams every weight per
+    token, so half the bytes is what makes it faster, and the packed bf16 matmuls need them."""
+    if args.dtype is not None:
+        return getattr(torch, args.dtype), "--dtype"
+    choice, reason = resolve_precision(args.precision, args.device, ("auto", "fp32", "bf16"))
+    return (torch.bfloat16 if choice == "bf16" else torch.float32), reason
+
+
 def load_from_args(args: argparse.Namespace) -> Restored:
     """The checkpoint of add_model_args' options through fastlm.restore.load, Linears packed
     for CPU decoding; CheckpointError when it is not a model that generates text."""
-    lm = load(args.checkpoint, args.device, args.tokenizer, getattr(torch, args.dtype), pack=True)
+    dtype, why = weight_dtype(args)
+    lm = load(args.checkpoint, args.device, args.tokenizer, dtype, pack=True)
+    lm.meta.notes.append(f"{str(dtype).removeprefix('torch.')} weights ({why})")
     if getattr(lm.model, "objective", None) != "causal":
         kind = lm.meta.task if lm.meta.task == "classify" else lm.model.config.arch
         raise ckpt.CheckpointError(f"{lm.meta.path}: a {kind} model does not generate text "
