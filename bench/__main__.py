@@ -1,6 +1,6 @@
 """`python -m fastlm.bench`: run the benchmarks, print a table, write JSON (and plots), compare.
 
-    python -m fastlm.bench [--ops layer_norm,rms_norm] [--sizes small|medium|large|SHAPES]
+    python -m fastlm.bench [--ops layer_norm,rms_norm] [--sizes quick|small|medium|large|SHAPES]
                            [--dtypes float32,bfloat16] [--modes fwd,bwd,full]
                            [--providers torch,fastlm-cpu] [--budget S] [--json PATH]
                            [--plot DIR] [--compare OLD.json [--threshold 0.1]]
@@ -8,6 +8,12 @@
     python -m fastlm.bench plot RESULTS.json [...] --out DIR
     python -m fastlm.bench report [--results bench/results] [--out bench/RESULTS.md]
     python -m fastlm.bench dispatch RESULTS.json [...] [--mode full] [--tests JUNIT.xml]
+
+On a CPU the default is --sizes quick: one representative shape per op (QUICK_SHAPES), the main
+peers only (torch eager or fused and fastlm's native backends) and a 0.25 s budget per row, so a
+first table comes in minutes; small/medium/large are the full grids. Every run prints an
+estimate of its duration first (rows x (warm-up + budget) + the ceilings: a lower bound, as rows
+whose 5 minimum runs outlast the budget take longer) and shows a progress bar over the rows.
 
 Each op is a module bench/bench_<op>.py with run(args) -> rows. --sizes takes a preset or
 explicit shapes in the op's own layout, e.g. `--ops layer_norm --sizes 256x64,1024x768` (rows x
@@ -23,19 +29,32 @@ import argparse
 import contextlib
 import datetime as dt
 import importlib
+import inspect
 import json
 import os
 import pkgutil
 import re
 import sys
+import time
 
 import torch
+from tqdm import tqdm
+
 from fastlm.bench import compare, dispatch, plot, report, utils
 from fastlm.command import run_command
 from fastlm.ops.dispatch import IMPLEMENTED
 
 KERNEL_OPS = tuple(IMPLEMENTED)  # the default set: fastlm's ops (kernels and peers), in its order
 SUBCOMMANDS = ("compare", "dispatch", "plot", "report")
+# --sizes quick: one shape per op in the op's own layout (attention: T x D), each a typical
+# training shape small enough for a CPU (linear_cross_entropy: GPT-2's vocabulary, fewer tokens)
+QUICK_SHAPES = {"layer_norm": (2048, 768), "rms_norm": (2048, 768), "attention": (512, 64),
+                "cross_entropy": (256, 50257), "linear_cross_entropy": (256, 768, 50304),
+                "adamw_step": (1, 512, 8192)}
+QUICK_PROVIDERS = frozenset({"torch", "torch-fused", "torch-foreach", "fastlm-cpu",
+                             "fastlm-cuda", "fastlm-triton"})  # the peers users pick; no compile
+QUICK_BUDGET_S = 0.25
+WARMUP_S = 0.1  # time_call's default warm-up per row
 
 
 def available_benches() -> list[str]:
@@ -126,8 +145,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--ops", default=",".join(o for o in KERNEL_OPS if o in known),
                    help=f"comma-separated, from: {', '.join(known)} (default: the kernel ops)")
     p.add_argument("--sizes", default=None,
-                   help="small, medium, large, or explicit shapes like 256x64,1024x768 in the "
-                        "op's layout (default: large on a GPU, small on a CPU)")
+                   help="quick, small, medium, large, or explicit shapes like 256x64,1024x768 "
+                        "in the op's layout (default: large on a GPU, quick on a CPU)")
     p.add_argument("--dtypes", default=None,
                    help="comma-separated from float32,bfloat16,float16 "
                         "(default: bfloat16 on a GPU, float32,bfloat16 on a CPU)")
@@ -136,7 +155,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="comma-separated provider names to time, e.g. torch,fastlm-cpu "
                         "(default: all; keep torch for the speed-up column)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--budget", type=float, default=1.0, help="seconds of timed runs per row")
+    p.add_argument("--budget", type=float, default=None,
+                   help=f"seconds of timed runs per row (default 1, {QUICK_BUDGET_S} for quick)")
     p.add_argument("--threads", type=int, default=None,
                    help="CPU threads for every provider (torch.set_num_threads; recorded in the "
                         "rows). On a shared machine 1 thread gives the steadiest ratios")
@@ -155,7 +175,12 @@ def parse_args(argv=None) -> argparse.Namespace:
             p.error(f"--ops: no benchmark named '{op}' (available: {', '.join(known)})")
     args.shapes = None
     if args.sizes is None:
-        args.sizes = "large" if gpu else "small"
+        args.sizes = "large" if gpu else "quick"
+    args.quick = args.sizes == "quick"
+    if args.budget is None:
+        args.budget = QUICK_BUDGET_S if args.quick else 1.0
+    if args.quick:
+        args.sizes = "small"  # what benches without a quick shape run
     elif args.sizes not in utils.SIZES:
         try:
             args.shapes = parse_shapes(args.sizes)
@@ -200,7 +225,7 @@ def default_json_path(args) -> str | None:
         return None
     stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%d-%H%M%S")
     slug = utils.device_slug(torch.device(args.device))
-    size = args.sizes if args.shapes is None else "custom"
+    size = "quick" if args.quick else args.sizes if args.shapes is None else "custom"
     return os.path.join(results, slug, f"{'-'.join(args.ops)}-{size}-{stamp}.json")
 
 
@@ -209,16 +234,85 @@ def default_json_path(args) -> str | None:
 def run_op(op: str, args) -> list[dict]:
     module = bench_module(op)
     rows = []
-    with only_providers(module, args.providers):
-        if args.shapes is None:
+    shapes, names = op_shapes(op, args), op_providers(op, args)
+    with only_providers(module, names):
+        if shapes is None:
             rows += module.run(args)
         else:
-            for shape in args.shapes:
+            for shape in shapes:
                 with custom_size(module, shape) as size:
                     rows += module.run(argparse.Namespace(**{**vars(args), "sizes": size}))
-    if args.providers is not None:  # benches that time their providers together
-        rows = [r for r in rows if r.get("provider") in args.providers]
+    if names is not None:  # benches that time their providers together
+        rows = [r for r in rows if r.get("provider") in names]
     return rows
+
+
+# ---------------------------------------------------------------------------------------------
+# The quick preset, the duration estimate and the progress bar
+def op_shapes(op: str, args) -> list[tuple[int, ...]] | None:
+    """Explicit shapes this run gives op (--sizes SHAPES, or quick's one shape); None: the
+    op's own preset table."""
+    if args.shapes is not None:
+        return args.shapes
+    if args.quick and op in QUICK_SHAPES:
+        return [QUICK_SHAPES[op]]
+    return None
+
+
+def op_providers(op: str, args) -> set[str] | None:
+    """The providers timed for op: --providers, else quick's main peers for kernel ops."""
+    if args.providers is not None:
+        return args.providers
+    return set(QUICK_PROVIDERS) if args.quick and op in QUICK_SHAPES else None
+
+
+def planned_rows(op: str, args) -> int | None:
+    """Rows a run of op will make (timed or skipped), from its shape table and its providers;
+    None for benches that do not publish them (data, tokenizer, eval, ...)."""
+    module, device = bench_module(op), torch.device(args.device)
+    names = op_providers(op, args)
+
+    def count(providers) -> int:
+        return sum(1 for p in providers if names is None or p in names)
+
+    shapes = op_shapes(op, args)
+    if shapes is None:
+        table = getattr(module, "SHAPES", None) or getattr(module, "SIZES", None)
+        entry = table.get(args.sizes) if isinstance(table, dict) else None
+        if isinstance(entry, list):
+            shapes = entry
+        elif isinstance(entry, dict) and {"T", "D"} <= set(entry):
+            shapes = [(T, D) for D in entry["D"] for T in entry["T"]]
+        else:
+            return None
+    per_dtype = len(shapes) * len(args.modes)
+    if isinstance(getattr(module, "PROVIDERS", None), tuple):  # one "full" row per provider
+        return len(shapes) * len(args.dtypes) * count(module.PROVIDERS)
+    if not callable(getattr(module, "providers", None)):
+        return None
+    params = list(inspect.signature(module.providers).parameters)
+    if params == ["device"]:
+        return per_dtype * len(args.dtypes) * count(p.name for p in module.providers(device))
+    if params == ["device", "causal"]:  # attention: causal and not, per shape
+        return 2 * per_dtype * len(args.dtypes) * count(p.name for p in
+                                                        module.providers(device, True))
+    if params == ["device", "state"] and hasattr(module, "make_state"):  # one row per step
+        return sum(len(shapes) * count(p.name for p in module.providers(
+            device, module.make_state((1, 8, 8), dtype, device))) for dtype in args.dtypes)
+    return None
+
+
+def estimate(args) -> tuple[dict[str, int | None], float, str]:
+    """(planned rows per op, estimated seconds, the line saying how long the run should take)."""
+    planned = {op: planned_rows(op, args) for op in args.ops}
+    rows = sum(n or 0 for n in planned.values())
+    unknown = [op for op, n in planned.items() if n is None]
+    ceilings = 2.0  # measured once per run: a copy and a matmul of 0.5 s each, warm-up, set-up
+    seconds = rows * (WARMUP_S + args.budget) + ceilings
+    return planned, seconds, (f"estimate: {rows} rows x ({WARMUP_S:g} s warm-up + {args.budget:g} s "
+                     f"budget) + ~{ceilings:g} s of ceilings = ~{seconds:.0f} s"
+                     + (f", plus {', '.join(unknown)} (not estimated)" if unknown else "")
+                     + "; rows whose 5 runs outlast the budget take longer")
 
 
 def add_ceilings(rows: list[dict], device: torch.device) -> dict:
@@ -248,14 +342,31 @@ def main(argv=None) -> int:
             return 2
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
+    t_start = time.perf_counter()
+    planned, seconds, line = estimate(args)
+    print(f"fastlm.bench: --sizes {'quick' if args.quick else args.sizes} on {device}; {line}",
+          file=sys.stderr, flush=True)
     rows = []
-    for op in args.ops:
-        print(f"== {op}", file=sys.stderr, flush=True)
-        op_rows = run_op(op, args)
-        add_ceilings(op_rows, device)  # measured once per run (cached), before the table
-        # Kernel benches share the harness's table; others (data, tokenizer) bring their own.
-        print(getattr(bench_module(op), "format_table", utils.format_table)(op_rows), flush=True)
-        rows += op_rows
+    bar = tqdm(total=sum(n or 0 for n in planned.values()), unit="row", file=sys.stderr,
+               dynamic_ncols=True, mininterval=0.5)
+    utils.set_progress(bar)
+    try:
+        for op in args.ops:
+            bar.set_description(op)
+            before = bar.n
+            op_rows = run_op(op, args)
+            add_ceilings(op_rows, device)  # measured once per run (cached), before the table
+            if planned[op] is not None:  # benches that time rows their own way: catch up
+                bar.update(max(0, before + planned[op] - bar.n))
+            # Kernel benches share the harness's table; others (data, tokenizer) bring theirs.
+            bar.clear()
+            print(f"== {op}", flush=True)
+            print(getattr(bench_module(op), "format_table", utils.format_table)(op_rows),
+                  flush=True)
+            rows += op_rows
+    finally:
+        utils.set_progress(None)
+        bar.close()
     if args.providers is not None:
         seen = {r.get("provider") for r in rows}
         missing = sorted(args.providers - seen)
@@ -263,6 +374,8 @@ def main(argv=None) -> int:
             print(f"warning: --providers: no row from {', '.join(missing)} (providers of these "
                   "ops: see a run without --providers)", file=sys.stderr)
     ceilings = add_ceilings([], device)
+    print(f"fastlm.bench: {time.perf_counter() - t_start:.0f} s (estimated ~{seconds:.0f} s)",
+          file=sys.stderr)
     print(f"\nceilings measured in this run: copy {ceilings['roofline_copy_gbps']:.1f} GB/s, "
           f"matmul {ceilings['roofline_matmul_tflops']:.3g} TFLOP/s "
           f"({ceilings['roofline_matmul_dtype']})")

@@ -10,6 +10,7 @@ Every bench_<op>.py builds on this so numbers are comparable across ops and mach
 - Roofline ceilings measured in the run itself, not taken from datasheets: copy_bandwidth_gbps()
   (a large device copy) and matmul_tflops() (a large dense matmul, bf16 on a GPU, float32 on CPU).
 - set_provider_filter(): `--providers` of the CLI; bench_kernel() times only the wanted ones.
+- set_progress(): the CLI's progress bar, advanced once per row (each timed call, each skip).
 """
 from __future__ import annotations
 
@@ -126,10 +127,12 @@ class Timing:
 
 
 def time_call(fn: Callable[[int], object], device: torch.device, warmup_s: float = 0.1,
-              budget_s: float = 1.0, min_runs: int = 5, max_runs: int = 200) -> Timing:
+              budget_s: float = 1.0, min_runs: int = 5, max_runs: int = 200,
+              row: bool = True) -> Timing:
     """Time fn(i) for i = 0, 1, ... (i selects the rotating input set): warm up for warmup_s,
     then run until budget_s or max_runs, at least min_runs. GPU runs are timed with CUDA events
-    around each call; CPU runs with perf_counter."""
+    around each call; CPU runs with perf_counter. row=False: a ceiling, not a table row (the
+    progress bar does not count it)."""
     i = 0
     start = time.perf_counter()
     while True:  # warm-up: compilation, caches, allocator
@@ -155,6 +158,8 @@ def time_call(fn: Callable[[int], object], device: torch.device, warmup_s: float
             samples.append((time.perf_counter() - t0) * 1e3)
         i += 1
     q1, _, q3 = statistics.quantiles(samples, n=4) if len(samples) >= 2 else samples * 3
+    if row:
+        row_done()
     return Timing(statistics.median(samples), min(samples), max(samples), len(samples), q1, q3)
 
 
@@ -210,7 +215,8 @@ def copy_bandwidth_gbps(device: torch.device) -> float:
     n = (256 << 20) // 4 if device.type == "cuda" else (64 << 20) // 4
     src = torch.randn(n, device=device)
     dst = torch.empty_like(src)
-    t = time_call(lambda _: dst.copy_(src), device, warmup_s=0.05, budget_s=0.5, max_runs=50)
+    t = time_call(lambda _: dst.copy_(src), device, warmup_s=0.05, budget_s=0.5, max_runs=50,
+                  row=False)
     return 2 * src.numel() * 4 / (t.median_ms * 1e-3) / 1e9
 
 
@@ -228,11 +234,26 @@ def matmul_tflops(device: torch.device, dtype: torch.dtype | None = None) -> flo
     n = 8192 if device.type == "cuda" else 1024
     a = torch.randn(n, n, device=device, dtype=dtype)
     b = torch.randn(n, n, device=device, dtype=dtype)
-    t = time_call(lambda _: a @ b, device, warmup_s=0.1, budget_s=0.5, max_runs=50)
+    t = time_call(lambda _: a @ b, device, warmup_s=0.1, budget_s=0.5, max_runs=50, row=False)
     return 2 * n ** 3 / (t.median_ms * 1e-3) / 1e12
 
 
 # ---------------------------------------------------------------------------------------------
+# Progress (the CLI's bar over rows)
+_progress = None
+
+
+def set_progress(bar) -> None:
+    """A tqdm bar that row_done() advances (None: no bar)."""
+    global _progress
+    _progress = bar
+
+
+def row_done() -> None:
+    if _progress is not None:
+        _progress.update(1)
+
+
 # Provider selection (the CLI's --providers)
 _provider_filter: frozenset[str] | None = None
 
@@ -281,11 +302,13 @@ def bench_kernel(op: str, case: Case, providers: list[Provider], modes, device: 
                    "dtype": str(case.dtype).removeprefix("torch."), "mode": mode, **case.extra}
             if p.skip_reason:
                 rows.append({**row, "skipped": p.skip_reason, **env})
+                row_done()
                 continue
             try:
                 timing = time_call(_runner(p.fn, sets, mode), device, budget_s=budget_s)
             except Exception as exc:  # a peer that fails on this shape is reported, not fatal
                 rows.append({**row, "skipped": f"{type(exc).__name__}: {exc}"[:200], **env})
+                row_done()
                 continue
             gbps = case.bytes_moved[mode] / (timing.median_ms * 1e-3) / 1e9
             rows.append({**row, "median_ms": timing.median_ms, "min_ms": timing.min_ms,
