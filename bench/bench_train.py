@@ -2,7 +2,13 @@
 
     python -m fastlm.bench.bench_train --nanogpt PATH_TO_NANOGPT_SOURCE
         [--data ../shared/data/tinyshakespeare.txt] [--iters 2000] [--repeats N]
-        [--threads 1,2] [--precisions fp32,bf16] [--json PATH] [--keep DIR]
+        [--threads 1,2] [--precisions fp32,bf16,auto] [--json PATH] [--keep DIR]
+    python -m fastlm.bench.bench_train --vs-fp32 [--iters 500] [--threads 1] ...
+
+--vs-fp32 compares fastlm's default (train.precision=auto: bf16 autocast on hardware that
+computes bf16 natively) with forced fp32 on the same config and needs no nanoGPT: the same
+tokens/s, plus the wall time (metrics.jsonl's time_s, evaluations included alike) until each run
+first reaches the fp32 run's final validation loss, evaluated every iters/10 steps.
 
 Both trainers run nanoGPT's documented CPU config of tiny Shakespeare (4 layers, 4 heads, width
 128, block 64, batch 12, lr 1e-3 with 100 warm-up steps and cosine decay to 1e-4 over the run,
@@ -68,6 +74,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
+
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10
+    import tomli as tomllib
 from fastlm.bench import utils
 
 OP = "train"
@@ -252,7 +263,7 @@ def load_nanogpt_model(ws: Path):
     return module
 
 
-def interleaved_steps(ws: Path, data: Path, precisions: list[str], blocks: int,
+def interleaved_steps(ws: Path | None, data: Path, precisions: list[str], blocks: int,
                       block_steps: int = 10) -> dict[str, float]:
     """Median ms per training step of each model, measured in this process with blocks of
     block_steps steps taking turns, so a change of load hits every provider alike (the full runs
@@ -260,10 +271,7 @@ def interleaved_steps(ws: Path, data: Path, precisions: list[str], blocks: int,
     fastlm.train.step for both: forward with targets, backward, clip the gradient norm to 1,
     optimizer step, zero the gradients; nanoGPT's with its model.py and configure_optimizers,
     fastlm's with fastlm.models.gpt.GPT and fastlm.train.optim.build_optimizer from the preset
-    (bf16: autocast around the forward)."""
-    import contextlib
-    import io
-
+    (bf16: autocast around the forward). ws None: fastlm's models only."""
     from fastlm.config import parse_args as parse_config
     from fastlm.models.gpt import GPT
     from fastlm.train.optim import build_optimizer
@@ -284,19 +292,7 @@ def interleaved_steps(ws: Path, data: Path, precisions: list[str], blocks: int,
                                grad_clip=1.0)
         return lambda: train_step(lambda _micro: model(*batch(vocab_map))[1])
 
-    import pickle
-    with open(ws / "data/shakespeare_char/meta.pkl", "rb") as f:
-        stoi = pickle.load(f)["stoi"]
-    to_char = torch.zeros(256, dtype=torch.long)
-    for ch, i in stoi.items():
-        to_char[ord(ch)] = i
-    ng = load_nanogpt_model(ws)
-    with contextlib.redirect_stdout(io.StringIO()):  # its parameter-count prints
-        torch.manual_seed(0)
-        n_model = ng.GPT(ng.GPTConfig(block_size=SEQ_LEN, vocab_size=len(stoi), n_layer=4,
-                                      n_head=4, n_embd=128, dropout=0.0, bias=False))
-        n_opt = n_model.configure_optimizers(0.1, 1e-3, (0.9, 0.99), "cpu")
-    steps = {"nanogpt": stepper(n_model, n_opt, "fp32", to_char)}
+    steps = {} if ws is None else {"nanogpt": nanogpt_stepper(ws, stepper)}
     cfg = parse_config(["--model.preset=shakespeare_char_cpu"])
     cfg.model.vocab_size = 256
     for precision in precisions:
@@ -317,17 +313,73 @@ def interleaved_steps(ws: Path, data: Path, precisions: list[str], blocks: int,
     return {name: statistics.median(t) for name, t in times.items()}
 
 
+def nanogpt_stepper(ws: Path, stepper):
+    """nanoGPT's model and optimizer as interleaved_steps' step function."""
+    import contextlib
+    import io
+    import pickle
+    with open(ws / "data/shakespeare_char/meta.pkl", "rb") as f:
+        stoi = pickle.load(f)["stoi"]
+    to_char = torch.zeros(256, dtype=torch.long)
+    for ch, i in stoi.items():
+        to_char[ord(ch)] = i
+    ng = load_nanogpt_model(ws)
+    with contextlib.redirect_stdout(io.StringIO()):  # its parameter-count prints
+        torch.manual_seed(0)
+        n_model = ng.GPT(ng.GPTConfig(block_size=SEQ_LEN, vocab_size=len(stoi), n_layer=4,
+                                      n_head=4, n_embd=128, dropout=0.0, bias=False))
+        n_opt = n_model.configure_optimizers(0.1, 1e-3, (0.9, 0.99), "cpu")
+    return stepper(n_model, n_opt, "fp32", to_char)
+
+
+def val_curve(metrics: Path) -> list[tuple[int, float, float]]:
+    """(step, time_s, val_loss) of every evaluation in RUN_DIR/metrics.jsonl."""
+    rows = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
+    return [(r["step"], r["time_s"], r["val_loss"]) for r in rows if r.get("kind") == "val"]
+
+
+def time_to_reach(curve: list[tuple[int, float, float]], target: float) -> float | None:
+    """Seconds until the first evaluation at or below target (None: never)."""
+    return next((t for _step, t, loss in curve if loss <= target), None)
+
+
+def add_time_to_fp32_loss(rows: list[dict], runs: dict[tuple[str, int], list[dict]]) -> None:
+    """--vs-fp32: per thread count, the fp32 runs' median final val loss is the target; each
+    row gets the median seconds its runs took to first reach it, and the fp32 row's time over
+    its own (the speed-up at equal validation loss)."""
+    for threads in {t for _name, t in runs}:
+        fp32 = runs.get(("fastlm-fp32", threads), [])
+        if not fp32 or not all("val_curve" in r for r in fp32):
+            continue
+        target = statistics.median(r["val_curve"][-1][2] for r in fp32)
+        times = {}
+        for (name, t), rs in runs.items():
+            if t == threads and all("val_curve" in r for r in rs):  # fastlm's runs
+                reached = [time_to_reach(r["val_curve"], target) for r in rs]
+                times[name] = (statistics.median(reached) if None not in reached else None)
+        for r in rows:
+            if r["threads"] == threads and r["provider"] in times:
+                r["fp32_target_val_loss"] = target
+                r["time_to_fp32_val_s"] = times[r["provider"]]
+                if times[r["provider"]] and times["fastlm-fp32"]:
+                    r["speedup_at_fp32_val"] = times["fastlm-fp32"] / times[r["provider"]]
+
+
 # ---------------------------------------------------------------------------------------------
 def parse_args(argv):
     p = argparse.ArgumentParser(prog="python -m fastlm.bench.bench_train", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--nanogpt", required=True, type=Path,
-                   help="nanoGPT's source folder (its train.py, model.py, config/, data/)")
+    p.add_argument("--nanogpt", type=Path,
+                   help="nanoGPT's source folder (its train.py, model.py, config/, data/); "
+                        "needed unless --vs-fp32")
+    p.add_argument("--vs-fp32", action="store_true",
+                   help="fastlm's default (precision auto) against forced fp32, no nanoGPT")
     p.add_argument("--data", type=Path, default=DEFAULT_DATA, help="the text (tiny Shakespeare)")
     p.add_argument("--iters", type=int, default=2000, help="optimizer steps of each run")
     p.add_argument("--repeats", type=int, default=1, help="runs of each provider (median)")
     p.add_argument("--threads", default="1,2", help="comma-separated torch thread counts")
-    p.add_argument("--precisions", default="fp32,bf16", help="fastlm rows: fp32 and/or bf16")
+    p.add_argument("--precisions", default="fp32,bf16",
+                   help="fastlm rows: fp32, bf16 and/or auto (--vs-fp32: auto,fp32)")
     p.add_argument("--json", help="output file (default bench/results/<device>/train-<date>.json)")
     p.add_argument("--keep", type=Path, help="keep the runs (logs, checkpoints) in this folder")
     p.add_argument("--interleaved-blocks", type=int, default=15,
@@ -338,9 +390,13 @@ def parse_args(argv):
     except ValueError:
         p.error(f"--threads must be comma-separated integers, got {a.threads!r}")
     a.precisions = [s.strip() for s in a.precisions.split(",") if s.strip()]
-    bad = [s for s in a.precisions if s not in ("fp32", "bf16")]
+    bad = [s for s in a.precisions if s not in ("fp32", "bf16", "auto")]
     if bad:
-        p.error(f"--precisions: unknown {', '.join(bad)}; choose from fp32, bf16")
+        p.error(f"--precisions: unknown {', '.join(bad)}; choose from fp32, bf16, auto")
+    if a.vs_fp32:
+        a.precisions = ["auto", "fp32"]
+    elif a.nanogpt is None:
+        p.error("--nanogpt PATH is needed (or --vs-fp32 for fastlm's auto against fp32)")
     if a.iters < 2 or a.repeats < 1 or min(a.threads) < 1 or a.interleaved_blocks < 0:
         p.error("--iters must be >= 2, --repeats and every --threads value >= 1, "
                 "--interleaved-blocks >= 0")
@@ -352,16 +408,21 @@ def parse_args(argv):
 
 
 def run(args) -> list[dict]:
-    if getattr(args, "nanogpt", None) is None:  # `python -m fastlm.bench --ops train`
+    if getattr(args, "nanogpt", None) is None and not getattr(args, "vs_fp32", False):
+        # `python -m fastlm.bench --ops train`
         raise SystemExit("bench_train: needs nanoGPT's source and runs for minutes: use "
                          "`python -m fastlm.bench.bench_train --nanogpt PATH` (see its --help)")
-    check_nanogpt(args.nanogpt)
-    eval_interval = 250 if args.iters % 250 == 0 else args.iters  # nanoGPT's 250; end included
+    vs_fp32 = getattr(args, "vs_fp32", False)
+    if vs_fp32:  # evaluations often enough to see when a run reaches a loss
+        eval_interval = max(1, args.iters // 10)
+    else:
+        check_nanogpt(args.nanogpt)
+        eval_interval = 250 if args.iters % 250 == 0 else args.iters  # nanoGPT's; end included
     root = Path(tempfile.mkdtemp(prefix="bench_train-")) if args.keep is None else args.keep
     root.mkdir(parents=True, exist_ok=True)
-    ws = make_workspace(args.nanogpt, args.data, root)
+    ws = None if vs_fp32 else make_workspace(args.nanogpt, args.data, root)
     x, y = val_windows(args.data)
-    providers = ["nanogpt"] + [f"fastlm-{p}" for p in args.precisions]
+    providers = ([] if vs_fp32 else ["nanogpt"]) + [f"fastlm-{p}" for p in args.precisions]
     runs: dict[tuple[str, int], list[dict]] = {}
     try:
         for rep in range(args.repeats):
@@ -380,7 +441,13 @@ def run(args) -> list[dict]:
                         wall = run_logged(cmd, REPO, threads, log)
                         steps, val, val_step = parse_fastlm(out / "metrics.jsonl")
                         full = score_fastlm(out, x, y)
-                    r = {"tokens_per_s": len(steps) * TOKENS_PER_STEP / sum(steps),
+                    if name != "nanogpt":  # what auto chose, and the loss over time
+                        r0 = {"val_curve": val_curve(out / "metrics.jsonl"), "precision":
+                              tomllib.loads((out / "config.toml").read_text())["train"]
+                              ["precision"]}
+                    else:
+                        r0 = {"precision": "fp32"}
+                    r = {**r0, "tokens_per_s": len(steps) * TOKENS_PER_STEP / sum(steps),
                          "step_ms": statistics.median(steps) * 1e3, "val_loss": val,
                          "val_step": val_step, "full_val_loss": full, "wall_s": wall,
                          "loadavg": round(os.getloadavg()[0], 2), "command": cmd}
@@ -405,14 +472,15 @@ def run(args) -> list[dict]:
 def summarize(runs: dict[tuple[str, int], list[dict]], args,
               interleaved: dict[int, dict[str, float]] | None = None) -> list[dict]:
     env = utils.environment(torch.device("cpu"))
-    nanogpt_version = source_hash(args.nanogpt)
+    nanogpt_version = source_hash(args.nanogpt) if args.nanogpt else None
     med = statistics.median
     rows = []
     for (name, threads), rs in runs.items():
         full = med(r["full_val_loss"] for r in rs)
         rows.append({
             **env, "op": OP, "provider": name, "threads": threads,
-            "precision": "fp32" if name == "nanogpt" else name.split("-")[1],
+            "precision": rs[0].get("precision") or name.removeprefix("fastlm-").replace(
+                "nanogpt", "fp32"),  # auto: what it chose
             "vocab": "65 characters" if name == "nanogpt" else "256 bytes",
             "iters": args.iters, "batch": BATCH, "seq_len": SEQ_LEN, "shape": [BATCH, SEQ_LEN],
             "repeats": len(rs), "tokens_per_s": med(r["tokens_per_s"] for r in rs),
@@ -426,6 +494,7 @@ def summarize(runs: dict[tuple[str, int], list[dict]], args,
             "loadavg_runs": [r["loadavg"] for r in rs],  # 1-minute load at each run's end
             "nanogpt_source_sha256": nanogpt_version,
             "bench_command": "python -m fastlm.bench.bench_train " + " ".join(sys.argv[1:])})
+    add_time_to_fp32_loss(rows, runs)
     base = {r["threads"]: r for r in rows if r["provider"] == "nanogpt"}
     for r in rows:
         b = base.get(r["threads"])
@@ -469,6 +538,15 @@ def format_table(rows: list[dict]) -> str:
             "models scored here on every 64-character window of the validation split; load: the "
             "machine's 1-minute load average after each run.")
     lines += textwrap.wrap(note, 100)
+    for r in rows:
+        if "fp32_target_val_loss" in r:
+            reached = r["time_to_fp32_val_s"]
+            lines.append(
+                f"threads {r['threads']} {r['provider']} ({r['precision']}): fp32's final val "
+                f"loss {r['fp32_target_val_loss']:.4f} reached after "
+                + (f"{reached:.1f} s" if reached is not None else "never")
+                + (f", {r['speedup_at_fp32_val']:.2f}x fp32's time"
+                   if "speedup_at_fp32_val" in r else ""))
     return "\n".join(lines)
 
 
