@@ -1,7 +1,7 @@
 """An OpenAI-compatible HTTP server with a web chat page (FastAPI + uvicorn).
 
     python -m fastlm.serve --checkpoint RUN_DIR [--host 127.0.0.1 --port 8000 --api-key KEY
-        --tokenizer FILE --device cpu --dtype float32 --max-concurrency 8 --max-queue 32 --max-tokens 512 --max-body-bytes 1000000]
+        --tokenizer FILE --device cpu --precision auto|fp32|bf16 --max-concurrency 8 --max-queue 32 --max-tokens 512 --max-body-bytes 1000000]
 
 Endpoints: GET / (the chat page, fastlm/web/index.html), GET /health, GET /v1/models,
 GET /v1/models/{id}, POST /v1/completions and POST /v1/chat/completions (JSON, or server-sent events with

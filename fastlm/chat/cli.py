@@ -1,7 +1,7 @@
 """An interactive terminal chat with a checkpoint.
 
     python -m fastlm.chat --checkpoint RUN_DIR [--system "Be terse." --temperature 0.8
-        --max-new-tokens 200 ...]
+        --max-new-tokens 200 --precision auto|fp32|bf16 ...]
 
 Each turn sends the whole conversation through fastlm.chat.template.chat_prompt, the same
 prompt builder the server uses and the same template fastlm.finetune --task sft trains on: a
