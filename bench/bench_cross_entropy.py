@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -154,6 +155,44 @@ def step_rows(args) -> list[dict]:
                           file=sys.stderr)
             rows += group
     return rows
+
+
+# ---------------------------------------------------------------------------------------------
+# Vector width of the Triton kernels' global accesses, read from their PTX (no GPU needed)
+TRITON_KERNELS = ("_ce_fwd_kernel", "_ce_bwd_kernel", "_ce_fwd_grad_kernel")
+
+
+def ptx_accesses(kernel: str, dtype: str, V: int, arch: int = 90) -> dict:
+    """Compile a Triton cross-entropy kernel for sm_<arch> as a launch with rows of V classes
+    would (16-byte aligned tensors; V specialised as Triton does: divisible by 16 or not) and
+    count its global accesses in the PTX: {"ld_vector", "ld_scalar", "st_vector", "st_scalar"}
+    (static instruction counts; vector = .v2/.v4). Run with TRITON_INTERPRET unset."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+
+    from fastlm.kernels import cross_entropy
+
+    fn = getattr(cross_entropy, kernel)
+    block_v, num_warps = cross_entropy._block_v(V)
+    elem = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}[dtype]
+    types = {"x_ptr": f"*{elem}", "g_ptr": f"*{elem}", "t_ptr": "*i64", "V": "i32",
+             "ignore_index": "i64", "label_smoothing": "fp32", "z_loss": "fp32"}
+    constexprs = {k: v for k, v in (("HAS_SMOOTHING", False), ("BLOCK_V", block_v))
+                  if k in fn.arg_names}
+    signature = {n: "constexpr" if n in constexprs else types.get(n, "*fp32")
+                 for n in fn.arg_names}
+    aligned = [(i,) for i, n in enumerate(fn.arg_names)
+               if n.endswith("_ptr") or (n == "V" and V % 16 == 0)]
+    src = triton.compiler.ASTSource(fn=fn, signature=signature, constexprs=constexprs,
+                                    attrs={k: [["tt.divisibility", 16]] for k in aligned})
+    ptx = triton.compile(src, target=GPUTarget("cuda", arch, 32),
+                         options={"num_warps": num_warps}).asm["ptx"]
+    out = {}
+    for op in ("ld", "st"):
+        found = re.findall(rf"\b{op}\.global[.\w]*", ptx)
+        vector = sum(1 for f in found if re.search(r"\.v[24]\.", f))
+        out[f"{op}_vector"], out[f"{op}_scalar"] = vector, len(found) - vector
+    return out
 
 
 def run(args) -> list[dict]:

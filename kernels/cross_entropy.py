@@ -22,24 +22,73 @@ from fastlm.kernels import utils
 
 # ---------------------------------------------------------------------------------------------
 # Kernels
+#
+# Row layout. Row r of a contiguous (N, V) tensor starts at element r * V, so with an odd V (GPT-2's
+# 50257) most rows start off a 16-byte boundary and the compiler, unable to prove any alignment,
+# emits one scalar load per element. Each row is therefore split into
+#   head  the elements up to the next multiple of VEC elements (VEC = 16 bytes / element size),
+#   body  n_body elements from there, a multiple of VEC: aligned whenever the tensor's base is (a
+#         torch allocation is), so tl.multiple_of on its start and length lets the compiler use
+#         16-byte vector accesses (ld.global.v4.b32), and
+#   tail  the rest, fewer than VEC;
+# head and tail ("edges", < 2 * VEC elements) are read and written by one small masked block.
+# The hints hold for any base: they are about element offsets, and the compiler combines them
+# with the base pointer's own alignment (Triton specialises pointers on 16-byte divisibility).
+# PTX for sm_90, bf16, V = 50257 (BLOCK_V 2048, 8 warps), global accesses vector / scalar, as
+# bench.bench_cross_entropy.ptx_accesses counts them (tests/test_cross_entropy.py checks them):
+#   before: fwd loads 0 / 10; fused fwd+grad loads 0 / 19, stores 0 / 9
+#   after:  fwd loads 1 / 3;  fused fwd+grad loads 2 / 5,  stores 1 / 2 (the same as V = 50304;
+#           the scalars are the edges, the target column and the per-row values)
 @triton.jit
-def _row_lse(x_row, V, BLOCK_V: tl.constexpr, HAS_SMOOTHING: tl.constexpr):
-    """(lse, sum of x) of one row, float32; the sum only when HAS_SMOOTHING (else 0)."""
+def _row_split(row_start, V, VEC: tl.constexpr):
+    """(body_start, head, n_body) of the row whose first element is row_start (see above)."""
+    head = tl.minimum((VEC - row_start % VEC) % VEC, V)
+    n_body = tl.multiple_of((V - head) // VEC * VEC, VEC)
+    body_start = tl.multiple_of(row_start + head, VEC)
+    return body_start, head, n_body
+
+
+@triton.jit
+def _edge_cols(head, n_body, V, VEC: tl.constexpr):
+    """(cols, mask) of a row's head and tail, columns counted from the row's start: lanes
+    [0, VEC) are the head's candidates, lanes [VEC, 2 VEC) the tail's."""
+    lane = tl.arange(0, 2 * VEC)
+    cols = tl.where(lane < VEC, lane, head + n_body + lane - VEC)
+    return cols, tl.where(lane < VEC, lane < head, cols < V)
+
+
+@triton.jit
+def _lse_update(m, s, xs, x, mask, HAS_SMOOTHING: tl.constexpr):
+    """Fold a block x (masked lanes -inf) into the running max m, sum s of exp(x - m) and sum xs
+    of x (only when HAS_SMOOTHING)."""
+    m_new = tl.maximum(m, tl.max(x, axis=0))
+    # -inf while every logit so far is -inf (masked tokens): exp(-inf - -inf) would be NaN.
+    # Subtracting 0 instead adds exp(-inf) = 0 and keeps s = 0 until a finite logit comes.
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    s = s * tl.exp(m - m_safe) + tl.sum(tl.exp(x - m_safe), axis=0)
+    if HAS_SMOOTHING:
+        xs += tl.sum(tl.where(mask, x, 0.0), axis=0)
+    return m_new, s, xs
+
+
+@triton.jit
+def _row_lse(x_ptr, row_start, V, BLOCK_V: tl.constexpr, HAS_SMOOTHING: tl.constexpr):
+    """(lse, sum of x) of the row at x_ptr + row_start, float32; the sum only when HAS_SMOOTHING
+    (else 0)."""
+    VEC: tl.constexpr = 128 // x_ptr.dtype.element_ty.primitive_bitwidth
+    body_start, head, n_body = _row_split(row_start, V, VEC)
     cols = tl.arange(0, BLOCK_V)  # (BLOCK_V,)
     m = tl.full([], float("-inf"), tl.float32)  # running max
     s = tl.full([], 0.0, tl.float32)            # sum of exp(x - m)
     xs = tl.full([], 0.0, tl.float32)
-    for start in range(0, V, BLOCK_V):
-        mask = start + cols < V
-        x = tl.load(x_row + start + cols, mask=mask, other=float("-inf")).to(tl.float32)
-        m_new = tl.maximum(m, tl.max(x, axis=0))
-        # -inf while every logit so far is -inf (masked tokens): exp(-inf - -inf) would be NaN.
-        # Subtracting 0 instead adds exp(-inf) = 0 and keeps s = 0 until a finite logit comes.
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        s = s * tl.exp(m - m_safe) + tl.sum(tl.exp(x - m_safe), axis=0)
-        m = m_new
-        if HAS_SMOOTHING:
-            xs += tl.sum(tl.where(mask, x, 0.0), axis=0)
+    for start in range(0, n_body, BLOCK_V):
+        mask = start + cols < n_body
+        x = tl.load(x_ptr + body_start + start + cols, mask=mask,
+                    other=float("-inf")).to(tl.float32)
+        m, s, xs = _lse_update(m, s, xs, x, mask, HAS_SMOOTHING)
+    ecols, emask = _edge_cols(head, n_body, V, VEC)
+    x = tl.load(x_ptr + row_start + ecols, mask=emask, other=float("-inf")).to(tl.float32)
+    m, s, xs = _lse_update(m, s, xs, x, emask, HAS_SMOOTHING)
     return m + tl.log(s), xs
 
 
@@ -55,21 +104,33 @@ def _row_loss(x_row, target, ignore_index, lse, xs, V, label_smoothing, z_loss,
 
 
 @triton.jit
-def _row_grad(x_row, g_row, target, ignore_index, lse, dloss, V, label_smoothing, z_loss,
-              BLOCK_V: tl.constexpr):
-    """Writes dloss * dloss_row/dx into g_row (which may be x_row: each element is read before
-    the same program overwrites it)."""
+def _grad_of(x, cols, target, lse, a, b, c):
+    """a * p - b - c [col == target] for a block x at row columns cols (see the module doc)."""
+    return a * tl.exp(x - lse) - b - tl.where(cols == target, c, 0.0)
+
+
+@triton.jit
+def _row_grad(x_ptr, g_ptr, row_start, target, ignore_index, lse, dloss, V, label_smoothing,
+              z_loss, BLOCK_V: tl.constexpr):
+    """Writes dloss * dloss_row/dx of the row at x_ptr + row_start into g_ptr + row_start (g_ptr
+    may be x_ptr: each element is read before the same program overwrites it)."""
+    VEC: tl.constexpr = 128 // x_ptr.dtype.element_ty.primitive_bitwidth
+    body_start, head, n_body = _row_split(row_start, V, VEC)
     cols = tl.arange(0, BLOCK_V)
     ignored = target == ignore_index
     d = tl.where(ignored, 0.0, dloss)  # ignored rows: every term below vanishes
     a = d * (1.0 + 2.0 * z_loss * lse)
     b = d * label_smoothing / V
     c = d * (1.0 - label_smoothing)
-    for start in range(0, V, BLOCK_V):
-        mask = start + cols < V
-        x = tl.load(x_row + start + cols, mask=mask, other=0.0).to(tl.float32)
-        g = a * tl.exp(x - lse) - b - tl.where(start + cols == target, c, 0.0)
-        tl.store(g_row + start + cols, g.to(g_row.dtype.element_ty), mask=mask)
+    for start in range(0, n_body, BLOCK_V):
+        mask = start + cols < n_body
+        x = tl.load(x_ptr + body_start + start + cols, mask=mask, other=0.0).to(tl.float32)
+        g = _grad_of(x, head + start + cols, target, lse, a, b, c)
+        tl.store(g_ptr + body_start + start + cols, g.to(g_ptr.dtype.element_ty), mask=mask)
+    ecols, emask = _edge_cols(head, n_body, V, VEC)
+    x = tl.load(x_ptr + row_start + ecols, mask=emask, other=0.0).to(tl.float32)
+    g = _grad_of(x, ecols, target, lse, a, b, c)
+    tl.store(g_ptr + row_start + ecols, g.to(g_ptr.dtype.element_ty), mask=emask)
 
 
 @triton.jit
@@ -83,10 +144,9 @@ def _ce_fwd_kernel(
     BLOCK_V: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)  # one program per row; int64: N * V may pass 2**31
-    x_row = x_ptr + row * V
     target = tl.load(t_ptr + row)
-    lse, xs = _row_lse(x_row, V, BLOCK_V, HAS_SMOOTHING)
-    loss = _row_loss(x_row, target, ignore_index, lse, xs, V, label_smoothing, z_loss,
+    lse, xs = _row_lse(x_ptr, row * V, V, BLOCK_V, HAS_SMOOTHING)
+    loss = _row_loss(x_ptr + row * V, target, ignore_index, lse, xs, V, label_smoothing, z_loss,
                      HAS_SMOOTHING)
     tl.store(loss_ptr + row, loss)
     tl.store(lse_ptr + row, lse)
@@ -103,7 +163,7 @@ def _ce_bwd_kernel(
     BLOCK_V: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
-    _row_grad(x_ptr + row * V, g_ptr + row * V, tl.load(t_ptr + row), ignore_index,
+    _row_grad(x_ptr, g_ptr, row * V, tl.load(t_ptr + row), ignore_index,
               tl.load(lse_ptr + row), tl.load(dloss_ptr + row), V, label_smoothing, z_loss,
               BLOCK_V)
 
@@ -119,17 +179,16 @@ def _ce_fwd_grad_kernel(
     BLOCK_V: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
-    x_row = x_ptr + row * V
     target = tl.load(t_ptr + row)
-    lse, xs = _row_lse(x_row, V, BLOCK_V, HAS_SMOOTHING)
-    tl.store(loss_ptr + row, _row_loss(x_row, target, ignore_index, lse, xs, V, label_smoothing,
-                                       z_loss, HAS_SMOOTHING))
+    lse, xs = _row_lse(x_ptr, row * V, V, BLOCK_V, HAS_SMOOTHING)
+    tl.store(loss_ptr + row, _row_loss(x_ptr + row * V, target, ignore_index, lse, xs, V,
+                                       label_smoothing, z_loss, HAS_SMOOTHING))
     # The thread that stored the loss read x[target] first, but the warps run apart: without a
     # barrier the warp owning the target column may overwrite it with its gradient before that
     # read (the CUDA kernel's __syncthreads). tests/test_triton_aot.py checks the compiled order.
     tl.debug_barrier()
-    _row_grad(x_row, x_row, target, ignore_index, lse, tl.load(scale_ptr), V, label_smoothing,
-              z_loss, BLOCK_V)
+    _row_grad(x_ptr, x_ptr, row * V, target, ignore_index, lse, tl.load(scale_ptr), V,
+              label_smoothing, z_loss, BLOCK_V)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -375,3 +375,79 @@ def test_inplace_target_in_every_warp(device, backend, dtype):
         lowp = forward_backward(lambda x: F.cross_entropy(x, target, reduction="none"),
                                 lowp_copies([logits], dtype))
     compare_with_reference(f"{OP}[{backend}, targets in every warp]", dtype, ours, ref, lowp)
+
+
+# ---------------------------------------------------------------------------------------------
+# Rows off 16-byte boundaries. The Triton and CUDA kernels split each row into an unaligned head,
+# a body of 16-byte vectors and a tail: an odd V shifts every row's start, a storage offset the
+# tensor's. Targets at each row's first and last columns land in the head and the tail.
+ALIGN_VS = [1, 7, 37, 50257, 50304]
+INTERPRETER_ALIGN_ROWS = 2  # rows of the two large V under the interpreter (~1 s each)
+
+
+def misaligned(x, offset):
+    """x (N, V) copied to a contiguous tensor whose storage starts `offset` elements into its
+    buffer (differentiable: the gradient flows back to x)."""
+    flat = torch.cat([x.new_zeros(offset), x.reshape(-1)])
+    return flat[offset:].view(x.shape)
+
+
+@pytest.mark.parametrize("inplace", [False, True], ids=["normal", "inplace"])
+@pytest.mark.parametrize("offset", [0, 1, 3])
+@pytest.mark.parametrize("V", ALIGN_VS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("backend", ["cpu", "cuda", "triton"])
+def test_misaligned_rows(device, backend, dtype, V, offset, inplace):
+    require_backend(OP, backend, device)
+    big = V > INTERPRETER_MAX_V and backend == "triton" and device.type == "cpu"
+    if big and (offset == 3 or dtype == torch.float16):
+        pytest.skip("the interpreter runs the large V once per offset kind and 16-bit size")
+    N = INTERPRETER_ALIGN_ROWS if big else 9
+    logits, target = make_inputs(N, V, dtype, device)
+    target[0], target[-1] = 0, V - 1  # row 0's head, the last row's tail
+    kw = {"label_smoothing": 0.1, "z_loss": 1e-3}
+
+    def ours_fn(x):
+        x = misaligned(x, offset)
+        assert x.is_contiguous() and x.storage_offset() == offset
+        return ops.cross_entropy(x, target, reduction="none", backend=backend,
+                                 inplace_backward=inplace, **kw)
+
+    ours = forward_backward(ours_fn, [logits])
+    ref = forward_backward(lambda x: reference.cross_entropy(x, target, reduction="none", **kw),
+                           fp32_copies([logits]))
+    lowp = None
+    if dtype != torch.float32:
+        lowp = forward_backward(lambda x: reference.cross_entropy(x, target, reduction="none",
+                                                                  **kw), lowp_copies([logits], dtype))
+        lowp = (lowp[0], [g.to(dtype) for g in lowp[1]])  # the kernels store dtype gradients
+    compare_with_reference(f"{OP}[{backend}, V={V}, offset {offset}]", dtype, ours, ref, lowp)
+
+
+def test_triton_kernels_use_vector_accesses_for_odd_vocab():
+    """Compiled for sm_90 (no GPU needed), each Triton kernel reads and writes the logits of
+    GPT-2's odd V = 50257 with 16-byte vectors, exactly as it does for V = 50304 (a multiple of
+    16). Before the row split (kernels/cross_entropy.py) an odd V had no vector access at all:
+    bf16 fwd 0 vector / 10 scalar loads, fused fwd+grad 0 / 19 loads and 0 / 9 stores."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    pytest.importorskip("triton")
+    code = ("import json; from bench.bench_cross_entropy import TRITON_KERNELS, ptx_accesses; "
+            "print(json.dumps({f'{k} {d} {V}': ptx_accesses(k, d, V) for k in TRITON_KERNELS "
+            "for d in ('bfloat16', 'float32') for V in (50257, 50304)}))")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = subprocess.run([sys.executable, "-c", code], cwd=root, env=env, capture_output=True,
+                         text=True, timeout=600, check=False)
+    assert out.returncode == 0, out.stderr[-3000:]
+    counts = json.loads(out.stdout.strip().splitlines()[-1])
+    for key, c in counts.items():
+        kernel, dtype, V = key.split()
+        assert c["ld_vector"] >= 1, (key, c)
+        if kernel != "_ce_fwd_kernel":  # the backwards write the gradient row
+            assert c["st_vector"] >= 1, (key, c)
+        if V == "50257":
+            assert c == counts[f"{kernel} {dtype} 50304"], (key, c)
