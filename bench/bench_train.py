@@ -343,6 +343,11 @@ def time_to_reach(curve: list[tuple[int, float, float]], target: float) -> float
     return next((t for _step, t, loss in curve if loss <= target), None)
 
 
+def steps_to_reach(curve: list[tuple[int, float, float]], target: float) -> int | None:
+    """Optimizer steps until the first evaluation at or below target (None: never)."""
+    return next((step for step, _t, loss in curve if loss <= target), None)
+
+
 def add_time_to_fp32_loss(rows: list[dict], runs: dict[tuple[str, int], list[dict]]) -> None:
     """--vs-fp32: per thread count, the fp32 runs' median final val loss is the target; each
     row gets the median seconds its runs took to first reach it, and the fp32 row's time over
@@ -352,17 +357,34 @@ def add_time_to_fp32_loss(rows: list[dict], runs: dict[tuple[str, int], list[dic
         if not fp32 or not all("val_curve" in r for r in fp32):
             continue
         target = statistics.median(r["val_curve"][-1][2] for r in fp32)
-        times = {}
+        times, steps = {}, {}
         for (name, t), rs in runs.items():
             if t == threads and all("val_curve" in r for r in rs):  # fastlm's runs
                 reached = [time_to_reach(r["val_curve"], target) for r in rs]
                 times[name] = (statistics.median(reached) if None not in reached else None)
+                reached = [steps_to_reach(r["val_curve"], target) for r in rs]
+                steps[name] = (statistics.median(reached) if None not in reached else None)
         for r in rows:
             if r["threads"] == threads and r["provider"] in times:
                 r["fp32_target_val_loss"] = target
                 r["time_to_fp32_val_s"] = times[r["provider"]]
+                r["steps_to_fp32_val"] = steps[r["provider"]]
                 if times[r["provider"]] and times["fastlm-fp32"]:
                     r["speedup_at_fp32_val"] = times["fastlm-fp32"] / times[r["provider"]]
+
+
+def add_interleaved_speedup_at_fp32_loss(rows: list[dict]) -> None:
+    """Load-robust version of speedup_at_fp32_val: steps to the target times the interleaved
+    step time (the full runs are minutes apart on a shared machine; the interleaved steps are
+    not), fp32's over each row's."""
+    fp32 = {r["threads"]: r for r in rows if r["provider"] == "fastlm-fp32"}
+    for r in rows:
+        b = fp32.get(r["threads"])
+        if b and r.get("steps_to_fp32_val") and "interleaved_step_ms" in r \
+                and "interleaved_step_ms" in b:
+            r["interleaved_speedup_at_fp32_val"] = (
+                b["steps_to_fp32_val"] * b["interleaved_step_ms"]
+                / (r["steps_to_fp32_val"] * r["interleaved_step_ms"]))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -507,6 +529,7 @@ def summarize(runs: dict[tuple[str, int], list[dict]], args,
             r["interleaved_step_ms"] = steps[r["provider"]]
             if "nanogpt" in steps:
                 r["interleaved_speedup_vs_nanogpt"] = steps["nanogpt"] / steps[r["provider"]]
+    add_interleaved_speedup_at_fp32_loss(rows)
     return rows
 
 
@@ -545,8 +568,11 @@ def format_table(rows: list[dict]) -> str:
                 f"threads {r['threads']} {r['provider']} ({r['precision']}): fp32's final val "
                 f"loss {r['fp32_target_val_loss']:.4f} reached after "
                 + (f"{reached:.1f} s" if reached is not None else "never")
+                + (f" (step {r['steps_to_fp32_val']})" if reached is not None else "")
                 + (f", {r['speedup_at_fp32_val']:.2f}x fp32's time"
-                   if "speedup_at_fp32_val" in r else ""))
+                   if "speedup_at_fp32_val" in r else "")
+                + (f"; with the interleaved step times {r['interleaved_speedup_at_fp32_val']:.2f}x"
+                   if "interleaved_speedup_at_fp32_val" in r else ""))
     return "\n".join(lines)
 
 

@@ -185,6 +185,10 @@ def test_bench_train_times_each_run_to_the_fp32_runs_final_val_loss():
     assert [r["time_to_fp32_val_s"] for r in rows] == [40.0, 20.0, None]
     assert rows[1]["speedup_at_fp32_val"] == 2.0 and rows[0]["speedup_at_fp32_val"] == 1.0
     assert "speedup_at_fp32_val" not in rows[2] and rows[2]["fp32_target_val_loss"] == 2.0
+    assert [r["steps_to_fp32_val"] for r in rows] == [100, 100, None]
+    rows[0]["interleaved_step_ms"], rows[1]["interleaved_step_ms"] = 30.0, 15.0
+    bt.add_interleaved_speedup_at_fp32_loss(rows)  # same steps, half the step time
+    assert rows[1]["interleaved_speedup_at_fp32_val"] == 2.0
 
 
 def test_bench_train_needs_nanogpt_unless_vs_fp32(capsys):
