@@ -1,205 +1,134 @@
-"""Ahead-of-time resource check of the Triton kernels: compile them for a GPU architecture
-without a GPU (triton.compile with a GPUTarget) and read what each configuration needs.
+"""Ahead-of-time resource check of every GPU kernel, without a GPU.
 
-For every attention autotune config, dtype and padded head dim: shared memory (the compiled
-kernel's metadata), registers and spilled bytes per thread (ptxas -v on the kernel's PTX, the
-ptxas Triton ships), against each architecture's limit. This is the check that would have caught
-configs that cannot launch on an A100 or H100 (issue 23, item 4) before any GPU ran them, and it
-checks kernels.attention.shared_memory_need, the estimate the autotuner prunes configs with.
+Triton: every launch fastlm's launchers can make (each block config their heuristics pick, each
+dtype, each autotune config) compiled with triton.compile for sm_80 (A100) and sm_90 (H100);
+shared memory from the compiled kernel, registers and spill bytes from ptxas -v. CUDA: every
+csrc/*/*_cuda.cu compiled by nvcc -Xptxas -v for both, one row per kernel instantiation.
 
-    python -m bench.aot_check                # table as markdown (bench/results/aot-attention.md)
-    python -m bench.aot_check --json out.json
+    python -m fastlm.bench.aot_check --ci --out bench/results/aot   # what CI runs
+    python -m fastlm.bench.aot_check --all --out DIR   # also compile the pruned attention configs
+    ... --cache ~/.cache/fastlm-aot   # reuse results of unchanged kernels (source-hash keyed)
 
-Run it with TRITON_INTERPRET unset: under the interpreter the kernels cannot be compiled (tests
-call it in a subprocess without the variable).
+--ci exits 1 if a configuration a launcher can pick spills registers, needs more shared memory
+than the architecture gives one block, or does not compile. Autotune configs that the kernel's
+pruner drops before launch are listed as pruned and not compiled (with --all they are compiled
+and shown, never failed). Writes triton.json/.md, cuda.json/.md and summary.json into --out.
+Run with TRITON_INTERPRET unset: interpreter functions cannot be compiled.
 """
 from __future__ import annotations
 
 import argparse
-import contextlib
+import datetime
 import json
 import os
-import re
 import subprocess
-import tempfile
-from typing import NamedTuple
+import sys
+import time
 
-import triton
-from triton.backends.compiler import GPUTarget
-
-# Shared memory one block may use (opt-in maximum), bytes: A100 (sm_80) and H100 (sm_90).
-ARCHS = {80: 163 * 1024, 90: 227 * 1024}
-TRITON_DTYPES = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
-ATTENTION_KERNELS = ("fwd", "dkdv", "dq")
-HEAD_DIMS = (16, 32, 64, 128, 256)  # BLOCK_D: head dims padded to a power of two >= 16
+from fastlm.bench.aot import check, report
+from fastlm.bench.aot.capture import ARCHS
+from fastlm.bench.aot.triton_cases import CASES
 
 
-class Resources(NamedTuple):
-    shared: int     # bytes of shared memory per block
-    registers: int  # per thread
-    spill: int      # bytes spilled per thread (stores)
-
-
-def _ptxas_usage(ptx: str, arch: int) -> tuple[int, int]:
-    """(registers, spill store bytes) per thread from ptxas -v on the kernel's PTX."""
-    from triton.backends.nvidia.compiler import get_ptxas
-
-    ptxas = get_ptxas(arch).path
-    with tempfile.TemporaryDirectory() as tmp:
-        path = os.path.join(tmp, "k.ptx")
-        with open(path, "w") as f:
-            f.write(ptx)
-        suffix = "a" if arch == 90 else ""
-        out = subprocess.run([ptxas, f"-arch=sm_{arch}{suffix}", "-v", path, "-o",
-                              os.path.join(tmp, "k.cubin")], capture_output=True, text=True,
-                             check=True).stderr
-    regs = int(re.search(r"Used (\d+) registers", out).group(1))
-    spill = int(re.search(r"(\d+) bytes spill stores", out).group(1))
-    return regs, spill
-
-
-@contextlib.contextmanager
-def _no_cubin():
-    """Stop triton.compile at PTX: shared memory is known by then (metadata), and ptxas, which
-    takes minutes on the spilling fp32 kernels, runs only where registers are asked for."""
-    if os.environ.get("TRITON_INTERPRET") == "1":
-        raise RuntimeError("bench.aot_check compiles kernels: unset TRITON_INTERPRET")
-    from triton.backends.nvidia.compiler import CUDABackend
-
-    make_cubin = CUDABackend.make_cubin
-    CUDABackend.make_cubin = lambda self, src, metadata, opt, capability: b""
+def _commit() -> str:
     try:
-        yield
-    finally:
-        CUDABackend.make_cubin = make_cubin
-
-
-def compile_attention(kernel: str, dtype: str, block_d: int, config: triton.Config,
-                      arch: int, usage: bool = True) -> Resources:
-    """Compile one attention kernel (fwd, dkdv or dq) for sm_<arch> as the launcher would call
-    it on a GPU (causal, no window, head dim = BLOCK_D); usage=False skips ptxas (registers and
-    spills read as -1)."""
-    from fastlm.kernels import attention
-
-    fn = {"fwd": attention._attention_fwd_kernel, "dkdv": attention._attention_bwd_dkdv_kernel,
-          "dq": attention._attention_bwd_dq_kernel}[kernel].fn
-    ty = TRITON_DTYPES[dtype]
-    fp32 = dtype == "float32"
-    signature, constexprs = {}, {
-        "CAUSAL": True, "HAS_WINDOW": False, "TO_F32": fp32,
-        "PRECISION": "ieee" if fp32 else "tf32", "BLOCK_D": block_d, **config.kwargs}
-    for name in fn.arg_names:
-        if name in constexprs:
-            signature[name] = "constexpr"
-        elif name.endswith("_ptr"):
-            signature[name] = "*fp32" if name in ("lse_ptr", "delta_ptr") else f"*{ty}"
-        elif name in ("qk_scale", "sm_scale"):
-            signature[name] = "fp32"
-        else:
-            signature[name] = "i32"
-    # Pointers 16-byte aligned and D a multiple of 16, as torch allocations and common head
-    # dims give: the specialisation a real launch gets.
-    aligned = [(i,) for i, n in enumerate(fn.arg_names) if n.endswith("_ptr") or n == "D"]
-    src = triton.compiler.ASTSource(fn=fn, signature=signature, constexprs=constexprs,
-                                    attrs={k: [["tt.divisibility", 16]] for k in aligned})
-    with _no_cubin():
-        compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32),
-                                  options={"num_warps": config.num_warps,
-                                           "num_stages": config.num_stages})
-    regs, spill = _ptxas_usage(compiled.asm["ptx"], arch) if usage else (-1, -1)
-    return Resources(compiled.metadata.shared, regs, spill)
-
-
-def _elsize(dtype: str) -> int:
-    return 4 if dtype == "float32" else 2
-
-
-def check_survivors(block_d: int = 256, dtypes=("float32", "bfloat16")) -> list[dict]:
-    """For each arch, kernel and dtype at head dim block_d (the largest, where shared memory is
-    tightest): the config the pruner keeps with the least estimated need, compiled. Each row:
-    its compiled shared memory, the estimate and the arch's limit (shared <= estimate <= limit
-    is what the pruner relies on)."""
-    from fastlm.kernels import attention
-
-    rows = []
-    for arch, limit in ARCHS.items():
-        for kernel in ATTENTION_KERNELS:
-            configs = attention._configs("fwd" if kernel == "fwd" else "bwd", interpret=False)
-            for dtype in dtypes:
-                kept = attention.fitting_configs(kernel, configs, block_d, _elsize(dtype), limit)
-                config = min(kept, key=lambda c: attention.shared_memory_need(
-                    kernel, c, block_d, _elsize(dtype)))
-                res = compile_attention(kernel, dtype, block_d, config, arch, usage=False)
-                rows.append({"arch": arch, "kernel": kernel, "dtype": dtype,
-                             "config": str(config), "shared": res.shared, "limit": limit,
-                             "estimate": attention.shared_memory_need(
-                                 kernel, config, block_d, _elsize(dtype))})
-    return rows
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
+                              text=True, check=True, cwd=os.path.dirname(__file__)).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
 
 
 def cross_entropy_fused_ptx(dtype: str, block_v: int, num_warps: int, arch: int) -> str:
-    """PTX of the fused in-place cross-entropy kernel (loss, then gradient over the logits)."""
+    """PTX of the fused in-place cross-entropy kernel (loss, then gradient over the logits) as
+    its launcher compiles it for rows of block_v classes (tests read its barriers)."""
+    import torch
+    from fastlm.bench.aot.capture import Recorder
+    from fastlm.bench.aot.compile import compile_to_ptx
     from fastlm.kernels import cross_entropy
 
-    fn = cross_entropy._ce_fwd_grad_kernel
-    signature = {"x_ptr": f"*{TRITON_DTYPES[dtype]}", "t_ptr": "*i64", "loss_ptr": "*fp32",
-                 "scale_ptr": "*fp32", "V": "i32", "ignore_index": "i64",
-                 "label_smoothing": "fp32", "z_loss": "fp32", "HAS_SMOOTHING": "constexpr",
-                 "BLOCK_V": "constexpr"}
-    src = triton.compiler.ASTSource(fn=fn, signature=signature,
-                                    constexprs={"HAS_SMOOTHING": False, "BLOCK_V": block_v})
-    with _no_cubin():
-        compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32),
-                                  options={"num_warps": num_warps})
-    return compiled.asm["ptx"]
+    recorder = Recorder()
+    with recorder.active():
+        x = torch.randn(2, block_v).to(getattr(torch, dtype))
+        cross_entropy.cross_entropy_fwd_inplace_triton(x, torch.zeros(2, dtype=torch.long),
+                                                       torch.ones(()), -100, 0.0, 0.0)
+    launch = next(iter(recorder.launches))
+    assert launch.num_warps == num_warps, (launch.num_warps, num_warps)
+    return compile_to_ptx(launch, arch).asm["ptx"]
 
 
-def attention_table(archs=tuple(ARCHS), dtypes=("float32", "bfloat16"), head_dims=HEAD_DIMS,
-                    usage: bool = True) -> list[dict]:
-    """One row per (arch, kernel, dtype, BLOCK_D, config): compiled resources, the estimate the
-    pruner uses, and whether it fits the arch. fp16 compiles like bf16 (same sizes)."""
-    from fastlm.kernels import attention
+def run(out: str, all_configs: bool, processes: int, ops: tuple, cuda: bool,
+        cache: str | None = None) -> int:
+    import triton
+    from fastlm.bench.aot import cuda as cuda_aot
+    from fastlm.bench.aot import table
 
-    rows = []
-    for arch in archs:
-        for kernel in ATTENTION_KERNELS:
-            for config in attention._configs("fwd" if kernel == "fwd" else "bwd",
-                                             interpret=False):
-                for dtype in dtypes:
-                    for block_d in head_dims:
-                        res = compile_attention(kernel, dtype, block_d, config, arch, usage)
-                        rows.append(dict(
-                            arch=f"sm_{arch}", kernel=kernel, dtype=dtype, block_d=block_d,
-                            block_m=config.kwargs["BLOCK_M"], block_n=config.kwargs["BLOCK_N"],
-                            num_warps=config.num_warps, num_stages=config.num_stages,
-                            **res._asdict(), fits=res.shared <= ARCHS[arch],
-                            estimate=attention.shared_memory_need(
-                                kernel, config, block_d, _elsize(dtype))))
-                        print(rows[-1], flush=True)
-    return rows
+    os.makedirs(out, exist_ok=True)
+    start = time.perf_counter()
+    rows = table.triton_table(all_configs, processes, ops,
+                              log=lambda msg: print(msg, file=sys.stderr, flush=True),
+                              cache=cache)
+    triton_s = time.perf_counter() - start
+    cuda_rows, cuda_s = [], 0.0
+    if cuda:
+        start = time.perf_counter()
+        cuda_rows = cuda_aot.cuda_table(tuple(ARCHS), processes)
+        for r in cuda_rows:
+            r["limit"] = ARCHS[int(r["arch"][3:])]
+            r["status"] = check.verdict(int(r["arch"][3:]), r["shared"], r["spill"])
+        cuda_s = time.perf_counter() - start
+    failed = check.failures(rows) + check.failures(cuda_rows)
+    summary = dict(
+        date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        commit=_commit(), triton_version=triton.__version__,
+        nvcc_version=cuda_aot.nvcc_version() if cuda else None,
+        archs=[f"sm_{a}" for a in ARCHS], limits={f"sm_{a}": v for a, v in ARCHS.items()},
+        processes=processes, cpu_count=os.cpu_count(), ops=list(ops), all_configs=all_configs,
+        cached=sum(1 for r in rows if r["seconds"] == 0.0 and r["registers"] is not None),
+        triton_seconds=round(triton_s), cuda_seconds=round(cuda_s),
+        triton=report.counts(rows), cuda=report.counts(cuda_rows), failures=len(failed))
+    for name, data in (("triton.json", rows), ("cuda.json", cuda_rows), ("summary.json", summary)):
+        with open(os.path.join(out, name), "w") as f:
+            json.dump(data, f, indent=1)
+            f.write("\n")
+    with open(os.path.join(out, "triton.md"), "w") as f:
+        f.write(report.triton_markdown(rows, summary))
+    with open(os.path.join(out, "cuda.md"), "w") as f:
+        f.write(report.cuda_markdown(cuda_rows, summary))
+    print(report.summary_markdown(summary))
+    for r in failed:
+        print(f"FAIL {r['arch']} {r['kernel']} {r.get('dtype', '')} {r.get('config', '')} "
+              f"{r['status']}: shared {r['shared']} B (limit {r['limit']}), spill {r['spill']} B "
+              f"{r.get('error', '')}", file=sys.stderr)
+    return 1 if failed else 0
 
 
-def markdown(rows: list[dict]) -> str:
-    head = ("| arch | kernel | dtype | BLOCK_D | M x N, warps, stages | shared KB | estimate KB "
-            "| fits | regs | spill B |\n|---|---|---|---|---|---|---|---|---|---|\n")
-    return head + "".join(
-        f"| {r['arch']} | {r['kernel']} | {r['dtype']} | {r['block_d']} | {r['block_m']} x "
-        f"{r['block_n']}, {r['num_warps']}, {r['num_stages']} | {r['shared'] / 1024:.0f} | "
-        f"{r['estimate'] / 1024:.0f} | {'yes' if r['fits'] else 'NO'} | {r['registers']} | "
-        f"{r['spill']} |\n" for r in rows)
-
-
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--json", help="write the rows here as JSON")
-    parser.add_argument("--no-usage", action="store_true", help="skip ptxas (registers, spills)")
-    args = parser.parse_args()
-    rows = attention_table(usage=not args.no_usage)
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(rows, f, indent=1)
-    print(markdown(rows))
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m fastlm.bench.aot_check",
+                                     description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--ci", action="store_true",
+                        help="exit 1 on any spill, over-limit or compile error in a config a "
+                             "launcher can pick (the default verdict; the flag documents intent)")
+    parser.add_argument("--all", action="store_true", dest="all_configs",
+                        help="also compile the autotune configs the pruners drop")
+    parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "aot"))
+    parser.add_argument("--processes", type=int, default=2)
+    parser.add_argument("--ops", default=",".join(CASES),
+                        help=f"comma-separated subset of {', '.join(CASES)}")
+    parser.add_argument("--no-cuda", action="store_true", help="skip the nvcc part")
+    parser.add_argument("--cache", help="folder of earlier Triton results, keyed by a hash of "
+                        "each kernel's source, triton/ptxas versions and options (an edited "
+                        "kernel always recompiles); none by default")
+    args = parser.parse_args(argv)
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        parser.error("unset TRITON_INTERPRET: the check compiles the kernels for a GPU")
+    ops = tuple(o for o in args.ops.split(",") if o)
+    unknown = [o for o in ops if o not in CASES]
+    if unknown or args.processes < 1:
+        parser.error(f"unknown --ops {unknown} (known: {', '.join(CASES)})" if unknown
+                     else "--processes must be >= 1")
+    return run(args.out, args.all_configs, args.processes, ops, not args.no_cuda, args.cache)
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

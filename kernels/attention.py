@@ -37,25 +37,62 @@ LN2_C = tl.constexpr(LN2)
 
 
 # ---------------------------------------------------------------------------------------------
-# Block configs. GPU: candidates for Ampere (A100: 163 KB shared memory per block, 108 SMs) and
-# Hopper (H100: 227 KB, 132 SMs). Before timing them, the autotuner drops the ones whose shared
-# memory (shared_memory_need) exceeds the GPU's, so a launch never picks a config that cannot
-# run; the last two of each list are small enough for every dtype and head dim up to 256 on both
-# (fp32 at head dim 256 fits nothing else on an H100, bf16/fp16 at 256 little else on an A100;
-# tests/test_triton_aot.py checks this by compiling them for sm_80 and sm_90). Interpreter: one
-# config (no timing), 16 x 16 blocks so that small test shapes (T = 17, 128) cross several
-# blocks and their tails.
-def _configs(kind: str, interpret: bool = utils.INTERPRET) -> list:
+# Block configs, per kernel: (BLOCK_M, BLOCK_N, num_warps, num_stages) -> the padded head dims it
+# may run at, (lowest, highest), with 16-bit inputs and with float32 inputs (None: never). The
+# ranges are measured, not modelled: head dims at which the config compiles for both sm_80 and
+# sm_90 (Triton 3.6) without spilling registers, read from the ahead-of-time table
+# (bench/results/aot/triton.md); the CI run of that check (`python -m fastlm.bench.aot_check
+# --ci`) compiles every config these ranges keep and fails if one spills. What they encode:
+# 16-bit dots run on tensor cores with float32 accumulators of (BLOCK_M or BLOCK_N) x head dim
+# in registers, so big tiles stop at head dim 64-128 and 256 needs 8 warps or small tiles;
+# float32 dots take the ieee FMA path, whose operands live in registers too, so float32 gets
+# tiles of at most 32 x 32 scores (every 64 x 64 config spilled at head dim 64 and above, up to
+# 40 KB a thread). ptxas is not monotone in the head dim: a few small configs spill 8-20 bytes
+# at head dim 16 or 32 and not above, hence a lowest head dim too.
+# Before timing, the autotuner also drops configs whose shared memory (shared_memory_need)
+# exceeds the GPU's. Interpreter: one config (no timing), 16 x 16 blocks so that small test
+# shapes (T = 17, 128) cross several blocks and their tails.
+_HEAD_DIMS = {
+    "fwd": {
+        (128, 64, 4, 3): ((16, 64), None), (128, 64, 8, 3): ((16, 128), None),
+        (128, 128, 8, 3): ((16, 64), None), (64, 64, 4, 3): ((16, 128), None),
+        (128, 32, 4, 4): ((16, 128), None), (64, 128, 4, 3): ((16, 128), None),
+        (64, 64, 8, 2): ((16, 256), None), (64, 32, 8, 2): ((16, 256), None),
+        (32, 32, 4, 1): ((16, 256), None),
+        (16, 16, 4, 1): (None, (16, 256)), (16, 16, 8, 1): (None, (16, 256)),
+        (32, 16, 8, 1): (None, (16, 256))},
+    "dkdv": {
+        (64, 64, 4, 3): ((16, 32), None), (128, 64, 8, 2): ((16, 32), None),
+        (64, 32, 4, 3): ((16, 64), None), (32, 64, 8, 2): ((16, 128), None),
+        (64, 32, 8, 2): ((16, 128), None), (32, 32, 8, 2): ((16, 128), None),
+        (32, 32, 4, 2): ((16, 128), None), (16, 32, 4, 2): ((16, 256), None),
+        (16, 16, 8, 1): (None, (16, 128)), (32, 16, 4, 1): (None, (32, 256))},
+    "dq": {
+        (128, 64, 8, 2): ((16, 64), None), (64, 64, 4, 3): ((16, 64), None),
+        (64, 64, 8, 2): ((64, 256), None), (64, 32, 4, 3): ((16, 128), None),
+        (32, 64, 4, 3): ((16, 256), None), (32, 32, 4, 2): ((16, 256), None),
+        (32, 32, 4, 1): ((16, 256), None),
+        (16, 16, 8, 1): (None, (16, 256)), (32, 16, 8, 1): (None, (16, 256)),
+        (32, 32, 8, 1): (None, (16, 256))},
+}
+
+
+def _configs(kernel: str, interpret: bool = utils.INTERPRET) -> list:
+    """The autotune configs of kernel "fwd", "dkdv" or "dq", for every dtype: the pruner keeps
+    those whose head-dim range admits the call's dtype and head dim."""
     if interpret:
         return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16}, num_warps=4, num_stages=1)]
-    if kind == "fwd":
-        shapes = [(128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 3), (64, 64, 4, 3),
-                  (128, 32, 4, 4), (64, 128, 4, 3), (64, 32, 4, 2), (32, 32, 4, 1)]
-    else:  # the backward kernels hold more live tiles: smaller blocks
-        shapes = [(64, 64, 4, 3), (64, 64, 8, 2), (128, 64, 8, 2), (64, 128, 8, 2),
-                  (32, 64, 4, 3), (64, 32, 4, 3), (32, 32, 4, 2), (32, 32, 4, 1)]
     return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s)
-            for m, n, w, s in shapes]
+            for m, n, w, s in _HEAD_DIMS[kernel]]
+
+
+def runs_without_spilling(kernel: str, config, block_d: int, elsize: int) -> bool:
+    """Whether `config` of `kernel` was measured not to spill registers at padded head dim
+    block_d with elsize-byte inputs (see _HEAD_DIMS)."""
+    key = (config.kwargs["BLOCK_M"], config.kwargs["BLOCK_N"], config.num_warps,
+           config.num_stages)
+    dims = _HEAD_DIMS[kernel][key][1 if elsize == 4 else 0]
+    return dims is not None and dims[0] <= block_d <= dims[1]
 
 
 def shared_memory_need(kernel: str, config, block_d: int, elsize: int) -> int:
@@ -67,8 +104,8 @@ def shared_memory_need(kernel: str, config, block_d: int, elsize: int) -> int:
     tensor-core operands in shared memory too (fp32 takes the ieee FMA path: registers); one
     (BLOCK_M, BLOCK_N) tile (p or ds) is staged for the second dot; 1 KB for reductions.
     Fitted to Triton 3.6's compiled kernels for sm_80 and sm_90, exact for the larger dkdv
-    configs and above the rest (bench/results/aot-attention.md; tests/test_triton_aot.py
-    compiles the configs that survive at head dim 256 to check it).
+    configs and above the rest (the ahead-of-time table, bench/results/aot/triton.md, shows
+    both for every config).
     """
     m, n = config.kwargs["BLOCK_M"], config.kwargs["BLOCK_N"]
     streamed, held = (m, n) if kernel == "dkdv" else (n, m)
@@ -76,28 +113,29 @@ def shared_memory_need(kernel: str, config, block_d: int, elsize: int) -> int:
     return elsize * (block_d * per_d + m * n) + 1024
 
 
-def fitting_configs(kernel: str, configs: list, block_d: int, elsize: int, limit: int) -> list:
-    """The configs whose shared memory fits `limit` bytes; a clear error when none does."""
-    fits = [c for c in configs if shared_memory_need(kernel, c, block_d, elsize) <= limit]
-    if not fits:
-        least = min(shared_memory_need(kernel, c, block_d, elsize) for c in configs)
+def kept_configs(kernel: str, configs: list, block_d: int, elsize: int, limit: int) -> list:
+    """The configs that run without spilling registers at this head dim and dtype and whose
+    shared memory fits `limit` bytes; a clear error when none does."""
+    kept = [c for c in configs if runs_without_spilling(kernel, c, block_d, elsize)
+            and shared_memory_need(kernel, c, block_d, elsize) <= limit]
+    if not kept:
         raise RuntimeError(
             f"fastlm::attention (triton, {kernel}): no block configuration fits this GPU's "
-            f"shared memory for head dim {block_d} (padded) with {elsize}-byte inputs: the "
-            f"smallest needs {least // 1024} KB, the GPU has {limit // 1024} KB. Use a smaller "
-            "head dim, 16-bit inputs, or another backend (backend='torch').")
-    return fits
+            f"shared memory and registers for head dim {block_d} (padded) with {elsize}-byte "
+            f"inputs (the GPU has {limit // 1024} KB of shared memory per block). Use a "
+            "smaller head dim or another backend (backend='torch').")
+    return kept
 
 
 def _prune(kernel: str):
-    """early_config_prune for the autotuner of `kernel`: fitting_configs for the GPU of q."""
+    """early_config_prune for the autotuner of `kernel`: kept_configs for the GPU of q."""
     def prune(configs, named_args, **kwargs):
         q = named_args["q_ptr"]
         if q.device.type != "cuda":  # the interpreter: one config, no shared memory
             return configs
         props = triton.runtime.driver.active.utils.get_device_properties(q.device.index)
-        return fitting_configs(kernel, configs, kwargs["BLOCK_D"], q.element_size(),
-                               props["max_shared_mem"])
+        return kept_configs(kernel, configs, kwargs["BLOCK_D"], q.element_size(),
+                            props["max_shared_mem"])
     return {"early_config_prune": prune}
 
 
@@ -216,7 +254,7 @@ def _attention_bwd_delta_kernel(
     tl.store(delta_ptr + rows, tl.sum(o * do.to(tl.float32), axis=1), mask=rows < N)
 
 
-@triton.autotune(configs=_configs("bwd"), key=_KEY, prune_configs_by=_prune("dkdv"))
+@triton.autotune(configs=_configs("dkdv"), key=_KEY, prune_configs_by=_prune("dkdv"))
 @triton.jit
 def _attention_bwd_dkdv_kernel(
     q_ptr, k_ptr, v_ptr, do_ptr,  # as in the forward; do like q
@@ -283,7 +321,7 @@ def _attention_bwd_dkdv_kernel(
     tl.store(dv_ptr + out_off, dv.to(dv_ptr.dtype.element_ty), mask=kv_mask)
 
 
-@triton.autotune(configs=_configs("bwd"), key=_KEY, prune_configs_by=_prune("dq"))
+@triton.autotune(configs=_configs("dq"), key=_KEY, prune_configs_by=_prune("dq"))
 @triton.jit
 def _attention_bwd_dq_kernel(
     q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr,
