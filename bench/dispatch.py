@@ -218,9 +218,10 @@ def dispatch_line(op: str, rows_by_device: dict[str, list[str]]) -> str:
 def render(proposals: list[dict], rows: list[dict], sources: list[str]) -> str:
     env = next((r for r in timed(rows)), {})
     files = sources[0] if len(sources) == 1 else f"{len(sources)} files"
-    lines = [f"# Proposed from {files}: {len(timed(rows))} timed rows on "
-             f"{env.get('device', '?')} (torch {env.get('torch', '?')}, triton "
-             f"{env.get('triton', '?')}, commit {env.get('commit', '?')}, {env.get('date', '?')})"]
+    lines = [(f"# Proposed from {files}: {len(timed(rows))} timed rows on "
+              f"{env.get('device', '?')} (torch {env.get('torch', '?')}, triton "
+              f"{env.get('triton', '?')}, commit {env.get('commit', '?')}, "
+              f"{env.get('date', '?')})")]
     by_op: dict[str, list[dict]] = defaultdict(list)
     for p in proposals:
         by_op[p["op"]].append(p)

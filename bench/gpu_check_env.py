@@ -43,8 +43,8 @@ def environment(device: torch.device) -> dict:
         try:
             env["nvidia_smi"] = subprocess.run(
                 ["nvidia-smi", "--query-gpu=name,driver_version,memory.total,power.limit,"
-                 "clocks.max.sm", "--format=csv,noheader"], capture_output=True, text=True,
-                timeout=20).stdout.strip()
+                 + "clocks.max.sm", "--format=csv,noheader"], check=False, capture_output=True,
+                text=True, timeout=20).stdout.strip()
         except (OSError, subprocess.SubprocessError) as exc:
             env["nvidia_smi"] = f"not run: {exc}"
     else:

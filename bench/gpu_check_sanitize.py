@@ -20,10 +20,10 @@ import torch
 if not torch.cuda.is_available():  # before triton is imported (the CPU smoke run)
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-from fastlm import ops  # noqa: E402
-from fastlm.ops import reference  # noqa: E402
+from fastlm import ops
+from fastlm.ops import reference
 
-HYPER = dict(lr=3e-3, beta1=0.9, beta2=0.95, eps=1e-8, weight_decay=0.1)
+HYPER = {"lr": 3e-3, "beta1": 0.9, "beta2": 0.95, "eps": 1e-8, "weight_decay": 0.1}
 
 
 def randn(*shape, device, dtype=torch.float32, grad=True):
@@ -39,8 +39,8 @@ def grads_of(fn, inputs):
 
 def cases(device, dtype):
     """name -> (fastlm op taking backend=, reference, inputs)."""
-    x = lambda: randn(5, 1031, device=device, dtype=dtype)  # noqa: E731
-    w = lambda: randn(1031, device=device, dtype=dtype)  # noqa: E731
+    x = lambda: randn(5, 1031, device=device, dtype=dtype)
+    w = lambda: randn(1031, device=device, dtype=dtype)
     t = torch.randint(0, 1031, (5,), device=device)
     hidden, weight = randn(7, 40, device=device, dtype=dtype), randn(1031, 40, device=device,
                                                                      dtype=dtype)
@@ -99,7 +99,7 @@ def main(argv=None) -> int:
                     ok = err <= tol
                     print(f"case {name}/{b} {dtype}: max relative difference {err:.2e}"
                           f"{'' if ok else ' TOO LARGE'}", flush=True)
-                except Exception as exc:  # reported; the other kernels still run
+                except Exception as exc:  # noqa: BLE001 (reported; the other kernels still run)
                     ok = False
                     print(f"case {name}/{b} {dtype}: FAILED {type(exc).__name__}: {exc}",
                           flush=True)

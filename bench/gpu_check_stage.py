@@ -259,7 +259,8 @@ def _pytest(st: Stage, name: str, marker: str, select: list[str], timeout) -> No
 
 def _count(st: Stage, marker: str) -> int | None:
     out = subprocess.run([st.py, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--collect-only",
-                          "-m", marker, *KERNEL_TEST_FILES], cwd=REPO, capture_output=True,
+                          "-m", marker, *KERNEL_TEST_FILES], check=False, cwd=REPO,
+                         capture_output=True,
                          text=True, timeout=max(st.left(), 1))
     last = (out.stdout.strip().splitlines() or [""])[-1]  # "558/1941 tests collected (...)"
     st.log(f"=== tests -m '{marker}' would run: {last}")
@@ -376,23 +377,25 @@ def render_markdown(out: str) -> None:
             continue
         env = rec.get("environment") or {}
         lines += [f"## Stage {name}{' (smoke, CPU)' if rec.get('smoke') else ''}", "",
-                  f"started {rec.get('started')}, finished {rec.get('finished') or 'NOT (cut off)'}"
-                  f", {rec.get('seconds', '?')} s of a {rec.get('budget_s')} s budget", ""]
+                  (f"started {rec.get('started')}, finished "
+                   f"{rec.get('finished') or 'NOT (cut off)'}, {rec.get('seconds', '?')} s of a "
+                   f"{rec.get('budget_s')} s budget"), ""]
         if env:
-            lines += [f"device {env.get('device')}, capability {env.get('capability')}, torch "
-                      f"{env.get('torch')}, triton {env.get('triton')}, CUDA {env.get('cuda')}", ""]
+            lines += [(f"device {env.get('device')}, capability {env.get('capability')}, torch "
+                       f"{env.get('torch')}, triton {env.get('triton')}, CUDA {env.get('cuda')}"),
+                      ""]
         lines += ["| step | exit | seconds | note |", "|---|---|---|---|"]
         for s in rec.get("steps", []):
             note = s.get("skipped") or ("cut off" if s.get("timed_out") else "")
             lines.append(f"| {s['name']} | {s.get('rc')} | {s.get('seconds')} | {note} |")
         for t in rec.get("tests", []):
-            lines += ["", f"Tests `{t['selection']}`: {t.get('passed', 0)} passed, "
-                      f"{t.get('failed', 0)} failed, {t.get('error', 0)} errors, "
-                      f"{t.get('skipped', 0)} skipped {t.get('report', '')}"]
+            lines += ["", (f"Tests `{t['selection']}`: {t.get('passed', 0)} passed, "
+                           f"{t.get('failed', 0)} failed, {t.get('error', 0)} errors, "
+                           f"{t.get('skipped', 0)} skipped {t.get('report', '')}")]
             lines += [f"- FAILED {f['id']}: {f['message']}" for f in t.get("failures", [])[:30]]
         if rec.get("gpu_selection") is not None:
-            lines += ["", f"On a GPU, `-m 'gpu_subset and cuda'` selects {rec['gpu_selection']}"
-                      " tests"]
+            lines += ["", f"On a GPU, `-m 'gpu_subset and cuda'` selects {rec['gpu_selection']} "
+                      + "tests"]
         for s in rec.get("sanitizer", []) or []:
             tool = s["tool"] or "none (smoke: the cases on the CPU)"
             lines.append(f"- sanitizer {tool}: exit {s['rc']} {' '.join(s.get('summary') or [])}")
@@ -415,7 +418,8 @@ def render_markdown(out: str) -> None:
 
 
 def bench_table(rows: list[dict]) -> list[str]:
-    out = ["| op | shape | dtype | mode | provider | median ms | vs torch |", "|---|---|---|---|---|---|---|"]
+    out = ["| op | shape | dtype | mode | provider | median ms | vs torch |",
+           "|---|---|---|---|---|---|---|"]
     for r in rows:
         if "median_ms" in r:
             vs = r.get("speedup_vs_torch")
@@ -446,7 +450,7 @@ def main(argv=None) -> int:
     p.add_argument("--budget", type=float, default=None,
                    help="seconds for the stage (default 330: under 6 minutes with the start)")
     a = p.parse_args(argv)
-    budget = a.budget if a.budget is not None else float(os.environ.get("STAGE_BUDGET", 330))
+    budget = a.budget if a.budget is not None else float(os.environ.get("STAGE_BUDGET", "330"))
     if budget <= RESERVE_S:
         p.error(f"--budget must be more than {RESERVE_S} s, got {budget}")
     os.makedirs(a.out, exist_ok=True)
