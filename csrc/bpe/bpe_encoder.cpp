@@ -49,7 +49,7 @@ SpecialMatcher::Match SpecialMatcher::find(const uint8_t* s, size_t n, size_t fr
 Encoder::Encoder(std::vector<std::string> tokens, const std::vector<uint32_t>& special_ids,
                  Pattern pattern)
     : tokens_(std::move(tokens)), pattern_(pattern), by_bytes_(tokens_.size()),
-      pairs_(tokens_.size()) {
+      short_ids_(tokens_.size()), pairs_(tokens_.size()) {
   if (tokens_.size() >= kNoRank) throw std::invalid_argument("vocabulary too large");
   is_special_.assign(tokens_.size(), 0);
   for (uint32_t id : special_ids) {
@@ -73,6 +73,8 @@ Encoder::Encoder(std::vector<std::string> tokens, const std::vector<uint32_t>& s
       throw std::invalid_argument("tokens " + std::to_string(slot) + " and " + std::to_string(id) +
                                   " have the same bytes; every regular token must be unique");
     if (t.size() == 1) byte_id_[p[0]] = id;
+    if (t.size() <= ShortKeyTable::kMaxLen)
+      short_ids_.insert_if_absent(ShortKeyTable::pack(p, t.size(), t.size()), t.size(), id);
   }
   for (int b = 0; b < 256; ++b)
     if (byte_id_[b] == kNoRank)
@@ -88,7 +90,7 @@ Encoder::Encoder(std::vector<std::string> tokens, const std::vector<uint32_t>& s
       const uint32_t* a = by_bytes_.find(p, k);
       if (!a) continue;
       const uint32_t* b = by_bytes_.find(p + k, t.size() - k);
-      if (b) pairs_.get_or_insert(PairMap<uint32_t>::key(*a, *b), id);
+      if (b) pairs_.insert_if_absent(PairMap<uint32_t>::key(*a, *b), id);  // lowest id wins
     }
   }
 }
@@ -111,6 +113,18 @@ SpecialMatcher Encoder::matcher(const std::vector<uint32_t>& ids, bool all) cons
 
 void Encoder::encode(const uint8_t* s, size_t n, const SpecialMatcher& allowed,
                      const SpecialMatcher& disallowed, std::vector<uint32_t>* out) const {
+  PieceCache cache;
+  encode_cached(s, n, allowed, disallowed, out, &cache);
+}
+
+void Encoder::encode_ordinary(const uint8_t* s, size_t n, std::vector<uint32_t>* out) const {
+  PieceCache cache;
+  encode_ordinary_cached(s, n, out, &cache);
+}
+
+void Encoder::encode_cached(const uint8_t* s, size_t n, const SpecialMatcher& allowed,
+                            const SpecialMatcher& disallowed, std::vector<uint32_t>* out,
+                            PieceCache* cache) const {
   if (!disallowed.empty()) {
     SpecialMatcher::Match m = disallowed.find(s, n, 0);
     if (m.pos < n) {
@@ -124,31 +138,52 @@ void Encoder::encode(const uint8_t* s, size_t n, const SpecialMatcher& allowed,
   size_t pos = 0;
   while (true) {
     SpecialMatcher::Match m = allowed.find(s, n, pos);
-    encode_ordinary(s + pos, m.pos - pos, out);
+    encode_ordinary_cached(s + pos, m.pos - pos, out, cache);
     if (m.pos == n) break;
     out->push_back(m.id);
     pos = m.pos + m.len;
   }
 }
 
-void Encoder::encode_ordinary(const uint8_t* s, size_t n, std::vector<uint32_t>* out) const {
+void Encoder::encode_ordinary_cached(const uint8_t* s, size_t n, std::vector<uint32_t>* out,
+                                     PieceCache* cache) const {
   if (no_merges_) {
     for (size_t i = 0; i < n; ++i) out->push_back(byte_id_[s[i]]);
     return;
   }
-  split(pattern_, s, n, [&](size_t off, size_t len) { encode_piece(s + off, len, out); });
+  split(pattern_, s, n,
+        [&](size_t off, size_t len) { encode_piece(s + off, len, n - off, out, cache); });
 }
 
-void Encoder::encode_piece(const uint8_t* p, size_t n, std::vector<uint32_t>* out) const {
+void Encoder::encode_piece(const uint8_t* p, size_t n, size_t readable,
+                           std::vector<uint32_t>* out, PieceCache* cache) const {
   if (n == 1) {
     out->push_back(byte_id_[p[0]]);
     return;
   }
-  if (const uint32_t* id = by_bytes_.find(p, n)) {
-    out->push_back(*id);
-    return;
+  if (n <= ShortKeyTable::kMaxLen) {
+    if (const uint32_t* id = short_ids_.find(ShortKeyTable::pack(p, n, readable), n)) {
+      out->push_back(*id);
+      return;
+    }
   }
-  if (n <= 256) {
+  const uint64_t h = hash_bytes(p, n);  // one hash serves the vocabulary and the cache
+  if (n > ShortKeyTable::kMaxLen) {
+    if (const uint32_t* id = by_bytes_.find_hashed(p, n, h)) {
+      out->push_back(*id);
+      return;
+    }
+  }
+  if (n <= PieceCache::kMaxPieceBytes) {
+    size_t count = 0;
+    if (const uint32_t* ids = cache->find(p, n, h, &count)) {
+      out->insert(out->end(), ids, ids + count);
+      return;
+    }
+    const size_t before = out->size();
+    merge_short(p, n, out);
+    cache->insert(p, n, h, out->data() + before, out->size() - before);
+  } else if (n <= 256) {
     merge_short(p, n, out);
   } else {
     merge_long(p, n, out);
@@ -226,24 +261,27 @@ std::vector<std::vector<uint32_t>> Encoder::encode_batch(
     const SpecialMatcher& disallowed, int threads) const {
   std::vector<std::vector<uint32_t>> out(texts.size());
   int t = resolve_threads(threads, texts.size());
-  auto work = [&](size_t i) {
+  auto work = [&](size_t i, PieceCache* cache) {
     const auto* s = reinterpret_cast<const uint8_t*>(texts[i].data());
     out[i].reserve(texts[i].size() / 3 + 1);
-    encode(s, texts[i].size(), allowed, disallowed, &out[i]);
+    encode_cached(s, texts[i].size(), allowed, disallowed, &out[i], cache);
   };
   if (t <= 1) {
-    for (size_t i = 0; i < texts.size(); ++i) work(i);
+    PieceCache cache;
+    for (size_t i = 0; i < texts.size(); ++i) work(i, &cache);
     return out;
   }
-  // Dynamic scheduling in small blocks: texts vary a lot in length.
+  // Dynamic scheduling in small blocks: texts vary a lot in length. Each worker keeps its own
+  // piece cache across its texts.
   std::atomic<size_t> next{0};
   std::exception_ptr error;
   std::mutex error_mutex;
   auto worker = [&]() {
     try {
+      PieceCache cache;
       const size_t block = 16;
       for (size_t b = next.fetch_add(block); b < texts.size(); b = next.fetch_add(block))
-        for (size_t i = b; i < std::min(texts.size(), b + block); ++i) work(i);
+        for (size_t i = b; i < std::min(texts.size(), b + block); ++i) work(i, &cache);
     } catch (...) {
       std::lock_guard<std::mutex> lock(error_mutex);
       if (!error) error = std::current_exception();

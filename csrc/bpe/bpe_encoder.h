@@ -17,6 +17,7 @@
 #include <vector>
 
 #include "bpe/bpe_hash.h"
+#include "bpe/bpe_piece_cache.h"
 #include "bpe/bpe_split.h"
 
 namespace fastlm::bpe {
@@ -70,7 +71,8 @@ class Encoder {
               const SpecialMatcher& disallowed, std::vector<uint32_t>* out) const;
   // Encodes s as plain text: no special token is recognised.
   void encode_ordinary(const uint8_t* s, size_t n, std::vector<uint32_t>* out) const;
-  // Encodes each text on up to `threads` threads. Throws the first error any text raised.
+  // Encodes each text on up to `threads` threads (<= 0: all cores). Throws the first error any
+  // text raised.
   std::vector<std::vector<uint32_t>> encode_batch(const std::vector<std::string_view>& texts,
                                                   const SpecialMatcher& allowed,
                                                   const SpecialMatcher& disallowed,
@@ -80,12 +82,19 @@ class Encoder {
   std::string decode(const uint32_t* ids, size_t n) const;
 
  private:
-  void encode_piece(const uint8_t* p, size_t n, std::vector<uint32_t>* out) const;
+  // encode / encode_ordinary with the caller's piece cache (one per thread).
+  void encode_cached(const uint8_t* s, size_t n, const SpecialMatcher& allowed,
+                     const SpecialMatcher& disallowed, std::vector<uint32_t>* out,
+                     PieceCache* cache) const;
+  void encode_ordinary_cached(const uint8_t* s, size_t n, std::vector<uint32_t>* out,
+                              PieceCache* cache) const;
+  // `readable`: bytes that may be read at p (>= n; the rest of the text).
+  void encode_piece(const uint8_t* p, size_t n, size_t readable, std::vector<uint32_t>* out,
+                    PieceCache* cache) const;
   void merge_short(const uint8_t* p, size_t n, std::vector<uint32_t>* out) const;
   void merge_long(const uint8_t* p, size_t n, std::vector<uint32_t>* out) const;
   uint32_t pair_rank(uint32_t a, uint32_t b) const {
-    const uint32_t* r = pairs_.find(PairMap<uint32_t>::key(a, b));
-    return r ? *r : kNoRank;
+    return pairs_.find(PairMap<uint32_t>::key(a, b), kNoRank);
   }
 
   static constexpr uint32_t kNoRank = 0xFFFFFFFFu;
@@ -96,7 +105,8 @@ class Encoder {
   uint32_t byte_id_[256];
   bool no_merges_ = true;       // only single bytes: encoding is a byte lookup
   BytesMap<uint32_t> by_bytes_;  // regular token bytes -> id
-  PairMap<uint32_t> pairs_;      // (left id, right id) -> id of the concatenation (= its rank)
+  ShortKeyTable short_ids_;      // the same for tokens of up to 8 bytes (the fast path)
+  PairIdTable pairs_;            // (left id, right id) -> id of the concatenation (= its rank)
 };
 
 // Number of worker threads for `requested` (<= 0: all hardware threads) and `work_items`.

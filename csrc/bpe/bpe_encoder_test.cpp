@@ -64,6 +64,47 @@ int main() {
   auto batch = e.encode_batch(views, none, none, 3);
   for (size_t i = 0; i < texts.size(); ++i) BPE_CHECK(batch[i] == enc(e, texts[i]));
 
+  // The piece cache: hits return what was stored, over-long pieces are not kept, and past its
+  // entry bound it starts over (earlier pieces gone, new ones kept).
+  {
+    PieceCache cache;
+    auto key = [](uint32_t i) { return "w" + std::to_string(i); };
+    auto find = [&](const std::string& k, size_t* count) {
+      const auto* p = reinterpret_cast<const uint8_t*>(k.data());
+      return cache.find(p, k.size(), hash_bytes(p, k.size()), count);
+    };
+    auto insert = [&](const std::string& k, std::vector<uint32_t> ids) {
+      const auto* p = reinterpret_cast<const uint8_t*>(k.data());
+      cache.insert(p, k.size(), hash_bytes(p, k.size()), ids.data(), ids.size());
+    };
+    size_t count = 0;
+    BPE_CHECK(find("w0", &count) == nullptr);
+    for (uint32_t i = 0; i < PieceCache::kMaxEntries; ++i) insert(key(i), {i, i + 1});
+    const uint32_t* got = find(key(1234), &count);
+    BPE_CHECK(got && count == 2 && got[0] == 1234 && got[1] == 1235);
+    insert(std::string(PieceCache::kMaxPieceBytes + 1, 'x'), {1});
+    BPE_CHECK(find(std::string(PieceCache::kMaxPieceBytes + 1, 'x'), &count) == nullptr);
+    insert("new", {7});
+    BPE_CHECK(find(key(1234), &count) == nullptr);
+    got = find("new", &count);
+    BPE_CHECK(got && count == 1 && got[0] == 7);
+  }
+  // The short-key table packs the same bytes alike whether or not 8 bytes can be read.
+  {
+    const std::string s8 = "abcdefgh!!";
+    const auto* p = reinterpret_cast<const uint8_t*>(s8.data());
+    for (size_t n = 1; n <= ShortKeyTable::kMaxLen; ++n)
+      BPE_CHECK(ShortKeyTable::pack(p, n, n) == ShortKeyTable::pack(p, n, s8.size()));
+    ShortKeyTable t(4);
+    for (size_t n = 1; n <= ShortKeyTable::kMaxLen; ++n)
+      t.insert_if_absent(ShortKeyTable::pack(p, n, n), n, static_cast<uint32_t>(n));
+    for (size_t n = 1; n <= ShortKeyTable::kMaxLen; ++n) {
+      const uint32_t* v = t.find(ShortKeyTable::pack(p, n, s8.size()), n);
+      BPE_CHECK(v && *v == n);
+    }
+    BPE_CHECK(t.find(ShortKeyTable::pack(p + 1, 3, 3), 3) == nullptr);
+  }
+
   // Errors.
   threw = false;
   try {

@@ -186,4 +186,130 @@ class PairMap {
   size_t size_ = 0;
 };
 
+// Pair of token ids -> uint32, filled once and then only read: the encoder's merge table. Key and
+// value share a slot, so a probe touches one cache line (PairMap keeps keys, values and flags in
+// three arrays, which suits the trainer's large values but costs the encoder three misses).
+class PairIdTable {
+ public:
+  explicit PairIdTable(size_t expected = 16) {
+    bits_ = 4;
+    while ((size_t(1) << bits_) < 2 * expected) ++bits_;
+    slots_.assign(size_t(1) << bits_, Slot{kEmpty, 0});
+  }
+  size_t size() const { return size_; }
+
+  // Keeps the first value given for a key.
+  void insert_if_absent(uint64_t k, uint32_t v) {
+    if (2 * (size_ + 1) > slots_.size()) grow();
+    for (size_t i = index(k);; i = (i + 1) & (slots_.size() - 1)) {
+      if (slots_[i].key == k) return;
+      if (slots_[i].key == kEmpty) {
+        slots_[i] = Slot{k, v};
+        ++size_;
+        return;
+      }
+    }
+  }
+
+  // The value of key k, or `missing`.
+  uint32_t find(uint64_t k, uint32_t missing) const {
+    for (size_t i = index(k);; i = (i + 1) & (slots_.size() - 1)) {
+      if (slots_[i].key == k) return slots_[i].value;
+      if (slots_[i].key == kEmpty) return missing;
+    }
+  }
+
+ private:
+  // No pair of real ids packs to all ones: ids are below the vocabulary size, itself < 2^32 - 1.
+  static constexpr uint64_t kEmpty = ~0ull;
+  struct Slot {
+    uint64_t key;
+    uint32_t value;
+  };
+  // Fibonacci hashing: the top bits of key * 2^64/phi spread packed pairs well enough.
+  size_t index(uint64_t k) const { return (k * 0x9E3779B97F4A7C15ull) >> (64 - bits_); }
+  void grow() {
+    std::vector<Slot> old = std::move(slots_);
+    ++bits_;
+    slots_.assign(size_t(1) << bits_, Slot{kEmpty, 0});
+    size_ = 0;
+    for (const Slot& s : old)
+      if (s.key != kEmpty) insert_if_absent(s.key, s.value);
+  }
+
+  std::vector<Slot> slots_;
+  int bits_ = 4;
+  size_t size_ = 0;
+};
+
+// Byte strings of 1..8 bytes -> uint32, filled once and then only read: the encoder's lookup of a
+// whole piece in the vocabulary. Most pieces of text are that short; here the key is the bytes
+// themselves packed in a word, so a probe is one compare in one cache line (BytesMap also reads
+// the key from its arena, a second miss).
+class ShortKeyTable {
+ public:
+  static constexpr size_t kMaxLen = 8;
+
+  explicit ShortKeyTable(size_t expected = 16) {
+    bits_ = 4;
+    while ((size_t(1) << bits_) < 2 * expected) ++bits_;
+    slots_.assign(size_t(1) << bits_, Slot{0, 0, 0});
+  }
+
+  // The little-endian word of p[0, n), zero-padded; n <= 8. `readable` >= n bytes may be read at p.
+  static uint64_t pack(const uint8_t* p, size_t n, size_t readable) {
+    uint64_t w = 0;
+    if (readable >= 8) {
+      std::memcpy(&w, p, 8);
+      return n == 8 ? w : w & ((uint64_t(1) << (8 * n)) - 1);
+    }
+    std::memcpy(&w, p, n);
+    return w;
+  }
+
+  void insert_if_absent(uint64_t word, size_t n, uint32_t v) {
+    if (2 * (size_ + 1) > slots_.size()) grow();
+    for (size_t i = index(word, n);; i = (i + 1) & (slots_.size() - 1)) {
+      Slot& s = slots_[i];
+      if (s.len == n && s.word == word) return;
+      if (s.len == 0) {
+        s = Slot{word, static_cast<uint32_t>(n), v};
+        ++size_;
+        return;
+      }
+    }
+  }
+
+  // Pointer to the value of the n-byte key packed in word, or nullptr.
+  const uint32_t* find(uint64_t word, size_t n) const {
+    for (size_t i = index(word, n);; i = (i + 1) & (slots_.size() - 1)) {
+      const Slot& s = slots_[i];
+      if (s.len == n && s.word == word) return &s.value;
+      if (s.len == 0) return nullptr;
+    }
+  }
+
+ private:
+  struct Slot {
+    uint64_t word;
+    uint32_t len;  // 0: empty
+    uint32_t value;
+  };
+  size_t index(uint64_t word, size_t n) const {
+    return ((word ^ (uint64_t(n) << 59)) * 0x9E3779B97F4A7C15ull) >> (64 - bits_);
+  }
+  void grow() {
+    std::vector<Slot> old = std::move(slots_);
+    ++bits_;
+    slots_.assign(size_t(1) << bits_, Slot{0, 0, 0});
+    size_ = 0;
+    for (const Slot& s : old)
+      if (s.len) insert_if_absent(s.word, s.len, s.value);
+  }
+
+  std::vector<Slot> slots_;
+  int bits_ = 4;
+  size_t size_ = 0;
+};
+
 }  // namespace fastlm::bpe

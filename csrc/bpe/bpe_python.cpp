@@ -7,6 +7,7 @@
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+#include <algorithm>
 #include <memory>
 #include <string>
 #include <string_view>
@@ -53,11 +54,37 @@ std::string_view bytes_of(const py::bytes& b) {
   return std::string_view(data, static_cast<size_t>(size));
 }
 
+// Python ints for token ids, made once and shared (ints are immutable): building a list of ids
+// then costs a reference count per token instead of an allocation. Ids below kCachedIds are kept
+// for the life of the process (at most ~8 MB, for a 256k vocabulary); larger ones are made anew.
+// Touched only with the GIL held.
+constexpr uint32_t kCachedIds = 1u << 18;
+std::vector<PyObject*>& id_ints() {
+  static std::vector<PyObject*>* ints = new std::vector<PyObject*>();  // never freed, like the ints
+  return *ints;
+}
+
+PyObject* id_int(uint32_t id) {
+  if (id >= kCachedIds) return PyLong_FromUnsignedLong(id);
+  std::vector<PyObject*>& ints = id_ints();
+  if (id >= ints.size()) ints.resize(std::min<size_t>(kCachedIds, 2 * size_t(id) + 1), nullptr);
+  PyObject*& slot = ints[id];
+  if (!slot && !(slot = PyLong_FromUnsignedLong(id))) return nullptr;
+  Py_INCREF(slot);
+  return slot;
+}
+
 py::list to_list(const std::vector<uint32_t>& ids) {
   PyObject* list = PyList_New(static_cast<Py_ssize_t>(ids.size()));
   if (!list) throw py::error_already_set();
-  for (size_t i = 0; i < ids.size(); ++i)
-    PyList_SET_ITEM(list, static_cast<Py_ssize_t>(i), PyLong_FromUnsignedLong(ids[i]));
+  for (size_t i = 0; i < ids.size(); ++i) {
+    PyObject* v = id_int(ids[i]);
+    if (!v) {
+      Py_DECREF(list);
+      throw py::error_already_set();
+    }
+    PyList_SET_ITEM(list, static_cast<Py_ssize_t>(i), v);
+  }
   return py::reinterpret_steal<py::list>(list);
 }
 
