@@ -1,23 +1,34 @@
 """Generation benchmark: prefill and decode tokens/s of fastlm's KV-cache decoder against
-transformers' generate on the exported copy of the same model, and the server's aggregate
-streaming throughput.
+transformers' generate and llama.cpp on the exported copies of the same model, and the server's
+aggregate streaming throughput.
 
     python -m fastlm.bench.bench_generate [--preset gpt2-124m] [--batches 1,8] [--prompt 64]
-        [--new 32] [--server-clients 16] [--dtype float32] [--threads 1] [--clock cpu]
-        [--json PATH]
+        [--new 32] [--server-clients 16] [--dtype float32] [--threads 1,2] [--clock cpu]
+        [--llama-cpp auto|none|f32,f16,bf16,q8_0] [--json PATH]
 
 bench/results/cpu-amd-epyc/generate-gpt2-124m-<dtype>.json: --threads 1 --repeats 5 --clock
 cpu --server-clients 16 on the shared 2-core machine.
 
-Weights are random (speed does not depend on them); both sides run greedy in the same --dtype on
-the same device with the same thread count, their runs interleaved. fastlm's model is prepared
+Weights are random (speed does not depend on them); every provider runs greedy on the same
+prompts with the same thread count, their runs interleaved. fastlm's model is prepared
 as fastlm.generate.decode.load prepares it (CPU Linear weights packed, fastlm.packed_linear; --no-pack
-measures without); transformers runs its model as from_pretrained gives it. Method, identical
-for both providers: time a generation of 1 new token (= prefill + one sampling step) and one of
-1 + N new tokens, each the median of --repeats runs; prefill tokens/s = B * prompt / t(1),
-decode tokens/s = B * N / (t(1 + N) - t(1)). Subtracting t(1) leaves only the N cached decode
-steps. transformers runs with
-min_new_tokens = max_new_tokens so neither side stops early.
+measures without); transformers runs its model as from_pretrained gives it, in --dtype.
+
+llama.cpp (llama-cpp-python) runs fastlm's GGUF export (fastlm.export.gguf, f32) and the f16,
+bf16 and q8_0 files llama.cpp's own quantizer (llama_model_quantize) makes from it; its KV
+cache is kept in the weights' precision (f32, f16, bf16; f16 for q8_0). Equal precision:
+fastlm float32 = f32, bfloat16 = bf16, float16 = f16; q8_0 has no fastlm counterpart. It
+decodes through the low-level API: one context with n_seq_max = B, one llama_decode per step
+holding one token of each of the B sequences (the batched decoding of llama.cpp's
+llama-batched / server), the prompts' prefill as one llama_decode; greedy = argmax of the
+logits in numpy. llama_print_system_info() goes into every row: which CPU features the
+installed ggml build uses.
+
+Method, identical for every provider: time a generation of 1 new token (= prefill + one
+sampling step) and one of 1 + N new tokens, each the median of --repeats runs; prefill
+tokens/s = B * prompt / t(1), decode tokens/s = B * N / (t(1 + N) - t(1)). Subtracting t(1)
+leaves only the N cached decode steps. transformers runs with min_new_tokens = max_new_tokens
+so no provider stops early. Rows: one per (provider, precision, batch, threads).
 
 The server row starts fastlm.serve in-process on 127.0.0.1 (continuous batching, one slot per
 client) and counts the tokens that --server-clients concurrent streaming clients receive per
@@ -39,9 +50,10 @@ from fastlm.bench import utils
 
 from fastlm.config import model_preset
 from fastlm.export.hf import export_hf
-from fastlm.generate.decode import BatchDecoder, SamplingParams
+from fastlm.generate.decode import BatchDecoder, ContinuousDecoder, SamplingParams
 from fastlm.models.gpt import GPT
 from fastlm.models.packed_linear import pack_linears
+from fastlm.tokenizer import Tokenizer
 
 CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
 _clock = CLOCKS["wall"]
@@ -58,6 +70,23 @@ def fastlm_run(model: GPT, prompts: torch.Tensor, new: int):
         dec = BatchDecoder(model, prompts.tolist(), SamplingParams(max_new_tokens=new,
                                                                    temperature=0))
         while not dec.done:
+            dec.step()
+    return run
+
+
+def fastlm_continuous_run(model: GPT, prompts: torch.Tensor, new: int):
+    """The server's decoder: rows join one by one (each prefilled alone), then every step
+    decodes all of them together (fastlm.generate.decode.ContinuousDecoder), text streamed
+    through the byte tokenizer as a server's is (so only ids < 256 are drawn)."""
+    B, P = prompts.shape
+    rows = prompts.tolist()
+    tokenizer = Tokenizer.byte()
+
+    def run():
+        dec = ContinuousDecoder(model, tokenizer, B, P + new + 1)
+        for r, p in enumerate(rows):
+            dec.add(p, SamplingParams(max_new_tokens=new, temperature=0), r)
+        while dec.active:
             dec.step()
     return run
 
@@ -264,6 +293,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--llama-cpp", default="auto", help="GGUF types llama.cpp runs, comma "
                     f"separated from {', '.join(GGUF_TYPES)}; auto = the one of --dtype's "
                     "precision (f32 / bf16 / f16); none = skip llama.cpp")
+    ap.add_argument("--continuous", action="store_true", help="also fastlm's continuous-batching "
+                    "decoder (the server's), at batches > 1")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
                     help="weights and activations of fastlm and transformers")
@@ -327,6 +358,9 @@ def main(argv: list[str] | None = None) -> int:
             prompts = torch.randint(0, model.config.vocab_size, (B, args.prompt))
             makers = {"fastlm": lambda p, n: fastlm_run(model, p, n)}
             precision = {"fastlm": args.dtype}
+            if args.continuous and B > 1:
+                makers["fastlm.continuous"] = lambda p, n: fastlm_continuous_run(model, p, n)
+                precision["fastlm.continuous"] = args.dtype
             if hf is not None:
                 makers["transformers"] = lambda p, n: hf_run(hf, p.to(device), n)
                 precision["transformers"] = args.dtype
@@ -340,12 +374,14 @@ def main(argv: list[str] | None = None) -> int:
                 llm.close()
             ours = group[0]["decode_tokens_per_s"]
             for r in group:
-                r.update(engine=r["provider"].split("-")[0], precision=precision[r["provider"]],
+                engine = "fastlm" if r["provider"].startswith("fastlm") else r["provider"].split("-")[0]
+                r.update(engine=engine, precision=precision[r["provider"]],
                          threads=n_threads)
-                if r["provider"] != "fastlm":
+                if r["engine"] != "fastlm":
                     r["fastlm_decode_speedup"] = ours / r["decode_tokens_per_s"]
             if hf is not None:
-                group[0]["decode_speedup_vs_transformers"] = group[1]["fastlm_decode_speedup"]
+                group[0]["decode_speedup_vs_transformers"] = next(
+                    r["fastlm_decode_speedup"] for r in group if r["provider"] == "transformers")
             rows += group
     gguf_dir.cleanup()
     for r in rows:

@@ -65,15 +65,22 @@ def test_cpu_clock_needs_one_thread():
 
 def test_rows_per_engine_precision_batch_threads(tmp_path):
     path = tmp_path / "gen.json"
-    assert bench.main(["--preset", "tiny", "--batches", "1,2", "--prompt", "5", "--new", "8",
+    assert bench.main(["--preset", "tiny", "--batches", "1,2", "--prompt", "5", "--new", "16",
                        "--repeats", "1", "--server-clients", "0", "--no-hf", "--threads", "1",
-                       "--llama-cpp", "auto,q8_0", "--json", str(path)]) == 0
+                       "--llama-cpp", "auto,q8_0", "--continuous", "--json", str(path)]) == 0
     rows = json.loads(path.read_text())
     keys = {(r["engine"], r["precision"].split()[0], r["batch"], r["threads"]) for r in rows}
     assert keys == {(e, p, b, 1) for b in (1, 2) for e, p in
                     [("fastlm", "float32"), ("llama.cpp", "f32"), ("llama.cpp", "q8_0")]}
+    assert [r["batch"] for r in rows if r["provider"] == "fastlm.continuous"] == [2]
     for r in rows:
-        assert r["decode_tokens_per_s"] > 0 and r["prefill_tokens_per_s"] > 0
+        assert r["prefill_tokens_per_s"] == pytest.approx(r["batch"] * 5 / r["t_first_s"])
+        if r["t_total_s"] > r["t_first_s"]:  # under load a 16-step difference can vanish
+            assert r["decode_tokens_per_s"] == pytest.approx(
+                r["batch"] * 16 / (r["t_total_s"] - r["t_first_s"]))
         assert r["llama_cpp"]["system_info"]  # what the ggml build runs, in every row
+    for r in rows:
         if r["engine"] == "llama.cpp":
-            assert r["fastlm_decode_speedup"] > 0
+            ours = next(o for o in rows if o["provider"] == "fastlm" and o["batch"] == r["batch"])
+            assert r["fastlm_decode_speedup"] == pytest.approx(
+                ours["decode_tokens_per_s"] / r["decode_tokens_per_s"], nan_ok=True)
