@@ -18,8 +18,10 @@ QUIET = [*TINY, "--sample.tokens=0", "--train.max_steps=2", "--eval.interval=2"]
 
 @pytest.fixture
 def fake_cpu(tmp_path, monkeypatch):
-    """fake_cpu(flags): /proc/cpuinfo as a CPU with these flags (None: no cpuinfo at all)."""
-    def make(flags: str | None):
+    """fake_cpu(flags, speedup): /proc/cpuinfo as a CPU with these flags (None: no cpuinfo at
+    all) whose bf16 matmuls measure `speedup` x fp32's."""
+    def make(flags: str | None, speedup: float = 2.0):
+        monkeypatch.setattr(precision, "cpu_bf16_speedup", lambda: speedup)
         path = tmp_path / "cpuinfo"
         if flags is None:
             path.unlink(missing_ok=True)
@@ -47,6 +49,24 @@ def test_auto_on_cpu_follows_the_bf16_flags(fake_cpu, flags, choice, why):
     fake_cpu(flags)
     got, reason = resolve_precision("auto", "cpu")
     assert got == choice and why in reason
+
+
+def test_auto_on_cpu_needs_bf16_measured_faster(fake_cpu):
+    """A CPU can report avx512_bf16 and still run bf16 matmuls slower (measured on this
+    project's 2-core Intel Xeon VM: 0.5x): then auto stays fp32 and says why."""
+    fake_cpu("avx512_bf16", speedup=0.5)
+    got, reason = resolve_precision("auto", "cpu")
+    assert got == "fp32" and "ran 0.50x fp32's speed" in reason
+    fake_cpu("avx512_bf16", speedup=2.5)
+    got, reason = resolve_precision("auto", "cpu")
+    assert (got, reason) == ("bf16", "auto: CPU has avx512_bf16, bf16 matmul 2.5x fp32 here")
+
+
+def test_cpu_bf16_speedup_is_measured_on_one_thread_and_leaves_threads_alone():
+    threads = torch.get_num_threads()
+    precision.cpu_bf16_speedup.cache_clear()
+    speedup = precision.cpu_bf16_speedup(n=64, reps=2)
+    assert speedup > 0 and torch.get_num_threads() == threads
 
 
 @pytest.mark.parametrize("capability, choice", [((7, 5), "fp32"), ((8, 0), "bf16"),
@@ -93,7 +113,7 @@ def test_default_run_logs_and_records_the_choice(tmp_path, corpus, fake_cpu, cap
     run_dir = tmp_path / "run"
     assert main([f"--data={corpus}", "--out", str(run_dir), *QUIET]) == 0
     out = capsys.readouterr().out
-    assert "bf16 (auto: CPU has avx512_bf16 (native bf16 matmuls))" in out
+    assert "bf16 (auto: CPU has avx512_bf16, bf16 matmul 2.0x fp32 here)" in out
     assert config_comment(run_dir).startswith("# train.precision: asked auto, chose bf16 (auto:")
     assert 'precision = "bf16"' in (run_dir / "config.toml").read_text()
     assert checkpoint.load(run_dir).manifest["config"]["train"]["precision"] == "bf16"
