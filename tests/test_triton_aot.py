@@ -180,3 +180,15 @@ def test_results_report_summarises_the_aot_check(tmp_path, monkeypatch):
     assert "## Ahead-of-time resource check" in text and "## aot" not in text
     assert "Triton: 2 kernel configurations (1 SPILL, 1 ok)" in text
     assert "failing (a config a launcher can pick" in text and ": 1" in text
+
+
+def test_only_ci_mode_fails_the_command(tmp_path, monkeypatch):
+    monkeypatch.setattr(aot_check, "run", lambda *a, **k: 1)  # a failing check
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    assert aot_check.main(["--ci", "--out", str(tmp_path)]) == 1
+    assert aot_check.main(["--out", str(tmp_path)]) == 0
+    with pytest.raises(SystemExit):
+        aot_check.main(["--ops", "nonsense"])
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    with pytest.raises(SystemExit):
+        aot_check.main(["--ci"])

@@ -9,6 +9,7 @@ from __future__ import annotations
 from fastlm.bench.aot.capture import ARCHS
 
 OK, SPILL, OVER, ERROR, PRUNED = "ok", "SPILL", "OVER-LIMIT", "ERROR", "pruned"
+NOT_COMPILED = "not compiled"  # only in a table written from the cache alone (--no-compile)
 FAILING = (SPILL, OVER, ERROR)
 
 

@@ -24,29 +24,32 @@ def _init() -> None:
 
 
 def _one(job: tuple[Launch, int, bool, str | None]
-         ) -> tuple[Launch, int, Resources | str, float]:
+         ) -> tuple[Launch, int, Resources | str, float | None, bool]:
     launch, arch, usage, cache = job
     start = time.perf_counter()
     path = os.path.join(cache, cache_key(launch, arch) + ".json") if cache else None
     if path and os.path.exists(path):
         with open(path) as f:
-            return launch, arch, Resources(*json.load(f)), 0.0
+            data = json.load(f)  # Resources, then the seconds its compile took
+        return launch, arch, Resources(*data[:4]), data[4] if len(data) > 4 else None, True
     try:
         res: Resources | str = compile_launch(launch, arch, usage)
     except Exception as exc:  # noqa: BLE001  (a failed compile is a table row, not a crash)
         return launch, arch, (f"{type(exc).__name__}: "
-                              f"{str(exc).splitlines()[0] if str(exc) else ''}")[:300], 0.0
+                              f"{str(exc).splitlines()[0] if str(exc) else ''}")[:300], None, False
+    seconds = time.perf_counter() - start
     if path and usage:
         with tempfile.NamedTemporaryFile("w", dir=cache, delete=False) as f:
-            json.dump(list(res), f)
+            json.dump([*res, round(seconds, 2)], f)
         os.replace(f.name, path)
-    return launch, arch, res, time.perf_counter() - start
+    return launch, arch, res, seconds, False
 
 
 def compile_all(jobs: Iterable[tuple[Launch, int, bool]], processes: int = 2,
-                cache: str | None = None) -> Iterator[tuple[Launch, int, Resources | str, float]]:
-    """(launch, arch, usage) jobs -> (launch, arch, Resources or the compile error, seconds;
-    0 when read from `cache`), in the jobs' order."""
+                cache: str | None = None
+                ) -> Iterator[tuple[Launch, int, Resources | str, float | None, bool]]:
+    """(launch, arch, usage) jobs -> (launch, arch, Resources or the compile error, seconds the
+    compile took (None if unknown), whether it was read from `cache`), in the jobs' order."""
     if cache:
         os.makedirs(cache, exist_ok=True)
     with ProcessPoolExecutor(processes, initializer=_init) as pool:

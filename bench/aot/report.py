@@ -33,7 +33,11 @@ def summary_markdown(s: dict) -> str:
         f"{s['processes']} processes on a {s['cpu_count']}-CPU machine"
         + (" (--all: pruned configs compiled too)" if s["all_configs"] else ""),
         line("Triton", s["triton"], s["triton_seconds"])
-        + (f" ({s['cached']} read from the source-hash cache)" if s.get("cached") else ""),
+        + (f" (the compiles alone: {s['compile_seconds']} s of one core)"
+           if s.get("compile_seconds") else "")
+        + (f" ({s['cached']} read from the source-hash cache)" if s.get("cached") else "")
+        + (f"; PARTIAL: {s['not_compiled']} not compiled in this run"
+           if s.get("not_compiled") else ""),
         line("CUDA", s["cuda"], s["cuda_seconds"]),
         f"- failing (a config a launcher can pick that spills, exceeds shared memory or does "
         f"not compile): {s['failures']}", ""])

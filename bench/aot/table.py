@@ -2,11 +2,12 @@
 sm_80 and sm_90, and turn the results into rows with a verdict."""
 from __future__ import annotations
 
+import os
 import time
 
 from fastlm.bench.aot import check
 from fastlm.bench.aot.capture import ARCHS, Launch, Recorder
-from fastlm.bench.aot.compile import Resources
+from fastlm.bench.aot.compile import Resources, cache_key
 from fastlm.bench.aot.pool import compile_all
 from fastlm.bench.aot.triton_cases import CASES
 
@@ -53,7 +54,7 @@ def describe(launch: Launch) -> dict:
 
 
 def make_row(arch: int, desc: dict, res: Resources | str, pruned: bool,
-             seconds: float) -> dict:
+             seconds: float | None, cached: bool = False) -> dict:
     """A table row from a compile's Resources (or its error message), with its verdict."""
     error = res if isinstance(res, str) else None
     row = dict(arch=f"sm_{arch}", **desc, shared=None if error else res.shared,
@@ -62,14 +63,16 @@ def make_row(arch: int, desc: dict, res: Resources | str, pruned: bool,
     row["status"] = check.verdict(arch, row["shared"], row["spill"], error, pruned)
     if error:
         row["error"] = error
-    row["seconds"] = round(seconds, 2)
+    row["seconds"] = None if seconds is None else round(seconds, 2)  # of its compile
+    row["cached"] = cached
     return row
 
 
 def triton_table(all_configs: bool = False, processes: int = 2, ops=tuple(CASES),
-                 log=print, cache: str | None = None) -> list[dict]:
+                 log=print, cache: str | None = None, no_compile: bool = False) -> list[dict]:
     """One row per (launch, arch). Pruned autotune configs are compiled only with
-    all_configs (to see what they would need); the CI verdict ignores them either way."""
+    all_configs (to see what they would need); the CI verdict ignores them either way.
+    no_compile: rows only for what `cache` holds, the rest listed as not compiled."""
     recorder = record(ops)
     jobs, rows = [], []
     for launch in recorder.launches:
@@ -78,19 +81,32 @@ def triton_table(all_configs: bool = False, processes: int = 2, ops=tuple(CASES)
             if pruned and not all_configs:
                 rows.append(dict(arch=f"sm_{arch}", **describe(launch), shared=None,
                                  limit=ARCHS[arch], registers=None, spill=None, stack=None,
-                                 status=check.PRUNED, seconds=0.0))
+                                 status=check.PRUNED, seconds=None, cached=False))
             else:
                 jobs.append((launch, arch, True))
     for launch, arch in recorder.none_kept:
         rows.append(dict(arch=f"sm_{arch}", **describe(launch), shared=None, limit=ARCHS[arch],
                          registers=None, spill=None, stack=None, status=check.ERROR,
-                         error="the pruner keeps no config for this call", seconds=0.0))
+                         error="the pruner keeps no config for this call", seconds=None,
+                         cached=False))
+    if no_compile:  # the table from the cache alone: what is not in it is listed, not compiled
+        kept = []
+        for launch, arch, usage in jobs:
+            path = os.path.join(cache, cache_key(launch, arch) + ".json")
+            if os.path.exists(path):
+                kept.append((launch, arch, usage))
+            else:
+                rows.append(dict(arch=f"sm_{arch}", **describe(launch), shared=None,
+                                 limit=ARCHS[arch], registers=None, spill=None, stack=None,
+                                 status=check.NOT_COMPILED, seconds=None, cached=False))
+        jobs = kept
     log(f"{len(recorder.launches)} launches recorded; compiling {len(jobs)} for "
         f"sm_{'/sm_'.join(map(str, ARCHS))} on {processes} processes")
     start = time.perf_counter()
-    for i, (launch, arch, res, seconds) in enumerate(compile_all(jobs, processes, cache)):
+    for i, (launch, arch, res, seconds, cached) in enumerate(
+            compile_all(jobs, processes, cache)):
         row = make_row(arch, describe(launch), res, arch in recorder.pruned.get(launch, ()),
-                       seconds)
+                       seconds, cached)
         rows.append(row)
         if (i + 1) % 100 == 0 or row["status"] in check.FAILING:
             log(f"[{i + 1}/{len(jobs)} {time.perf_counter() - start:.0f} s] {row['arch']} "

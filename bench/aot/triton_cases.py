@@ -29,7 +29,8 @@ def row_sizes() -> list[int]:
     for k in range(1, int(math.log2(top)) + 1):
         p = 2 ** k
         sizes |= {p, p // 2 + 1}
-    return sorted(sizes | {top + 16, top + 1})
+    return sorted(sizes | {top + 16, top + 1}, reverse=True)  # the biggest blocks (most
+    # registers) first: a run cut short has compiled the likeliest spills
 
 
 def _rows(n: int, c: int, dtype) -> torch.Tensor:
