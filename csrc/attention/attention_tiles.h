@@ -212,6 +212,47 @@ static inline float masked_row_max(const float* s, int64_t lo, int64_t hi, float
   return hmax(mx);
 }
 
+// Causal tiles: a query row sees keys [tlo[r], thi[r]) of the tile, thi growing with the row,
+// so the products over keys run per group of RG rows over the keys the group's last row sees
+// (the rest of the tile is masked to 0 anyway); on the diagonal tile that skips ~3/8 of the work.
+constexpr int64_t RG = 16;  // a multiple of every micro-kernel's row count
+
+// Columns (keys) rows [0, r_last] need as a GEMM's N: thi[r_last] rounded up to whole vectors.
+static inline int64_t group_cols(const int64_t* thi, int64_t r_last) {
+  return std::min<int64_t>(BC, (thi[r_last] + VW - 1) / VW * VW);
+}
+
+// S (rows, BC) += A (rows, K) B (K, BC) with row group g only over its group_cols: q k^T, dO v^T.
+static void gemm_keys_cols(int64_t rows, int64_t K, const float* A, int64_t lda, const float* B,
+                           float* S, const int64_t* thi) {
+  for (int64_t g = 0; g < rows; g += RG) {
+    const int64_t gr = std::min(RG, rows - g);
+    gemm_acc(gr, group_cols(thi, g + gr - 1), K, A + g * lda, lda, B, BC, S + g * BC, BC);
+  }
+}
+
+// C (rows, N) += P (rows, BC) X (BC, N) with row group g only over the keys it sees: P v, dS k.
+static void gemm_keys_inner(int64_t rows, int64_t N, const float* P, const float* X, int64_t ldx,
+                            float* C, int64_t ldc, const int64_t* thi) {
+  for (int64_t g = 0; g < rows; g += RG) {
+    const int64_t gr = std::min(RG, rows - g);
+    gemm_acc(gr, N, thi[g + gr - 1], P + g * BC, BC, X, ldx, C + g * ldc, ldc);
+  }
+}
+
+// C (BC, N) += P^T (BC, rows) X (rows, N), key group by key group, each only over the rows that
+// see one of its keys (those from the first row whose thi passes the group's first key): P^T dO,
+// dS^T q.
+static void gemm_keys_outer(int64_t rows, int64_t N, const float* P, const float* X, int64_t ldx,
+                            float* C, int64_t ldc, const int64_t* thi) {
+  int64_t k0 = 0;
+  for (int64_t kg = 0; kg < BC; kg += RG) {
+    while (k0 < rows && thi[k0] <= kg) ++k0;
+    if (k0 == rows) break;
+    gemm_acc<true>(RG, N, rows - k0, P + k0 * BC + kg, BC, X + k0 * ldx, ldx, C + kg * ldc, ldc);
+  }
+}
+
 // Forward of one head. q (Tq, D), k and v (Tk, D) -> out (Tq, D), each with its own row stride,
 // and lse (Tq,) natural-log log-sum-exp of the scaled scores (-inf, with out 0, for a query
 // that sees no key).
@@ -241,13 +282,15 @@ static void forward_head(Rows q, Rows k, Rows v, float* out, int64_t ldo, float*
         std::fill(kt.data() + d * BC + cols, kt.data() + (d + 1) * BC, 0.f);
       const float* vt = tile_rows(v, j0, cols, D, vbuf.data(), BC, &ldv);
 
-      std::fill(s.begin(), s.end(), 0.f);
-      gemm_acc(rows, BC, D, qt, ldq, kt.data(), BC, s.data(), BC);  // (rows, BC) = q k^T
-      // Online softmax: new running max, rescale what was accumulated under the old one.
-      float sub[BR];
       for (int64_t r = 0; r < rows; ++r) {
         tlo[r] = std::clamp<int64_t>(lo[r] - j0, 0, BC);
         thi[r] = std::clamp<int64_t>(hi[r] - j0, 0, BC);
+      }
+      std::fill(s.begin(), s.end(), 0.f);
+      gemm_keys_cols(rows, D, qt, ldq, kt.data(), s.data(), thi);  // (rows, BC) = q k^T
+      // Online softmax: new running max, rescale what was accumulated under the old one.
+      float sub[BR];
+      for (int64_t r = 0; r < rows; ++r) {
         const float mx = masked_row_max(s.data() + r * BC, tlo[r], thi[r], c);
         const float m_new = std::max(m[r], mx);
         if (m_new != kNegInf && m_new != m[r]) {
@@ -264,7 +307,7 @@ static void forward_head(Rows q, Rows k, Rows v, float* out, int64_t ldo, float*
         for (int64_t j = 0; j < BC; j += VW) sum += loadu(s.data() + r * BC + j);
         l[r] += hsum(sum);
       }
-      gemm_acc(rows, D, BC, s.data(), BC, vt, ldv, acc.data(), D);  // (rows, D) += p v
+      gemm_keys_inner(rows, D, s.data(), vt, ldv, acc.data(), D, thi);  // (rows, D) += p v
     }
     for (int64_t r = 0; r < rows; ++r) {
       const float inv = l[r] > 0.f ? 1.0f / l[r] : 0.f;
@@ -324,11 +367,11 @@ static void backward_head(Rows q, Rows k, Rows v, Rows out, Rows dout, const flo
         thi[r] = std::clamp<int64_t>(hi[i0 + r] - j0, 0, BC);
       }
       std::fill(p.begin(), p.end(), 0.f);
-      gemm_acc(rows, BC, D, qi, ldq, kt.data(), BC, p.data(), BC);  // raw scores q k^T
+      gemm_keys_cols(rows, D, qi, ldq, kt.data(), p.data(), thi);  // raw scores q k^T
       masked_exp2(p.data(), tlo, thi, rows, c, lse2.data() + i0);  // P
-      gemm_acc<true>(BC, D, rows, p.data(), BC, doi, lddo, dvt.data(), D);  // dV += P^T dO
+      gemm_keys_outer(rows, D, p.data(), doi, lddo, dvt.data(), D, thi);  // dV += P^T dO
       std::fill(dp.begin(), dp.end(), 0.f);
-      gemm_acc(rows, BC, D, doi, lddo, vt.data(), BC, dp.data(), BC);  // dP = dO V^T
+      gemm_keys_cols(rows, D, doi, lddo, vt.data(), dp.data(), thi);  // dP = dO V^T
       for (int64_t r = 0; r < rows; ++r) {  // dS = P * (dP - delta), into dp
         const vf dl = splat(delta[i0 + r]);
         for (int64_t j = 0; j < BC; j += VW) {
@@ -336,8 +379,8 @@ static void backward_head(Rows q, Rows k, Rows v, Rows out, Rows dout, const flo
           storeu(x, loadu(p.data() + r * BC + j) * (loadu(x) - dl));
         }
       }
-      gemm_acc(rows, D, BC, dp.data(), BC, kj, ldk, dq + i0 * lddq, lddq);  // dQ += dS K
-      gemm_acc<true>(BC, D, rows, dp.data(), BC, qi, ldq, dkt.data(), D);  // dK += dS^T Q
+      gemm_keys_inner(rows, D, dp.data(), kj, ldk, dq + i0 * lddq, lddq, thi);  // dQ += dS K
+      gemm_keys_outer(rows, D, dp.data(), qi, ldq, dkt.data(), D, thi);  // dK += dS^T Q
     }
     for (int64_t j = 0; j < cols; ++j) {
       for (int64_t d = 0; d < D; ++d) {
