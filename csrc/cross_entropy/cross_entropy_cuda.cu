@@ -4,6 +4,11 @@
 // its columns; the pairs are merged across the block in a fixed order (deterministic), giving
 // lse and the loss. Backward: one more pass writing the gradient. The in-place variant does both
 // in one block per row, writing the gradient over the logits it has just read. Math in float32.
+//
+// Loads and stores are 16-byte vectors whatever V is. Row r starts at element r * V, so with an
+// odd V (GPT-2's 50257) most rows start off a 16-byte boundary: each row is walked as a head up
+// to the first 16-byte boundary, a body of whole 16-byte vectors (LDG.128 / STG.128, one per
+// thread per step, still coalesced) and a tail, the head and tail element by element.
 #include <cfloat>
 
 #include "common/cuda_utils.cuh"
@@ -24,6 +29,37 @@ __device__ __forceinline__ void merge_lse(float& m, float& s, float m2, float s2
   m = mx;
 }
 
+// The row split above for a row of V elements at xr: elements before the first 16-byte
+// boundary (at most V), and whole 16-byte vectors after them.
+template <typename T>
+struct RowSplit {
+  int64_t head, n_vec;
+  __device__ __forceinline__ RowSplit(const T* xr, int64_t V) {
+    const int64_t off = static_cast<int64_t>(reinterpret_cast<uintptr_t>(xr) & 15u);
+    head = off == 0 ? 0 : (16 - off) / static_cast<int64_t>(sizeof(T));
+    if (head > V) head = V;
+    n_vec = (V - head) / kVecOf<T>;
+  }
+  __device__ __forceinline__ int64_t tail_start() const { return head + n_vec * kVecOf<T>; }
+};
+
+// f(i, x_i) for every element i of row xr that this thread owns (each element exactly once in
+// the block): head and tail elements one by one, the body one 16-byte vector at a time.
+template <typename T, typename F>
+__device__ __forceinline__ void for_row_elements(const T* xr, int64_t V, F&& f) {
+  constexpr int kN = kVecOf<T>;
+  const RowSplit<T> split(xr, V);
+  for (int64_t i = threadIdx.x; i < split.head; i += kThreads) f(i, to_float(xr[i]));
+  for (int64_t k = threadIdx.x; k < split.n_vec; k += kThreads) {
+    const int64_t i0 = split.head + k * kN;
+    float v[kN];
+    load_vec<kN>(xr + i0, v);
+#pragma unroll
+    for (int j = 0; j < kN; ++j) f(i0 + j, v[j]);
+  }
+  for (int64_t i = split.tail_start() + threadIdx.x; i < V; i += kThreads) f(i, to_float(xr[i]));
+}
+
 // lse of row xr (returned to every thread) and, in thread 0, the row's loss. Thread 0 reads
 // x[target] before the barrier that ends this function, so a caller may overwrite the row after.
 template <typename T>
@@ -33,8 +69,7 @@ __device__ __forceinline__ float row_lse_and_loss(const T* xr, int64_t V, int64_
   __shared__ float sm[3][kWarps];
   __shared__ float lse_shared;
   float m = -INFINITY, s = 0.f, xs = 0.f;
-  for (int64_t i = threadIdx.x; i < V; i += kThreads) {
-    const float v = to_float(xr[i]);
+  for_row_elements(xr, V, [&](int64_t, float v) {
     if (v > m) {
       s = s * __expf(m - v) + 1.f;
       m = v;
@@ -42,7 +77,7 @@ __device__ __forceinline__ float row_lse_and_loss(const T* xr, int64_t V, int64_
       s += __expf(v - m);
     }
     xs += v;
-  }
+  });
   for (int off = kWarpSize / 2; off > 0; off >>= 1) {
     const float m2 = __shfl_xor_sync(0xffffffffu, m, off);
     const float s2 = __shfl_xor_sync(0xffffffffu, s, off);
@@ -77,19 +112,38 @@ __device__ __forceinline__ float row_lse_and_loss(const T* xr, int64_t V, int64_
   return lse_shared;
 }
 
-// dloss * dloss/dx of row xr into gr (gr may be xr: each element is read by the thread that
-// then overwrites it, so no __restrict__ here).
+// dloss * dloss/dx of row xr into gr (gr may be xr: each element, or 16-byte vector, is read by
+// the thread that then overwrites it, so no __restrict__ here).
 template <typename T>
 __device__ __forceinline__ void row_grad(const T* xr, T* gr, int64_t V, int64_t t,
                                          int64_t ignore_index, float l, float dloss,
                                          float label_smoothing, float z_loss) {
+  constexpr int kN = kVecOf<T>;
   const float d = t == ignore_index ? 0.f : dloss;
   const float a = d * (1.f + 2.f * z_loss * l);
   const float b = d * label_smoothing / static_cast<float>(V);
   const float c = d * (1.f - label_smoothing);
-  for (int64_t i = threadIdx.x; i < V; i += kThreads) {
-    const float v = a * __expf(to_float(xr[i]) - l) - b - (i == t ? c : 0.f);
-    gr[i] = from_float<T>(v);
+  auto grad = [&](int64_t i, float x) { return a * __expf(x - l) - b - (i == t ? c : 0.f); };
+  // Vectors need x and g at the same offset from a 16-byte boundary (always so in place, and for
+  // torch's allocations); otherwise every element on its own.
+  const bool same_phase = ((reinterpret_cast<uintptr_t>(xr) ^ reinterpret_cast<uintptr_t>(gr)) &
+                           15u) == 0;
+  const RowSplit<T> split(xr, V);
+  const int64_t n_vec = same_phase ? split.n_vec : 0;
+  const int64_t head = same_phase ? split.head : V;  // no vectors: the "head" is the whole row
+  for (int64_t i = threadIdx.x; i < head; i += kThreads) {
+    gr[i] = from_float<T>(grad(i, to_float(xr[i])));
+  }
+  for (int64_t k = threadIdx.x; k < n_vec; k += kThreads) {
+    const int64_t i0 = head + k * kN;
+    float v[kN];
+    load_vec<kN>(xr + i0, v);
+#pragma unroll
+    for (int j = 0; j < kN; ++j) v[j] = grad(i0 + j, v[j]);
+    store_vec<kN>(gr + i0, v);
+  }
+  for (int64_t i = head + n_vec * kN + threadIdx.x; i < V; i += kThreads) {
+    gr[i] = from_float<T>(grad(i, to_float(xr[i])));
   }
 }
 
