@@ -244,7 +244,7 @@ def test_cpu_fused_qkv_views(dtype, shape, causal):
     """The C++ kernel reads q, k, v at their strides (float32: in place) and matches the
     reference forward and backward; the gradient reaching the fused tensor is checked too."""
     require_backend(OP, "cpu", torch.device("cpu"))
-    B, H, Hkv, T, D = shape
+    _, H, Hkv, T, _ = shape
     qkv, (q, k, v) = fused_qkv_views(shape, dtype)
     assert q.stride(-1) == 1 and (T == 1 or not q.is_contiguous())
     out = ops.attention(q, k, v, causal, backend="cpu")

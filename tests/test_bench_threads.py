@@ -47,3 +47,24 @@ def test_unknown_preset_is_a_clear_error(capsys):
     assert bench_threads.main(["--presets", "nope", "--threads", "1", "--rounds", "1",
                                "--steps", "1"]) == 2
     assert "nope" in capsys.readouterr().err
+
+
+def test_step_floor_replays_the_steps_matmuls(tmp_path):
+    from fastlm.bench import bench_step_floor
+
+    path = tmp_path / "floor.json"
+    assert bench_step_floor.main(["--preset", "tiny", "--batch", "1", "--seq-len", "16",
+                                  "--steps", "2", "--json", str(path)]) == 0
+    (r,) = json.loads(path.read_text())
+    # tiny: 4 blocks x (qkv, proj, fc, fc2) + the head, each with its backward products
+    assert r["matmul_calls"] >= 17 and r["threads"] == 1
+    assert r["step_cpu_ms"] > r["matmul_cpu_ms"] > 0
+    assert r["step_over_matmul"] == pytest.approx(r["step_cpu_ms"] / r["matmul_cpu_ms"])
+
+
+def test_step_floor_records_shapes():
+    from fastlm.bench import bench_step_floor
+
+    a, b = torch.randn(5, 7), torch.randn(7, 3)
+    calls = bench_step_floor.recorded_matmuls(lambda _i: (a @ b, torch.addmm(torch.randn(3), a, b)))
+    assert calls == [("aten::mm", [[5, 7], [7, 3]]), ("aten::addmm", [[3], [5, 7], [7, 3], [], []])]
