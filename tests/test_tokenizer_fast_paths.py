@@ -67,11 +67,12 @@ def test_pieces_around_the_cache_bound(tok, n):
 
 
 def test_more_distinct_pieces_than_the_cache_holds(tok):
-    # Past CACHE_ENTRIES merged pieces the cache starts over; ids must not change across that.
+    # Past CACHE_ENTRIES merged pieces the cache starts over; ids must not change across that,
+    # for pieces from before the restart (merged again) and after it (cache hits).
     ref = reference_of(tok)
     distinct = list(dict.fromkeys(words(CACHE_ENTRIES + 3000, seed=3, min_len=5, max_len=7)))
     assert len(distinct) > CACHE_ENTRIES
-    text = "".join(distinct) + "".join(distinct[:2000])
+    text = "".join(distinct) + "".join(distinct[:2000]) + "".join(distinct[-2000:])
     assert tok.encode_ordinary(text) == ref.encode_ordinary(text)
 
 
