@@ -9,10 +9,24 @@
 #include <queue>
 #include <thread>
 
+#ifdef __linux__
+#include <sched.h>
+#endif
+
 namespace fastlm::bpe {
 
+// Cores this process may run on: the affinity mask (taskset, cgroup cpusets) where the OS has
+// one, else every hardware thread.
+static int usable_cores() {
+#ifdef __linux__
+  cpu_set_t set;
+  if (sched_getaffinity(0, sizeof set, &set) == 0) return CPU_COUNT(&set);
+#endif
+  return static_cast<int>(std::thread::hardware_concurrency());
+}
+
 int resolve_threads(int requested, size_t work_items) {
-  int t = requested > 0 ? requested : static_cast<int>(std::thread::hardware_concurrency());
+  int t = requested > 0 ? requested : usable_cores();
   if (t < 1) t = 1;
   if (work_items < static_cast<size_t>(t)) t = static_cast<int>(std::max<size_t>(work_items, 1));
   return t;

@@ -109,7 +109,8 @@ class Encoder {
   PairIdTable pairs_;            // (left id, right id) -> id of the concatenation (= its rank)
 };
 
-// Number of worker threads for `requested` (<= 0: all hardware threads) and `work_items`.
+// Number of worker threads for `requested` (<= 0: every core this process may use) and
+// `work_items`.
 int resolve_threads(int requested, size_t work_items);
 
 }  // namespace fastlm::bpe
