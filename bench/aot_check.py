@@ -71,7 +71,7 @@ def run(out: str, all_configs: bool, processes: int, ops: tuple, cuda: bool,
     cuda_rows, cuda_s = [], 0.0
     if cuda:
         start = time.perf_counter()
-        cuda_rows = cuda_aot.cuda_table(tuple(ARCHS), processes)
+        cuda_rows = cuda_aot.cuda_table(tuple(ARCHS), processes, cache)
         for r in cuda_rows:
             r["limit"] = ARCHS[int(r["arch"][3:])]
             r["status"] = check.verdict(int(r["arch"][3:]), r["shared"], r["spill"])
@@ -122,9 +122,9 @@ def main(argv=None) -> int:
     parser.add_argument("--no-compile", action="store_true",
                         help="write the tables from --cache alone, listing what it lacks as "
                              "'not compiled' (a partial table; not with --ci)")
-    parser.add_argument("--cache", help="folder of earlier Triton results, keyed by a hash of "
-                        "each kernel's source, triton/ptxas versions and options (an edited "
-                        "kernel always recompiles); none by default")
+    parser.add_argument("--cache", help="folder of earlier results, keyed by a hash of each "
+                        "kernel's source (and what it calls or includes), compiler versions and "
+                        "options: an edited kernel always recompiles; none by default")
     args = parser.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET") == "1":
         parser.error("unset TRITON_INTERPRET: the check compiles the kernels for a GPU")

@@ -5,6 +5,8 @@ memory, so ptxas's static figure is the whole of it."""
 from __future__ import annotations
 
 import glob
+import hashlib
+import json
 import os
 import shutil
 import subprocess
@@ -61,10 +63,37 @@ def compile_source(path: str, arch: int) -> list[dict]:
             for name, (_, regs, spill, stack, smem) in zip(names, rows)]
 
 
-def cuda_table(archs=(80, 90), processes: int = 2) -> list[dict]:
-    """Every kernel of every CUDA source for every arch (nvcc runs in parallel processes)."""
+def cache_key(path: str, arch: int) -> str:
+    """A hash of what nvcc's output for `path` depends on: its text, every header it may include
+    (its folder's and csrc/common's), nvcc's version, the flags and the arch."""
+    h = hashlib.sha256(f"{nvcc_version()} {FLAGS} {arch}".encode())
+    folders = (os.path.dirname(path), os.path.join(ROOT, "csrc", "common"))
+    for name in [path] + sorted(p for d in folders for p in glob.glob(os.path.join(d, "*.*h"))):
+        with open(name, "rb") as f:
+            h.update(name.encode() + b"\0" + f.read())
+    return h.hexdigest()
+
+
+def _cached(path: str, arch: int, cache: str | None) -> list[dict]:
+    file = os.path.join(cache, f"cuda-{cache_key(path, arch)}.json") if cache else None
+    if file and os.path.exists(file):
+        with open(file) as f:
+            return json.load(f)
+    rows = compile_source(path, arch)
+    if file:
+        with tempfile.NamedTemporaryFile("w", dir=cache, delete=False) as f:
+            json.dump(rows, f)
+        os.replace(f.name, file)
+    return rows
+
+
+def cuda_table(archs=(80, 90), processes: int = 2, cache: str | None = None) -> list[dict]:
+    """Every kernel of every CUDA source for every arch (nvcc runs in parallel processes);
+    with `cache`, sources whose cache_key is unchanged are not recompiled."""
     if nvcc() is None:
         raise RuntimeError("nvcc not found: the CUDA part of the check needs the CUDA toolkit")
+    if cache:
+        os.makedirs(cache, exist_ok=True)
     jobs = [(path, arch) for path in sources() for arch in archs]
     with ThreadPoolExecutor(processes) as pool:
-        return [row for rows in pool.map(lambda job: compile_source(*job), jobs) for row in rows]
+        return [row for rows in pool.map(lambda job: _cached(*job, cache), jobs) for row in rows]

@@ -45,7 +45,8 @@ def describe(launch: Launch) -> dict:
     consts = constexprs(launch)
     div16 = [names[path[0]] for path, attr in launch.attrs
              if attr and not names[path[0]].endswith("_ptr")]
-    pointers = [ty for _, ty in launch.signature if ty.startswith("*")]
+    # The dtype: the first floating-point pointer's (integer ones are tables or targets).
+    pointers = [ty for _, ty in launch.signature if ty.startswith(("*fp", "*bf"))]
     config = " ".join(f"{k}={v}" for k, v in consts.items())
     return dict(kernel=launch.kernel.rsplit(".", 1)[-1].strip("_").removesuffix("_kernel"),
                 dtype=pointers[0][1:] if pointers else "-",

@@ -85,25 +85,37 @@ def cross_entropy_cases() -> Iterator[Callable[[], None]]:
 
 def adamw_cases() -> Iterator[Callable[[], None]]:
     """Every param dtype x state dtype (float32 or the param's), with and without master
-    weights, constants from the host and from device tensors."""
+    weights, constants from the host and from device tensors; lists of 1, 3, 16 and 100 tensors
+    (the launcher specialises on the count: its binary search takes log2(count) steps), all
+    16-byte aligned or one not (vector accesses or not)."""
     from fastlm.kernels import adamw_step
+
+    def tensors(count, dtype, aligned):
+        out = [torch.randn(300).to(dtype) for _ in range(count)]
+        if not aligned:  # a view 1 element into its storage: off 16-byte alignment
+            out[-1] = torch.randn(301).to(dtype)[1:]
+        return out
 
     for dtype in DTYPES:
         for state in {torch.float32, dtype}:
-            def case(dtype=dtype, state=state):
-                n = 3000
-                p, g = [torch.randn(n).to(dtype)], [torch.randn(n).to(dtype)]
-                m, v = [torch.zeros(n, dtype=state)], [torch.zeros(n, dtype=state)]
-                # master weights: 16-bit params with float32 states
-                master = [torch.randn(n)] if dtype != state else []
-                adamw_step.adamw_step_triton(p, g, m, v, 1.0, 1e-3, 0.9, 0.95, 1e-8, 0.1)
-                if master:
-                    adamw_step.adamw_step_master_triton(p, g, m, v, master, 1.0, 1e-3, 0.9,
-                                                        0.95, 1e-8, 0.1)
-                adamw_step.adamw_step_capturable_triton(p, g, m, v, master, [torch.ones(())],
-                                                        torch.full((), 1e-3), 0.9, 0.95, 1e-8,
-                                                        0.1)
-            yield case
+            for count in (1, 3, 16, 100):
+                for aligned in (True, False):
+                    def case(dtype=dtype, state=state, count=count, aligned=aligned):
+                        p, g = tensors(count, dtype, aligned), tensors(count, dtype, True)
+                        m = [torch.zeros(300, dtype=state) for _ in range(count)]
+                        v = [torch.zeros(300, dtype=state) for _ in range(count)]
+                        # master weights: 16-bit params with float32 states
+                        master = [torch.randn(300) for _ in range(count)] \
+                            if dtype != state else []
+                        adamw_step.adamw_step_triton(p, g, m, v, 1.0, 1e-3, 0.9, 0.95, 1e-8,
+                                                     0.1)
+                        if master:
+                            adamw_step.adamw_step_master_triton(p, g, m, v, master, 1.0, 1e-3,
+                                                                0.9, 0.95, 1e-8, 0.1)
+                        adamw_step.adamw_step_capturable_triton(
+                            p, g, m, v, master, [torch.ones(()) for _ in range(count)],
+                            torch.full((), 1e-3), 0.9, 0.95, 1e-8, 0.1)
+                    yield case
 
 
 def attention_cases() -> Iterator[Callable[[], None]]:
