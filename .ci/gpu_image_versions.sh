@@ -6,9 +6,10 @@
 # own CPU torch fails here, not in a short GPU window.
 #
 # Cost (measured on the 2-core CI machine, 2026-12-07): torch 2.11 imports only with its CUDA
-# libraries (without the nvidia-* wheels it stops at libcudnn.so.9), so the venv holds
-# 4.7 GB (2.7 GB of nvidia-* wheels, 1.2 GB of torch); installing it took 2.5 minutes with the
-# wheels on local disk. The venv is kept between runs and made again only when its versions
+# libraries (without the nvidia-* wheels it stops at libcudnn.so.9), so the venv holds 4.8 GB
+# (2.7 GB of nvidia-* wheels, 1.2 GB of torch); installing it took 2.5 minutes with the wheels
+# on local disk (8.4 minutes with the machine loaded 10-19 on its 2 cores), the build with CUDA
+# 170 CPU-seconds. The venv is kept between runs and made again only when its versions
 # differ (GPU_IMAGE_VENV names it; delete it to start over).
 #
 #   bash .ci/gpu_image_versions.sh            # venv (if needed), build, Triton tests
@@ -45,8 +46,11 @@ git ls-files -z --cached --others --exclude-standard | while IFS= read -r -d '' 
 cd "$src"
 # nvcc at /usr/local/bin makes torch guess CUDA_HOME=/usr/local; the toolkit's headers are here
 [ -z "${CUDA_HOME:-}" ] && [ -d /usr/local/cuda/include ] && export CUDA_HOME=/usr/local/cuda
+# the install bench/gpu_check.sh makes on a GPU (editable: fastlm.kernels and fastlm.bench map to
+# kernels/ and bench/ only through it)
 TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0} MAX_JOBS=${MAX_JOBS:-$(nproc)} \
-  "$VENV/bin/python" setup.py -q build_ext --inplace > build.log 2>&1 || { tail -40 build.log; exit 1; }
+  "$VENV/bin/pip" install -v --no-build-isolation --no-deps -e . > build.log 2>&1 \
+  || { tail -40 build.log; exit 1; }
 grep '^fastlm: building' build.log || true
 "$VENV/bin/python" - <<'PY'
 import torch
