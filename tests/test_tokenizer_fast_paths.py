@@ -1,7 +1,9 @@
 """The native encoder's fast paths give the reference's ids: the table of tokens of up to 8 bytes
 (pieces of 1-9 bytes, at the very end of a text where fewer than 8 bytes are left to read), the
 per-thread cache of merged pieces (hits, pieces at its 64-byte bound, more distinct pieces than it
-holds, one cache per encode_batch worker) and the shared Python ints of the returned ids."""
+holds, one cache per encode_batch worker), the shared Python ints of the returned ids, and
+encode_batch building its lists while the workers run (errors, the garbage collector's state)."""
+import gc
 import random
 
 import pytest
@@ -96,3 +98,21 @@ def test_ids_beyond_the_shared_ints():
     assert ids == [n - 2, n - 3, ord(" "), n - 3, ord(" "), ord("a"), n - 1]
     assert all(type(i) is int for i in ids)
     assert tok.decode(ids) == "abcab ab a<|e|>"
+
+
+def test_batch_error_and_gc_state_on_threads(tok):
+    # On 2+ threads the lists are built while workers run: an error in a middle text must still
+    # raise (and not hang), and the garbage collector must be left as the caller had it.
+    texts = [f"plain text {i} " * 20 for i in range(300)]
+    bad = texts[:150] + ["a <|endoftext|> b"] + texts[150:]
+    for threads in (2, 3):
+        with pytest.raises(ValueError, match="not allowed"):
+            tok.encode_batch(bad, threads=threads)
+        assert gc.isenabled()
+        assert tok.encode_batch(texts, threads=threads) == [tok.encode(t) for t in texts]
+    gc.disable()
+    try:
+        tok.encode_batch(texts, threads=2)
+        assert not gc.isenabled()
+    finally:
+        gc.enable()

@@ -274,16 +274,26 @@ std::vector<std::vector<uint32_t>> Encoder::encode_batch(
     const std::vector<std::string_view>& texts, const SpecialMatcher& allowed,
     const SpecialMatcher& disallowed, int threads) const {
   std::vector<std::vector<uint32_t>> out(texts.size());
+  encode_batch_into(texts, allowed, disallowed, threads, &out, nullptr);
+  return out;
+}
+
+void Encoder::encode_batch_into(const std::vector<std::string_view>& texts,
+                                const SpecialMatcher& allowed, const SpecialMatcher& disallowed,
+                                int threads, std::vector<std::vector<uint32_t>>* out_ptr,
+                                const std::function<void(size_t)>& done) const {
+  std::vector<std::vector<uint32_t>>& out = *out_ptr;
   int t = resolve_threads(threads, texts.size());
   auto work = [&](size_t i, PieceCache* cache) {
     const auto* s = reinterpret_cast<const uint8_t*>(texts[i].data());
     out[i].reserve(texts[i].size() / 3 + 1);
     encode_cached(s, texts[i].size(), allowed, disallowed, &out[i], cache);
+    if (done) done(i);
   };
   if (t <= 1) {
     PieceCache cache;
     for (size_t i = 0; i < texts.size(); ++i) work(i, &cache);
-    return out;
+    return;
   }
   // Dynamic scheduling in small blocks: texts vary a lot in length. Each worker keeps its own
   // piece cache across its texts.
@@ -305,7 +315,6 @@ std::vector<std::vector<uint32_t>> Encoder::encode_batch(
   for (int k = 0; k < t; ++k) pool.emplace_back(worker);
   for (auto& th : pool) th.join();
   if (error) std::rethrow_exception(error);
-  return out;
 }
 
 std::string Encoder::decode(const uint32_t* ids, size_t n) const {

@@ -11,6 +11,7 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <functional>
 #include <stdexcept>
 #include <string>
 #include <string_view>
@@ -77,6 +78,12 @@ class Encoder {
                                                   const SpecialMatcher& allowed,
                                                   const SpecialMatcher& disallowed,
                                                   int threads) const;
+  // The same into out (texts.size() empty vectors), calling done(i) on the worker thread that
+  // finished text i (when done is set), so a caller can consume results while others run.
+  void encode_batch_into(const std::vector<std::string_view>& texts,
+                         const SpecialMatcher& allowed, const SpecialMatcher& disallowed,
+                         int threads, std::vector<std::vector<uint32_t>>* out,
+                         const std::function<void(size_t)>& done) const;
 
   // The bytes of ids concatenated; throws std::out_of_range naming a bad id.
   std::string decode(const uint32_t* ids, size_t n) const;
