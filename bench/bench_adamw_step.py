@@ -10,6 +10,11 @@ element: read p, g, m, v and write p, m, v (7 accesses; states in the parameter 
 Variants of each native backend: "-capturable" (step and lr read from tensors on the device; the
 same bytes) and, for bf16/fp16 parameters, "-master" (float32 master weights and states: p and g
 in the parameter dtype, m, v and the master copy read and written in float32).
+
+fastlm-triton makes one launch per dtype group (all tensors of the list) like torch-fused, so
+"large" (GPT-2 124M's ~150 tensors) compares the two at their real per-tensor overhead. It is
+timed on a GPU only: on a CPU Triton runs in its interpreter, a correctness tool whose time
+means nothing at any size (tests/test_adamw_step.py checks it there on small tensors).
 """
 from __future__ import annotations
 

@@ -5,9 +5,12 @@ torch.optim.AdamW's formula with amsgrad and maximize off:
     p <- p * (1 - lr * wd);  m <- m + (1 - b1) (g - m);  v <- b2 v + (1 - b2) g^2
     p <- p - lr / (1 - b1^step) * m / (sqrt(v) / sqrt(1 - b2^step) + eps)
 
-One launch per tensor, each element read and written once, math in float32. The CUDA backend's
-multi-tensor kernel (csrc/adamw_step) updates many tensors per launch; this one is the portable
-Triton version (and the one tested under the interpreter).
+Multi-tensor: one launch updates every tensor of a dtype group (parameter dtype, state dtype),
+as torch's fused AdamW and the CUDA backend do, instead of one launch per tensor (a GPT-2 has
+~150 parameter tensors, most of them small: per-launch overhead would dominate). The launcher
+writes a (n_tensors, 7) int64 table of the tensors' addresses and sizes and the first block of
+each tensor; program b finds its tensor by binary search over the first blocks and updates
+BLOCK of its elements. Each element is read and written once, math in float32.
 
 Variants, as ops of the same names as the C++ ones (+ _triton):
   adamw_step_master      float32 master weights: p in the formula is the master copy, which is
@@ -41,44 +44,104 @@ def _to_storage(x, ptr):
     return x.to(ptr.dtype.element_ty)
 
 
+# Table row of a tensor (int64): the addresses of p, g, m, v and w (the master copy; p's when
+# there is none), its number of elements and its index in the op's lists (its row of the
+# capturable constants).
+TABLE_COLUMNS = 7
+
+
 @triton.jit
-def _adamw_kernel(
-    p_ptr,  # (n,) param dtype, updated in place
-    g_ptr,  # (n,) param dtype
-    m_ptr,  # (n,) state dtype (float32 or the param's), updated in place
-    v_ptr,  # (n,) state dtype, updated in place
-    w_ptr,  # (n,) float32 master weights, updated in place (read only when HAS_MASTER)
-    c_ptr,  # (7,) float32 constants in the order of the scalars below (read when CONSTS_IN_PTR)
-    n, decay, one_minus_b1, beta2, one_minus_b2, step_size, inv_sqrt_bc2, eps,
-    HAS_MASTER: tl.constexpr,
-    CONSTS_IN_PTR: tl.constexpr,
-    BLOCK: tl.constexpr,
-):
-    if CONSTS_IN_PTR:  # capturable: this step's constants were computed on the device
-        decay = tl.load(c_ptr)
-        one_minus_b1 = tl.load(c_ptr + 1)
-        beta2 = tl.load(c_ptr + 2)
-        one_minus_b2 = tl.load(c_ptr + 3)
-        step_size = tl.load(c_ptr + 4)
-        inv_sqrt_bc2 = tl.load(c_ptr + 5)
-        eps = tl.load(c_ptr + 6)
-    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    mask = offs < n
+def _as_ptr(address, like):
+    """An int64 address from the table as a pointer to like's element type."""
+    return address.to(tl.pointer_type(like.dtype.element_ty), bitcast=True)
+
+
+@triton.jit
+def _block_ptrs(ptr, offs, ALIGNED: tl.constexpr, BLOCK: tl.constexpr):
+    """ptr + offs; ALIGNED: the launcher checked every address is a multiple of 16 and offs is
+    one contiguous block starting at a multiple of BLOCK, which lets the compiler use 16-byte
+    vector accesses (it cannot see through the table's int-to-pointer casts)."""
+    ptrs = ptr + offs
+    if ALIGNED:
+        ptrs = tl.max_contiguous(tl.multiple_of(ptrs, 16), BLOCK)
+    return ptrs
+
+
+@triton.jit
+def _update(p_ptr, g_ptr, m_ptr, v_ptr, w_ptr, offs, mask, decay, one_minus_b1, beta2,
+            one_minus_b2, step_size, inv_sqrt_bc2, eps, HAS_MASTER: tl.constexpr,
+            ALIGNED: tl.constexpr, BLOCK: tl.constexpr):
+    p_ptr = _block_ptrs(p_ptr, offs, ALIGNED, BLOCK)
+    g_ptr = _block_ptrs(g_ptr, offs, ALIGNED, BLOCK)
+    m_ptr = _block_ptrs(m_ptr, offs, ALIGNED, BLOCK)
+    v_ptr = _block_ptrs(v_ptr, offs, ALIGNED, BLOCK)
+    w_ptr = _block_ptrs(w_ptr, offs, ALIGNED, BLOCK)
     if HAS_MASTER:
-        p = tl.load(w_ptr + offs, mask=mask)
+        p = tl.load(w_ptr, mask=mask)
     else:
-        p = tl.load(p_ptr + offs, mask=mask).to(tl.float32)
-    g = tl.load(g_ptr + offs, mask=mask).to(tl.float32)
-    m = tl.load(m_ptr + offs, mask=mask).to(tl.float32)
-    v = tl.load(v_ptr + offs, mask=mask).to(tl.float32)
+        p = tl.load(p_ptr, mask=mask).to(tl.float32)
+    g = tl.load(g_ptr, mask=mask).to(tl.float32)
+    m = tl.load(m_ptr, mask=mask).to(tl.float32)
+    v = tl.load(v_ptr, mask=mask).to(tl.float32)
     m = m + one_minus_b1 * (g - m)
     v = beta2 * v + one_minus_b2 * g * g
     p = p * decay - step_size * m / (tl.sqrt(v) * inv_sqrt_bc2 + eps)
     if HAS_MASTER:
-        tl.store(w_ptr + offs, p, mask=mask)
-    tl.store(p_ptr + offs, _to_storage(p, p_ptr), mask=mask)
-    tl.store(m_ptr + offs, _to_storage(m, m_ptr), mask=mask)
-    tl.store(v_ptr + offs, _to_storage(v, v_ptr), mask=mask)
+        tl.store(w_ptr, p, mask=mask)
+    tl.store(p_ptr, _to_storage(p, p_ptr), mask=mask)
+    tl.store(m_ptr, _to_storage(m, m_ptr), mask=mask)
+    tl.store(v_ptr, _to_storage(v, v_ptr), mask=mask)
+
+
+@triton.jit
+def _adamw_kernel(
+    table_ptr,   # (n_tensors, TABLE_COLUMNS) int64: see above
+    starts_ptr,  # (n_tensors,) int64: each tensor's first block, ascending, starts[0] = 0
+    p_like,      # a parameter of the group: its pointer type types the table's p and g
+    m_like,      # one of its states: types m and v
+    c_ptr,       # (n_all, 7) float32 constants in the order of the scalars below (CONSTS_IN_PTR)
+    n_tensors, decay, one_minus_b1, beta2, one_minus_b2, step_size, inv_sqrt_bc2, eps,
+    HAS_MASTER: tl.constexpr,
+    CONSTS_IN_PTR: tl.constexpr,
+    SEARCH_STEPS: tl.constexpr,  # >= ceil(log2(n_tensors)): rounds of the binary search
+    ALIGNED: tl.constexpr,       # every tensor of the group starts on 16 bytes (vector accesses)
+    BLOCK: tl.constexpr,
+):
+    pid = tl.program_id(0).to(tl.int64)
+    # The tensor whose blocks hold pid: the last t with starts[t] <= pid.
+    # Invariant: starts[lo] <= pid < starts[hi] (starts[n_tensors] counts as infinite).
+    lo = tl.zeros([], tl.int64)
+    hi = lo + n_tensors
+    for _ in tl.static_range(SEARCH_STEPS):
+        active = lo + 1 < hi
+        mid = (lo + hi) // 2
+        below = tl.load(starts_ptr + mid, mask=active, other=0) <= pid
+        lo = tl.where(active & below, mid, lo)
+        hi = tl.where(active & ~below, mid, hi)
+    row = table_ptr + lo * 7  # TABLE_COLUMNS (a jit function reads only constexpr globals)
+    p_ptr = _as_ptr(tl.load(row + 0), p_like)
+    g_ptr = _as_ptr(tl.load(row + 1), p_like)
+    m_ptr = _as_ptr(tl.load(row + 2), m_like)
+    v_ptr = _as_ptr(tl.load(row + 3), m_like)
+    w_ptr = _as_ptr(tl.load(row + 4), c_ptr)  # float32
+    n = tl.load(row + 5)
+    if CONSTS_IN_PTR:  # capturable: this step's constants were computed on the device
+        c = c_ptr + tl.load(row + 6) * 7  # the tensor's row of (n_all, 7) constants
+        decay = tl.load(c)
+        one_minus_b1 = tl.load(c + 1)
+        beta2 = tl.load(c + 2)
+        one_minus_b2 = tl.load(c + 3)
+        step_size = tl.load(c + 4)
+        inv_sqrt_bc2 = tl.load(c + 5)
+        eps = tl.load(c + 6)
+    block_start = (pid - tl.load(starts_ptr + lo)) * BLOCK
+    offs = block_start + tl.arange(0, BLOCK)
+    if block_start + BLOCK <= n:  # a full block: no mask, so the accesses can be vectors
+        _update(p_ptr, g_ptr, m_ptr, v_ptr, w_ptr, offs, None, decay, one_minus_b1, beta2,
+                one_minus_b2, step_size, inv_sqrt_bc2, eps, HAS_MASTER, ALIGNED, BLOCK)
+    else:
+        _update(p_ptr, g_ptr, m_ptr, v_ptr, w_ptr, offs, offs < n, decay, one_minus_b1, beta2,
+                one_minus_b2, step_size, inv_sqrt_bc2, eps, HAS_MASTER, ALIGNED, BLOCK)
 
 
 def _check(params, grads, exp_avgs, exp_avg_sqs) -> None:
@@ -121,19 +184,61 @@ def _check_master(params, exp_avgs, master_params) -> None:
 
 
 def _launch(params, grads, exp_avgs, exp_avg_sqs, master_params, consts) -> None:
-    """consts: a tuple of 7 floats for every tensor, or a (n_tensors, 7) float32 device table."""
+    """consts: a tuple of 7 floats for every tensor, or a (n_tensors, 7) float32 device table.
+    One kernel launch per (parameter dtype, state dtype) group of non-empty tensors."""
     table = isinstance(consts, torch.Tensor)
-    for i, (p, g, m, v) in enumerate(zip(params, grads, exp_avgs, exp_avg_sqs)):
-        n = p.numel()
-        if n == 0:
-            continue
-        w = master_params[i] if master_params else p  # p: a placeholder the kernel never reads
-        c_ptr = consts[i] if table else p
+    groups: dict[tuple, list[int]] = {}
+    for i, (p, m) in enumerate(zip(params, exp_avgs)):
+        if p.numel():
+            groups.setdefault((p.dtype, m.dtype), []).append(i)
+    grads = [g.contiguous() for g in grads]  # kept alive (by this list) until the launches
+    for members in groups.values():
+        rows, starts, blocks = [], [], 0
+        for i in members:
+            p = params[i]
+            w = master_params[i] if master_params else p  # p: a placeholder never read
+            rows.append([p.data_ptr(), grads[i].data_ptr(), exp_avgs[i].data_ptr(),
+                         exp_avg_sqs[i].data_ptr(), w.data_ptr(), p.numel(), i])
+            starts.append(blocks)
+            blocks += triton.cdiv(p.numel(), BLOCK)
+        aligned = all(a % 16 == 0 for row in rows for a in row[:5])
+        p0 = params[members[0]]
+        device = p0.device
+        packed = _device_table([a for row in rows for a in row] + starts, device)
+        n_table = len(rows) * TABLE_COLUMNS
+        c_ptr = consts if table else _float32_placeholder(device)
         scalars = (1.0,) * 7 if table else consts
-        with utils.on_device(p.device):
-            _adamw_kernel[(triton.cdiv(n, BLOCK),)](p, g.contiguous(), m, v, w, c_ptr, n, *scalars,
-                                                    HAS_MASTER=bool(master_params),
-                                                    CONSTS_IN_PTR=table, BLOCK=BLOCK)
+        with utils.on_device(device):
+            _adamw_kernel[(blocks,)](
+                packed[:n_table], packed[n_table:], p0, exp_avgs[members[0]], c_ptr, len(members),
+                *scalars, HAS_MASTER=bool(master_params), CONSTS_IN_PTR=table,
+                SEARCH_STEPS=len(members).bit_length(), ALIGNED=aligned,
+                BLOCK=BLOCK)
+
+
+# Device copies of recent tables, keyed by their contents (addresses, sizes): a training loop
+# passes the same tensors every step, so it pays the host-to-device copy once, and a CUDA graph
+# captured after a warm-up step finds its table here instead of copying during the capture.
+_TABLES: dict[tuple, torch.Tensor] = {}
+_TABLES_KEPT = 16
+
+
+def _device_table(values: list[int], device: torch.device) -> torch.Tensor:
+    """The int64 tensor of `values` on `device` (the rows, then the first blocks)."""
+    key = (str(device), *values)
+    table = _TABLES.get(key)
+    if table is None:
+        table = torch.tensor(values, dtype=torch.int64).to(device)
+        if len(_TABLES) >= _TABLES_KEPT:
+            del _TABLES[next(iter(_TABLES))]  # the oldest
+        _TABLES[key] = table
+    return table
+
+
+def _float32_placeholder(device: torch.device) -> torch.Tensor:
+    """A float32 pointer for c_ptr when the constants are scalars (it types the master weights'
+    pointer; nothing is read from it)."""
+    return torch.empty(1, dtype=torch.float32, device=device)
 
 
 def _host_consts(step, lr, beta1, beta2, eps, weight_decay) -> tuple:

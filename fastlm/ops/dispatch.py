@@ -58,10 +58,14 @@ DISPATCH: dict[str, dict[str, tuple[str, ...]]] = {
     # cpu rows: bench/results/cpu-amd-epyc (2 cores): C++ cross_entropy 1.6-1.8x F.cross_entropy
     # fwd+bwd, linear_cross_entropy 3.5x faster at 0.11x the peak memory of the materialised path,
     # adamw_step at or above torch's fused AdamW. cuda rows: torch first until a GPU run of the
-    # native kernels (tested and benched on a GPU) justifies them. Known costs until then
-    # (issue 23): cross_entropy with odd V (GPT-2's 50257) loads scalars (CUDA always, Triton
-    # 16-bit ones); the Triton adamw_step launches once per tensor (torch's fused one per group),
-    # so it has no cuda row.
+    # native kernels (tested and benched on a GPU) justifies them: unmeasured on a GPU, not known
+    # slower. What issue 23 found against them is fixed ahead of that run: cross_entropy's CUDA
+    # and Triton kernels use 16-byte loads/stores for every V, odd ones (GPT-2's 50257)
+    # included (checked in their sm_90 PTX by tests/test_cross_entropy.py); confirm with
+    # `python -m fastlm.bench --ops cross_entropy` (its rows have V = 50257 and 50304). The
+    # Triton adamw_step launches once per dtype group (was once per tensor); it stays out of the
+    # cuda row until `--ops adamw_step` (GPT-2 124M's tensors) times it against torch's fused.
+    # linear_cross_entropy's Triton dweight no longer takes a (V, D) float32 temporary per chunk.
     "cross_entropy": {"cpu": ("cpu", "torch"), "cuda": ("torch", "triton", "cuda")},
     "linear_cross_entropy": {"cpu": ("cpu", "torch"), "cuda": ("torch", "triton")},
     "adamw_step": {"cpu": ("cpu", "torch"), "cuda": ("torch", "cuda")},
