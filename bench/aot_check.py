@@ -89,10 +89,12 @@ def run(out: str, all_configs: bool, processes: int, ops: tuple, cuda: bool,
         not_compiled=sum(1 for r in rows if r["status"] == check.NOT_COMPILED),
         triton_seconds=round(triton_s), cuda_seconds=round(cuda_s),
         triton=report.counts(rows), cuda=report.counts(cuda_rows), failures=len(failed))
-    for name, data in (("triton.json", rows), ("cuda.json", cuda_rows), ("summary.json", summary)):
-        with open(os.path.join(out, name), "w") as f:
-            json.dump(data, f, indent=1)
-            f.write("\n")
+    for name, data in (("triton.json", rows), ("cuda.json", cuda_rows)):
+        with open(os.path.join(out, name), "w") as f:  # a row a line: small, readable diffs
+            f.write("[\n" + ",\n".join(json.dumps(r) for r in data) + "\n]\n")
+    with open(os.path.join(out, "summary.json"), "w") as f:
+        json.dump(summary, f, indent=1)
+        f.write("\n")
     with open(os.path.join(out, "triton.md"), "w") as f:
         f.write(report.triton_markdown(rows, summary))
     with open(os.path.join(out, "cuda.md"), "w") as f:
