@@ -214,8 +214,8 @@ def _check(op: str, logits: torch.Tensor, target: torch.Tensor, ignore_index: in
                              f"ignore_index ({ignore_index}) nor a class in [0, {logits.shape[1]})")
 
 
-def _block_v(V: int) -> tuple[int, int]:
-    blocks = utils.row_blocks(V)
+def _block_v(V: int, max_block_v: int = utils.MAX_BLOCK_C) -> tuple[int, int]:
+    blocks = utils.row_blocks(V, max_block_v)
     return blocks.block_c, blocks.num_warps
 
 
@@ -255,7 +255,7 @@ def cross_entropy_bwd_triton(dloss: torch.Tensor, logits: torch.Tensor, target: 
     g = utils.empty_output((N, V), x.dtype, x.device)
     if N == 0:
         return g
-    block_v, num_warps = _block_v(V)
+    block_v, num_warps = _block_v(V, utils.BWD_MAX_BLOCK_C)
     # dloss: autograd hands an expanded (stride 0) tensor for "sum"/"mean": make it real.
     with utils.on_device(x.device):
         _ce_bwd_kernel[(N,)](dloss.float().contiguous(), x, target.contiguous(),

@@ -241,7 +241,7 @@ def layer_norm_bwd_triton(
     if N == 0:  # no launch; the gradients are sums over no rows
         dw = torch.zeros(C, dtype=weight.dtype, device=x.device)
         return dx, dw, torch.zeros_like(dw) if has_bias else no_bias
-    blocks = utils.row_blocks(C)
+    blocks = utils.row_blocks(C, utils.BWD_MAX_BLOCK_C)
     P, rows_per_program = utils.row_groups(N, x.device, blocks.num_warps)
     # The register path writes each partial row whole; the multi-block path adds into its rows.
     zeroed = not blocks.row_in_block

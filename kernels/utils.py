@@ -30,10 +30,13 @@ POISON_OUTPUTS = False
 # Dtypes the kernels load and store; everything is computed in float32 in between.
 KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
-# Longest row a program keeps whole in registers (x is then read once). On an H100, ptxas (sm_90,
-# Triton 3.6) gives the 8192-column backwards 16 warps x 128 registers per thread, the most a
-# 512-thread program may have, without spills; wider register blocks would spill.
+# Longest row a program keeps whole in registers (x is then read once): 8192 columns on 16 warps
+# x 128 registers per thread, the most a 512-thread program may have; wider blocks would spill.
 MAX_BLOCK_C = 1024 if INTERPRET else 8192
+# Backwards that keep more per column (layer_norm's with its bias gradient, cross-entropy's in
+# float32) spill at 8192 columns (ptxas for sm_80/sm_90: bench/results/aot): they keep rows whole
+# only up to this many columns and loop beyond.
+BWD_MAX_BLOCK_C = min(MAX_BLOCK_C, 4096)
 # Longer rows loop over blocks of this many columns. A loop streams, so a block need not hold the
 # row: 2048 columns on 8 warps keep the looping backwards at ~64 registers (8192 would spill).
 # The interpreter uses small blocks so CPU tests with C = 1025..16384 run the looping path.
@@ -138,19 +141,20 @@ def as_rows(t: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
 class RowBlocks(NamedTuple):
     """How a row-wise kernel walks a row of C features."""
     block_c: int        # columns per step, a power of two (tl.arange needs one)
-    row_in_block: bool  # C <= MAX_BLOCK_C: the row stays in registers, x is read once
+    row_in_block: bool  # C <= max_block_c: the row stays in registers, x is read once
     num_warps: int      # warps of one program
 
 
-def row_blocks(C: int) -> RowBlocks:
+def row_blocks(C: int, max_block_c: int = MAX_BLOCK_C) -> RowBlocks:
     """Block heuristics for rows of C features.
 
-    Rows up to MAX_BLOCK_C: one block of C rounded up to a power of two (tl.arange needs one).
-    Longer rows: blocks of LOOP_BLOCK_C. Warps: about 8 elements per thread (BLOCK_C / 256
-    warps), i.e. one 16-byte vector load per thread in bf16, from 1 warp (tiny rows) to 16 warps
-    (8192 columns, 16 elements per thread).
+    Rows up to max_block_c (MAX_BLOCK_C; BWD_MAX_BLOCK_C for the heavier backwards): one block
+    of C rounded up to a power of two (tl.arange needs one). Longer rows: blocks of
+    LOOP_BLOCK_C. Warps: about 8 elements per thread (BLOCK_C / 256 warps), i.e. one 16-byte
+    vector load per thread in bf16, from 1 warp (tiny rows) to 16 warps (8192 columns, 16
+    elements per thread).
     """
-    row_in_block = C <= MAX_BLOCK_C
+    row_in_block = C <= max_block_c
     block_c = triton.next_power_of_2(C) if row_in_block else LOOP_BLOCK_C
     num_warps = min(16, max(1, block_c // 256))
     return RowBlocks(block_c, row_in_block, num_warps)
