@@ -384,13 +384,17 @@ def format_table(rows: list[dict]) -> str:
                      f"{'provider':<14} {'MB/s':>8} {'Mtok/s':>7} {'CPU MB/s':>8}  "
                      f"{'fastlm faster':>13} {'(CPU time)':>10}  {'vs 1 thread':>11}")
         for r in enc:
+            # rows from before the prose corpus (committed results) lack its fields
+            r = {"corpus": "code", "vocab_size": "", "same_process": "", **r}
+            mtok = f"{r['tokens_per_s'] / 1e6:.2f}" if "tokens_per_s" in r else "-"
+            cpu_mb = f"{r['cpu_mb_per_s']:.1f}" if "cpu_mb_per_s" in r else "-"
             speed = f"{r['fastlm_speedup']:.2f}x" if "fastlm_speedup" in r else ""
             cpu_speed = f"{r['fastlm_cpu_speedup']:.2f}x" if "fastlm_cpu_speedup" in r else ""
             scale = f"{r['thread_speedup']:.2f}x" if "thread_speedup" in r else ""
             lines.append(f"{r['corpus']:<6} {r['vocab_size']:>6} {r['same_process']:>3} "
                          f"{r['mode']:<7} {r['threads']:>7}  {r['provider']:<14} "
-                         f"{r['mb_per_s']:>8.1f} {r['tokens_per_s'] / 1e6:>7.2f} "
-                         f"{r['cpu_mb_per_s']:>8.1f}  {speed:>13} {cpu_speed:>10}  {scale:>11}")
+                         f"{r['mb_per_s']:>8.1f} {mtok:>7} {cpu_mb:>8}  {speed:>13} "
+                         f"{cpu_speed:>10}  {scale:>11}")
     return "\n".join(lines)
 
 
