@@ -185,6 +185,8 @@ def test_finetune_uses_the_configured_optimizer(tmp_path):
           "--optim.lr=0.5", "--train.progress=false"])
     opt = checkpoint.load(out).optimizer_state()
     assert opt["param_groups"][0]["momentum"] == 0.9 and "momentum_buffer" in opt["state"][0]
+    # precision=auto (the default) is saved as what ran, not as "auto"
+    assert checkpoint.load(out).manifest["config"]["train"]["precision"] in ("fp32", "bf16")
 
 
 def test_max_seconds_stops_finetuning(tmp_path):

@@ -363,6 +363,7 @@ def finetune(args: Args) -> dict:
     optimizer = build_optimizer(model, cfg.optim)  # --optim.name=sgd too
     train_step = TrainStep(model, optimizer, device=device, precision=cfg.train.precision,
                            grad_clip=cfg.train.grad_clip)
+    cfg.train.precision = train_step.precision  # the saved config says what ran, not "auto"
 
     try:  # before any step: a directory that cannot take the result fails now
         run_dir = run_dirs.claim(args.out, overwrite=args.overwrite, resume_hint=False)

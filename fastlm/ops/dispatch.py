@@ -50,10 +50,10 @@ DISPATCH: dict[str, dict[str, tuple[str, ...]]] = {
     "layer_norm": {"cpu": ("cpu", "torch"), "cuda": ("torch", "cuda", "triton")},
     "rms_norm": {"cpu": ("cpu", "torch"), "cuda": ("torch", "cuda", "triton")},
     # C++ attention fwd+bwd 1.4-2.3x torch SDPA on CPU (T 512..2048, d64, fp32, 1 thread,
-    # bench/bench_attention.py). cuda: torch only. Triton awaits a GPU measurement, and its fp32
-    # path (ieee FMA dots) spills in every config on sm_90 and bf16 d128 dk/dv in all of them
-    # (issue 23; `python -m bench.aot_check` lists them): a row needs a measured, non-spilling
-    # config.
+    # bench/bench_attention.py). cuda: torch only. Triton awaits a GPU measurement: its pruner
+    # now keeps only configs that compile without spills or shared-memory overflow on sm_80 and
+    # sm_90 for every dtype and head dim (bench/results/aot, `python -m fastlm.bench.aot_check`),
+    # but none has been timed against SDPA's flash kernel yet.
     "attention": {"cpu": ("cpu", "torch"), "cuda": ("torch",)},
     # cpu rows: bench/results/cpu-amd-epyc (2 cores): C++ cross_entropy 1.6-1.8x F.cross_entropy
     # fwd+bwd, linear_cross_entropy 3.5x faster at 0.11x the peak memory of the materialised path,
