@@ -211,10 +211,12 @@ def test_bench_train_times_each_run_to_the_fp32_runs_final_val_loss():
     assert rows[1]["interleaved_speedup_at_fp32_val"] == 2.0
 
 
-def test_bench_train_needs_nanogpt_unless_vs_fp32(capsys):
+def test_bench_train_needs_nanogpt_unless_vs_fp32(capsys, tmp_path):
     from fastlm.bench import bench_train as bt
 
-    assert bt.parse_args(["--vs-fp32"]).precisions == ["auto", "fp32"]
+    text = tmp_path / "text.txt"  # not the shared corpus: a clean clone elsewhere has none
+    text.write_text("To be, or not to be.\n" * 20)
+    assert bt.parse_args(["--vs-fp32", "--data", str(text)]).precisions == ["auto", "fp32"]
     with pytest.raises(SystemExit):
         bt.parse_args([])
     assert "--nanogpt PATH is needed (or --vs-fp32" in capsys.readouterr().err
