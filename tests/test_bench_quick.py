@@ -43,3 +43,20 @@ def test_quick_run_prints_the_estimate_first_and_times_the_planned_rows(tmp_path
     assert sorted(r["provider"] for r in rows) == ["fastlm-cpu", "torch"]
     assert {tuple(r["shape"]) for r in rows} == {cli.QUICK_SHAPES["layer_norm"]}
     assert all(r["median_ms"] > 0 for r in rows)
+
+
+def test_quick_times_bfloat16_only_where_auto_precision_would_train_in_it(monkeypatch):
+    import fastlm.precision
+
+    monkeypatch.setattr(fastlm.precision, "resolve_precision",
+                        lambda requested, device: ("fp32", "auto: no native bf16"))
+    args = cli.parse_args(["--device", "cpu"])
+    assert [str(d) for d in args.dtypes] == ["torch.float32"]
+    assert "bfloat16 left out (auto: no native bf16" in args.dtype_note
+    # an explicit --dtypes and the full grids are what they were
+    assert len(cli.parse_args(["--device", "cpu", "--dtypes", "float32,bfloat16"]).dtypes) == 2
+    assert len(cli.parse_args(["--device", "cpu", "--sizes", "small"]).dtypes) == 2
+    monkeypatch.setattr(fastlm.precision, "resolve_precision",
+                        lambda requested, device: ("bf16", "auto: native bf16, 2.0x fp32"))
+    fast = cli.parse_args(["--device", "cpu"])
+    assert len(fast.dtypes) == 2 and fast.dtype_note is None
