@@ -96,23 +96,19 @@ class AdamW(torch.optim.Optimizer):
             if group.get("amsgrad") or group.get("maximize"):
                 raise ValueError("fastlm AdamW: amsgrad and maximize are not supported (this "
                                  "parameter group came from a torch.optim.AdamW state dict)")
-            # (device, step or None when capturable, master weights?) -> lists for one call
-            buckets: dict[tuple, tuple[list, ...]] = defaultdict(lambda: ([], [], [], [], [], []))
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
+            active = [p for p in group["params"] if p.grad is not None]
+            for p in active:
                 if p.grad.is_sparse:
                     raise RuntimeError("fastlm AdamW does not support sparse gradients")
+                if not self.state[p]:
+                    self._init_state(p, self.state[p])
+            steps = _advance_host_steps([self.state[p]["step"] for p in active],
+                                        self.capturable)
+            # (device, step or None when capturable, master weights?) -> lists for one call
+            buckets: dict[tuple, tuple[list, ...]] = defaultdict(lambda: ([], [], [], [], [], []))
+            for p, step in zip(active, steps):
                 state = self.state[p]
-                if not state:
-                    self._init_state(p, state)
-                master = self._uses_master(p)
-                if self.capturable:
-                    key = (p.device, None, master)
-                else:
-                    state["step"] += 1
-                    key = (p.device, int(state["step"].item()), master)
-                lists = buckets[key]
+                lists = buckets[(p.device, step, self._uses_master(p))]
                 tensors = (p, p.grad, state["exp_avg"], state["exp_avg_sq"],
                            state.get("master_param"), state["step"])
                 for lst, t in zip(lists, tensors):
@@ -163,6 +159,17 @@ class AdamW(torch.optim.Optimizer):
             if "step" in state:
                 state["step"] = state["step"].to(  # a copy: steps are incremented in place
                     device=p.device if self.capturable else "cpu", dtype=torch.float32, copy=True)
+
+
+def _advance_host_steps(steps: list[torch.Tensor], capturable: bool) -> list[int | None]:
+    """Adds 1 to every host-side step count and returns the new counts: one foreach add and one
+    stacked read for the whole group, not a `+= 1` and an `.item()` per parameter (AdamW.step
+    of the 4-layer shakespeare_char_cpu GPT: 1.53 -> 1.16 ms at one thread). Capturable counts
+    stay untouched here (the device adds them): None each."""
+    if capturable or not steps:
+        return [None] * len(steps)
+    torch._foreach_add_(steps, 1)
+    return [int(s) for s in torch.stack(steps).tolist()]
 
 
 def _is_master_of(master: torch.Tensor | None, p: torch.Tensor) -> bool:
