@@ -191,3 +191,45 @@ def test_bad_input_is_a_clear_error(backend):
     if backend in ("cpu", "triton"):
         with pytest.raises((ValueError, RuntimeError), match="target\\[3\\] = 11"):
             ops.linear_cross_entropy(h, w, torch.tensor([1, 2, -100, 11]), backend=backend)
+
+
+@pytest.mark.parametrize("backend", ["cpu", "triton"])
+def test_unit_upstream_gradients_stay_right_across_backwards(device, backend):
+    """loss.backward() hands the forward's gradients out as they are (no product with 1): a
+    retain_graph backward thrice must still accumulate 3x, a weight also used elsewhere (tied,
+    like an embedding) must get both contributions, and a second forward's backward must not
+    see the first's gradients."""
+    require_backend(OP, backend, device)
+    hidden, weight, target = make_inputs(29, 24, 263, torch.float32, device)
+    ref_h, ref_w = fp32_copies([hidden, weight])
+    reference.linear_cross_entropy(ref_h, ref_w, target).backward()
+
+    def loss():
+        return ops.linear_cross_entropy(hidden, weight, target, backend=backend, chunk_rows=8)
+
+    out = loss()
+    out.backward(retain_graph=True)
+    out.backward(retain_graph=True)
+    out.backward()
+    torch.testing.assert_close(hidden.grad, 3 * ref_h.grad, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(weight.grad, 3 * ref_w.grad, rtol=1e-4, atol=1e-5)
+
+    hidden.grad = weight.grad = None
+    tied = (weight * 3).sum()  # another use of the weight: gradient 3 everywhere
+    (loss() + tied).backward()
+    torch.testing.assert_close(weight.grad, ref_w.grad + 3, rtol=1e-4, atol=1e-5)
+    hidden.grad = weight.grad = None
+    loss().backward()
+    loss().backward()  # accumulates into the grads the first backward handed out
+    torch.testing.assert_close(weight.grad, 2 * ref_w.grad, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(hidden.grad, 2 * ref_h.grad, rtol=1e-4, atol=1e-5)
+
+
+def test_no_rows_gives_zero_gradients():
+    require_backend(OP, "cpu", torch.device("cpu"))
+    hidden = torch.randn(0, 8, requires_grad=True)
+    weight = torch.randn(11, 8, requires_grad=True)
+    ops.linear_cross_entropy(hidden, weight, torch.zeros(0, dtype=torch.long), reduction="sum",
+                             backend="cpu").backward()
+    assert hidden.grad.shape == (0, 8)
+    assert torch.equal(weight.grad, torch.zeros(11, 8))

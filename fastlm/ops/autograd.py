@@ -196,10 +196,35 @@ def register_linear_cross_entropy(fwd: str) -> None:
         if dhidden.numel() == 0 and dweight.numel() == 0:
             raise RuntimeError("fastlm::linear_cross_entropy: the forward ran with with_grad=False "
                                "(under no_grad or on inputs that need no gradient)")
+        if _unit_upstream_freeing_graph(dloss):
+            # loss.backward() hands 1: the gradients are the forward's as they are. The product
+            # would allocate and write a second (V, D) tensor (GPT-2's lm head: 155 MB, ~0.4 s
+            # a step on a 2-core CPU).
+            return dhidden, dweight, None, None, None, None, None
         return (dhidden * dloss.to(dhidden.dtype), dweight * dloss.to(dweight.dtype),
                 None, None, None, None, None)
 
     torch.library.register_autograd(fwd, backward, setup_context=setup_context)
+
+
+def _unit_upstream_freeing_graph(dloss: torch.Tensor) -> bool:
+    """Whether a backward may hand out its saved gradients as they are: the upstream gradient
+    is a plain CPU tensor equal to 1 (reading it is free there; on a GPU it would cost a sync)
+    and the backward frees the graph after it. Under retain_graph the saved tensors must stay
+    intact for the next backward, and autograd may accumulate into a handed-out gradient in
+    place (p.grad += ...), so there the product runs. Traced backwards (fake or functional
+    tensors under torch.compile) always take the product."""
+    if type(dloss) is not torch.Tensor or dloss.device.type != "cpu":
+        return False
+    keep_graph = getattr(torch._C._autograd, "_get_current_graph_task_keep_graph", None)
+    if keep_graph is None:
+        return False
+    try:
+        if keep_graph():
+            return False
+    except RuntimeError:  # not inside a backward pass
+        return False
+    return dloss.item() == 1.0
 
 
 # ---------------------------------------------------------------------------------------------
