@@ -190,8 +190,14 @@ def register_linear_cross_entropy(fwd: str) -> None:
 
     def setup_context(ctx, inputs, output):
         ctx.save_for_backward(output[1], output[2])
+        # The gradients are results, not functions of the inputs to differentiate; and no zero
+        # (V, D) upstream gradient is made for them at every backward (20 ms a GPT-2 CPU step).
+        ctx.mark_non_differentiable(output[1], output[2])
+        ctx.set_materialize_grads(False)
 
     def backward(ctx, dloss, _ddhidden, _ddweight):
+        if dloss is None:  # only the gradient outputs were used downstream
+            return None, None, None, None, None, None, None
         dhidden, dweight = ctx.saved_tensors
         if dhidden.numel() == 0 and dweight.numel() == 0:
             raise RuntimeError("fastlm::linear_cross_entropy: the forward ran with with_grad=False "
