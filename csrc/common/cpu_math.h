@@ -17,6 +17,14 @@ constexpr int kLanes = 16;
 // FASTLM_TARGET_AVX2 that only calls (and so inlines: a callee with fewer ISA features may be
 // inlined) the generic one, and cpu_has_avx2() picks between them once per call. Same code, same
 // math, 8 floats per vector.
+// A function such a wrapper calls must be inlined into it to run as AVX2 code; gcc's heuristics
+// may instead emit one call to the generic copy (ce_row_forward's clone was a bare jump to it), so
+// callees of the clones are marked FASTLM_CLONE_INLINE.
+#if defined(__GNUC__)
+#define FASTLM_CLONE_INLINE inline __attribute__((always_inline))
+#else
+#define FASTLM_CLONE_INLINE inline
+#endif
 #if defined(__GNUC__) && defined(__x86_64__)
 #define FASTLM_HAVE_AVX2_CLONES 1
 #define FASTLM_TARGET_AVX2 __attribute__((target("avx2,fma")))

@@ -27,7 +27,7 @@ struct CeParams {
 // (std::exp is a libm call that only -ffast-math vectorises). x = n ln2 + r with |r| <= ln2/2;
 // e^r by a degree-7 Taylor polynomial (error ~4e-9 relative), then 2^n by building the float's
 // exponent bits. Inputs below -87 (where e^x underflows float) return 0.
-inline float vexp(float x) {
+FASTLM_CLONE_INLINE float vexp(float x) {
   const float xc = x < -87.0f ? -87.0f : (x > 88.0f ? 88.0f : x);
   // Round to nearest by the 1.5 * 2^23 trick (default rounding mode; no -ffast-math here).
   const float n = (xc * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
@@ -46,7 +46,7 @@ inline float vexp(float x) {
   return x < -87.0f ? 0.0f : p * scale;
 }
 
-inline float lane_max(const float* x, int64_t n) {
+FASTLM_CLONE_INLINE float lane_max(const float* x, int64_t n) {
   float acc[kLanes];
   for (int l = 0; l < kLanes; ++l) acc[l] = -std::numeric_limits<float>::infinity();
   int64_t i = 0;
@@ -60,8 +60,8 @@ inline float lane_max(const float* x, int64_t n) {
 }
 
 // Forward of one float32 row: its loss and lse. target must be ignore_index or in [0, V).
-inline void ce_row_forward(const float* x, int64_t V, int64_t target, const CeParams& prm,
-                           float* loss, float* lse) {
+FASTLM_CLONE_INLINE void ce_row_forward(const float* x, int64_t V, int64_t target,
+                                        const CeParams& prm, float* loss, float* lse) {
   const float mx = lane_max(x, V);
   const float sum = lane_sum(V, [&](int64_t i) { return vexp(x[i] - mx); });
   const float l = mx + std::log(sum);
@@ -80,8 +80,8 @@ inline void ce_row_forward(const float* x, int64_t V, int64_t target, const CePa
 }
 
 // Gradient of dloss * loss for one float32 row, written to g (may alias x: in place).
-inline void ce_row_backward(const float* x, int64_t V, int64_t target, float lse, float dloss,
-                            const CeParams& prm, float* g) {
+FASTLM_CLONE_INLINE void ce_row_backward(const float* x, int64_t V, int64_t target, float lse,
+                                         float dloss, const CeParams& prm, float* g) {
   if (target == prm.ignore_index) {
     for (int64_t i = 0; i < V; ++i) g[i] = 0.0f;
     return;
