@@ -203,6 +203,17 @@ def test_inplace_backward_matches(device, backend, dtype, shape, reduction):
     compare_with_reference(f"{OP}[{backend}, {reduction}, inplace]", dtype, ours, ref, lowp)
     assert ours[1][0].dtype == dtype
     if dtype == torch.float32:
+        exact = forward_backward(lambda x: reference.cross_entropy(x, target, reduction=reduction,
+                                                                   **kw),
+                                 [logits.detach().double().requires_grad_()])
+        compare_with_reference(f"{OP}[{backend}, {reduction}, inplace vs float64]", dtype, ours,
+                               exact)
+        if backend == "torch":
+            # its normal path is torch's F.cross_entropy + logsumexp: on a Zen 3 EPYC (AVX2)
+            # their float32 sums over V = 32003 put its gradient 1.6e-5 from float64's, past
+            # the float32 tolerance, while the in-place formula stays within 1e-7 (checked
+            # against float64 just above). So torch's own path is no yardstick here.
+            return
         normal = forward_backward(lambda x: ops.cross_entropy(x, target, reduction=reduction,
                                                               backend=backend, **kw), [logits])
         compare_with_reference(f"{OP}[{backend}, {reduction}, inplace vs normal]", dtype, ours,
