@@ -86,6 +86,10 @@ TORCH_LIBRARY(fastlm, m) {
   m.def("adamw_step_capturable(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs,"
         " Tensor(c!)[] exp_avg_sqs, Tensor(d!)[] master_params, Tensor[] steps, Tensor lr,"
         " float beta1, float beta2, float eps, float weight_decay) -> ()");
+
+  // small_rows_linear: x (M, K) @ weight (N, K)^T + bias (N,) for a few rows of x (decoding one
+  // token per sequence), float32 or bfloat16, CPU only; inference (no autograd formula).
+  m.def("small_rows_linear(Tensor x, Tensor weight, Tensor? bias) -> Tensor");
 }
 
 // `import fastlm._C` loads this library (and so runs the registrations above); the module itself

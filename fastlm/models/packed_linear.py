@@ -15,6 +15,10 @@ head, with biases, one pass, 1 thread, process time): F.linear -> packed, float3
 backend does when it freezes weights (torch.ops.mkldnn._linear_pointwise), done here without
 compiling.
 
+Decode steps of up to SMALL_ROWS rows skip the packed copy: fastlm's small-rows kernel
+(torch.ops.fastlm.small_rows_linear, csrc/small_rows_linear) streams the row-major weight once
+for all rows, float32 or bfloat16, at close to the memory's speed on every core.
+
 Cost and rules: the packed copy is a second copy of every packed weight (memory x2 for the
 matrices). The packed path runs only when it computes exactly what F.linear would: no autograd
 needed (grad mode off or nothing requires grad), x in the weight's dtype on the CPU, and the
@@ -25,6 +29,7 @@ op exists and agrees with F.linear on a small product, and packs nothing otherwi
 """
 from __future__ import annotations
 
+import functools
 import types
 
 import torch
@@ -74,32 +79,62 @@ class _Packed:
         self.version, self.ptr = w._version, w.data_ptr()
 
 
+# Up to this many rows of x (one decode step of up to 4 sequences) go to fastlm's own
+# small-rows kernel on the row-major weight: one pass over W streams it at ~20 GB/s on 2 cores,
+# oneDNN's packed product 11-16 GB/s (gpt2-124m's matrices, Zen 3 EPYC). Beyond, W would be
+# read once per 4 rows, and oneDNN's blocked GEMM wins.
+SMALL_ROWS = 4
+
+
+@functools.cache
+def _small_rows_op():
+    """torch.ops.fastlm.small_rows_linear, or None where fastlm._C lacks it (not built)."""
+    from fastlm.ops import native  # loads fastlm._C
+
+    if native.NATIVE_ERROR is not None or not hasattr(torch.ops.fastlm, "small_rows_linear"):
+        return None
+    return torch.ops.fastlm.small_rows_linear
+
+
 def _forward(self: nn.Linear, x: torch.Tensor) -> torch.Tensor:
     w = self.weight
     if (x.dtype != w.dtype or x.device.type != "cpu" or w.device.type != "cpu"
             or torch.is_grad_enabled() and (w.requires_grad or x.requires_grad)):
         return F.linear(x, w, self.bias)
-    packed = self._fastlm_packed
-    if packed.version != w._version or packed.ptr != w.data_ptr():  # trained or moved since
-        if unavailable_reason(w.dtype) is not None:  # cast to a dtype that is not packed
-            return F.linear(x, w, self.bias)
-        packed = self._fastlm_packed = _Packed(w)
     bias = None if self.bias is None else self.bias.detach()
+    rows = x.numel() // max(1, x.shape[-1])
+    if (rows <= SMALL_ROWS and x.shape[-1] == w.shape[1] and w.dtype in _DTYPES
+            and (bias is None or bias.dtype == w.dtype)):
+        small = _small_rows_op()
+        if small is not None:  # reads w itself: nothing to repack when it changes
+            y = small(x.reshape(rows, w.shape[1]), w.detach(), bias)
+            return y.reshape(*x.shape[:-1], w.shape[0])
+    packed = self._fastlm_packed
+    if packed is None or packed.version != w._version or packed.ptr != w.data_ptr():
+        if unavailable_reason(w.dtype) is not None:  # no oneDNN packing for this dtype here
+            return F.linear(x, w, self.bias)
+        packed = self._fastlm_packed = _Packed(w)  # trained or moved since packing
     return torch.ops.mkldnn._linear_pointwise(x, packed.weight, bias, "none", [], "")
 
 
 def pack_linears(model: nn.Module) -> int:
     """Pack every nn.Linear of model whose weight is a CPU float32/bfloat16 tensor (idempotent);
-    returns the number packed. Linears of other dtypes or devices are left alone."""
+    returns the number packed. Linears of other dtypes or devices are left alone. Where oneDNN
+    cannot pack a dtype on this CPU (bfloat16 without AVX-512/AVX-NE-CONVERT), its Linears
+    still get the small-rows kernel for decode steps and F.linear for the rest."""
     n = 0
+    small_rows = _small_rows_op() is not None
     for m in model.modules():
         if not isinstance(m, nn.Linear) or m.weight.device.type != "cpu":
             continue
-        if unavailable_reason(m.weight.dtype) is not None:
+        if m.weight.dtype not in _DTYPES:
+            continue
+        packable = unavailable_reason(m.weight.dtype) is None
+        if not packable and not small_rows:
             continue
         if m.bias is not None and m.bias.dtype != m.weight.dtype:
             continue
-        m._fastlm_packed = _Packed(m.weight)
+        m._fastlm_packed = _Packed(m.weight) if packable else None
         m.forward = types.MethodType(_forward, m)  # instance attribute: the class is untouched
         n += 1
     return n

@@ -299,6 +299,15 @@ def register_attention(fwd: str, bwd: str, heads_inner: bool = False) -> None:
     torch.library.register_autograd(fwd, backward, setup_context=setup_context)
 
 
+# ---------------------------------------------------------------------------------------------
+# small_rows_linear(x (M, K), weight (N, K), bias (N,)?) -> (M, N): inference only (decode steps,
+# fastlm.models.packed_linear), so a fake kernel and no autograd formula.
+def register_small_rows_linear(name: str) -> None:
+    @torch.library.register_fake(name)
+    def _fake(x, weight, bias):
+        return x.new_empty((x.shape[0], weight.shape[0]))
+
+
 def _sibling(qualname: str, suffix: str) -> str | None:
     """qualname + suffix if that op is registered (a native library built before it lacks it)."""
     namespace, name = qualname.split("::")

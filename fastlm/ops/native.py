@@ -35,6 +35,7 @@ else:
     opdefs.register_adamw_step("fastlm::adamw_step")
     opdefs.register_attention("fastlm::attention_fwd", "fastlm::attention_bwd",
                               heads_inner=True)
+    opdefs.register_small_rows_linear("fastlm::small_rows_linear")
 
 
 @functools.cache
