@@ -10,8 +10,9 @@
     python -m fastlm.bench dispatch RESULTS.json [...] [--mode full] [--tests JUNIT.xml]
 
 On a CPU the default is --sizes quick: one representative shape per op (QUICK_SHAPES), the main
-peers only (torch eager or fused and fastlm's native backends) and a 0.25 s budget per row, so a
-first table comes in minutes; small/medium/large are the full grids. Every run prints an
+peers only (torch eager or fused and fastlm's native backends), a 0.25 s budget per row and
+float32 (bfloat16 too where precision=auto would train in it), so a first table comes in
+minutes; small/medium/large are the full grids. Every run prints an
 estimate of its duration first (rows x (warm-up + budget) + the ceilings: a lower bound, as rows
 whose 5 minimum runs outlast the budget take longer) and shows a progress bar over the rows.
 
