@@ -60,7 +60,11 @@ def test_rolling_loglikelihood_over_several_windows(routes):
     assert len(ours.tok_encode(texts[0])) > 3 * ours.max_length  # several windows
     a, b = ours.loglikelihood_rolling(reqs(*[(t,) for t in texts])), \
         theirs.loglikelihood_rolling(reqs(*[(t,) for t in texts]))
-    assert max(abs(x - y) for x, y in zip(a, b)) < 1e-4
+    # The long document's log-likelihood is ~-3,900 nats (592 tokens in 64-token windows), and
+    # transformers sums in float32, whose ulp there is 2.4e-4: the engines can agree to float32
+    # rounding of the total, not to a fixed 1e-4 (on a Zen 3 EPYC they differed by 1.13e-4,
+    # 3e-8 of the total).
+    assert all(abs(x - y) <= 1e-4 + 1e-6 * abs(y) for x, y in zip(a, b)), list(zip(a, b))
 
 
 def test_generate_until_same_text(routes):

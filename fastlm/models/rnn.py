@@ -23,6 +23,9 @@ Shapes: B batch, T sequence, C = n_embd (embedding and hidden width), L n_layer,
 """
 from __future__ import annotations
 
+import contextlib
+import functools
+
 import torch
 from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
@@ -113,6 +116,20 @@ class RNNLM(LanguageModel):
         state = tuple(s.to(x.dtype) for s in state)
         return state if want == 2 else state[0]
 
+    def _cells(self, x, hx):
+        """self.rnn(x, hx). Under CPU autocast nn.LSTM / nn.GRU go to oneDNN's low-precision
+        RNN, which cannot be built on CPUs without AVX-512 (a Zen 3 EPYC: "could not create a
+        primitive descriptor"); there the cells run torch's own kernels, in float32, instead
+        of failing."""
+        data = x.data if isinstance(x, nn.utils.rnn.PackedSequence) else x
+        if data.device.type != "cpu" or not torch.is_autocast_enabled("cpu"):
+            return self.rnn(x, hx)
+        dtype = torch.get_autocast_dtype("cpu")
+        if _onednn_rnn_runs(dtype):
+            return self.rnn(x, hx)
+        with _without_onednn():
+            return self.rnn(x, hx)
+
     @staticmethod
     def _as_state(hx) -> State:
         return tuple(hx) if isinstance(hx, tuple) else (hx,)
@@ -129,7 +146,7 @@ class RNNLM(LanguageModel):
         logits is None unless return_logits=True, as in GPT.forward.
         """
         x = self.drop(self.wte(idx))  # (B, T, C)
-        h, hx = self.rnn(x, self._initial(state, x))  # (B, T, C); hx: final state per layer
+        h, hx = self._cells(x, self._initial(state, x))  # (B, T, C); hx: final state per layer
         h = self.drop(h)
         out = self.head_and_loss(h, targets, last_only, return_logits)
         return (*out, self._as_state(hx)) if return_state else out
@@ -172,7 +189,7 @@ class RNNLM(LanguageModel):
         pad = cache.take_padding(T)  # (B, T) bool or None
         x = self.drop(self.wte(idx))  # (B, T, C)
         if pad is None:
-            h, hx = self.rnn(x, self._initial(cache.state, x))  # (B, T, C)
+            h, hx = self._cells(x, self._initial(cache.state, x))  # (B, T, C)
         else:
             h, hx = self._run_left_padded(x, pad, cache.state)
         cache.state, cache.length = self._as_state(hx), cache.length + T
@@ -190,7 +207,7 @@ class RNNLM(LanguageModel):
         shift = (T - lens)[:, None]  # (B, 1) padding per row
         front = torch.gather(x, 1, ((ar[None] + shift) % T)[..., None].expand_as(x))
         packed = pack_padded_sequence(front, lens.cpu(), batch_first=True, enforce_sorted=False)
-        h, hx = self.rnn(packed, self._initial(state, x))
+        h, hx = self._cells(packed, self._initial(state, x))
         h, _ = pad_packed_sequence(h, batch_first=True, total_length=T)  # (B, T, C), real first
         back = torch.gather(h, 1, ((ar[None] - shift) % T)[..., None].expand_as(h))
         return back.masked_fill(pad[..., None], 0.0), hx
@@ -231,3 +248,26 @@ class RNNCache:
 
     def mask(self, T: int) -> None:
         return None  # no attention: padding is handled by packing (RNNLM.forward_cached)
+
+
+@functools.cache
+def _onednn_rnn_runs(dtype: torch.dtype) -> bool:
+    """Whether this CPU's oneDNN builds an LSTM/GRU under autocast to dtype (probed once)."""
+    try:
+        with torch.autocast("cpu", dtype=dtype):
+            for cell in (nn.LSTM(8, 8, batch_first=True), nn.GRU(8, 8, batch_first=True)):
+                cell(torch.zeros(1, 2, 8))
+    except RuntimeError:
+        return False
+    return True
+
+
+@contextlib.contextmanager
+def _without_onednn():
+    # torch.backends.mkldnn.flags() would also reset (and warn about) oneDNN's TF32 setting
+    enabled = torch._C._get_mkldnn_enabled()
+    torch._C._set_mkldnn_enabled(False)
+    try:
+        yield
+    finally:
+        torch._C._set_mkldnn_enabled(enabled)
