@@ -302,7 +302,8 @@ def planned_rows(op: str, args) -> int | None:
             shapes = [(T, D) for D in entry["D"] for T in entry["T"]]
         else:
             return None
-    per_dtype = len(shapes) * len(args.modes)
+    modes = [m for m in args.modes if m in getattr(module, "MODES", utils.MODES)]
+    per_dtype = len(shapes) * len(modes)  # MODES: a bench's own modes (forward-only ops)
     if isinstance(getattr(module, "PROVIDERS", None), tuple):  # one "full" row per provider
         return len(shapes) * len(args.dtypes) * count(module.PROVIDERS)
     if not callable(getattr(module, "providers", None)):
