@@ -25,23 +25,45 @@ import torch
 MATMULS = ("aten::mm", "aten::addmm")  # the leaves: neither calls the other
 
 
+# the profiler's names of input dtypes
+DTYPES = {"float": torch.float32, "c10::BFloat16": torch.bfloat16, "c10::Half": torch.float16,
+          "double": torch.float64}
+
+
 def recorded_matmuls(step) -> list[tuple[str, list]]:
-    """(name, input shapes) of every matmul one call of step() runs."""
+    """(name, [(shape, strides, dtype) per input]) of every matmul one call of step() runs:
+    dtypes and strides too, so a bf16 step's products replay in bf16 and the backward's
+    transposed operands stay transposed."""
     with torch.profiler.profile(record_shapes=True) as prof:
         step(0)
-    return [(e.name, e.input_shapes) for e in prof.events() if e.name in MATMULS]
+    calls = []
+    for e in prof.events():
+        if e.name in MATMULS:
+            inputs = list(zip(e.input_shapes, e.structured_input_strides, e.input_dtypes))
+            calls.append((e.name, [i for i in inputs if i[0]]))  # scalars (beta, alpha) have no shape
+    return calls
+
+
+def _tensor(shape, strides, dtype_name):
+    if dtype_name not in DTYPES:
+        raise ValueError(f"a recorded matmul has inputs of dtype {dtype_name}; the replay "
+                         f"knows {', '.join(DTYPES)}")
+    strides = strides if len(strides) == len(shape) else None
+    t = torch.empty_strided(shape, strides, dtype=DTYPES[dtype_name]) if strides else \
+        torch.empty(shape, dtype=DTYPES[dtype_name])
+    return t.normal_()
 
 
 def replayer(calls: list[tuple[str, list]]):
-    """A function running the recorded matmuls on random tensors of their shapes."""
+    """A function running the recorded matmuls on random tensors of their shapes, strides and
+    dtypes."""
     ops = []
-    for name, shapes in calls:
+    for name, inputs in calls:
+        tensors = [_tensor(*i) for i in inputs]
         if name == "aten::mm":
-            a, b = (torch.randn(s) for s in shapes[:2])
-            ops.append((torch.mm, (a, b)))
+            ops.append((torch.mm, tuple(tensors[:2])))
         else:  # addmm(bias, a, b)
-            bias, a, b = (torch.randn(s) for s in shapes[:3])
-            ops.append((torch.addmm, (bias, a, b)))
+            ops.append((torch.addmm, tuple(tensors[:3])))
 
     def run():
         for fn, args in ops:

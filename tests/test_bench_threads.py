@@ -62,9 +62,25 @@ def test_step_floor_replays_the_steps_matmuls(tmp_path):
     assert r["step_over_matmul"] == pytest.approx(r["step_cpu_ms"] / r["matmul_cpu_ms"])
 
 
-def test_step_floor_records_shapes():
+def test_step_floor_records_shapes_strides_and_dtypes():
+    """A bf16 step's products replay in bf16 and a transposed operand stays transposed: the
+    floor of a bf16 step timed in float32 was twice its real matmul time."""
     from fastlm.bench import bench_step_floor
 
-    a, b = torch.randn(5, 7), torch.randn(7, 3)
-    calls = bench_step_floor.recorded_matmuls(lambda _i: (a @ b, torch.addmm(torch.randn(3), a, b)))
-    assert calls == [("aten::mm", [[5, 7], [7, 3]]), ("aten::addmm", [[3], [5, 7], [7, 3], [], []])]
+    a, b = torch.randn(5, 7), torch.randn(3, 7).t()
+    a16, b16 = a.bfloat16(), b.bfloat16()
+    calls = bench_step_floor.recorded_matmuls(
+        lambda _i: (a @ b, torch.addmm(torch.randn(3), a, b), a16 @ b16))
+    assert calls == [("aten::mm", [([5, 7], [7, 1], "float"), ([7, 3], [1, 7], "float")]),
+                     ("aten::addmm", [([3], [1], "float"), ([5, 7], [7, 1], "float"),
+                                      ([7, 3], [1, 7], "float")]),
+                     ("aten::mm", [([5, 7], [7, 1], "c10::BFloat16"),
+                                   ([7, 3], [1, 7], "c10::BFloat16")])]
+    replayed = []
+    original_mm = torch.mm
+    try:
+        torch.mm = lambda x, y: replayed.append((x.dtype, x.stride(), y.dtype, y.stride()))
+        bench_step_floor.replayer([calls[2]])()
+    finally:
+        torch.mm = original_mm
+    assert replayed == [(torch.bfloat16, (7, 1), torch.bfloat16, (1, 7))]
