@@ -113,6 +113,17 @@ def test_decode_and_window(device, backend, case):
                   window=window)
 
 
+@pytest.mark.parametrize("case", MASK_CASES, ids=str)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_cpu_lowp_decode_and_window(dtype, case):
+    """bf16/fp16 heads go through a per-task float32 scratch of Tq query rows and Tk key rows:
+    decoding (Tq < Tk), windows and grouped heads (dk, dv summed over the group) in those
+    dtypes too."""
+    require_backend(OP, "cpu", torch.device("cpu"))
+    *shape, causal, window = case
+    check_backend("cpu", dtype, make_inputs(shape, dtype, "cpu"), causal, window=window)
+
+
 def test_cpu_long_window():
     require_backend(OP, "cpu", torch.device("cpu"))
     *shape, causal, window = LONG_WINDOW
@@ -268,29 +279,34 @@ def test_cpu_fused_qkv_views(dtype, shape, causal):
     compare_with_reference(name, dtype, ours, theirs, lowp)
 
 
-def test_cpu_unit_feature_stride_not_required():
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_cpu_unit_feature_stride_not_required(dtype):
     """A view whose last dim is strided (here D is the slow axis) is still right: the glue
     makes it contiguous instead of reading it in place."""
     require_backend(OP, "cpu", torch.device("cpu"))
-    q, k, v = (randn(2, 3, 24, 37).transpose(-1, -2).requires_grad_(True) for _ in range(3))
+    q, k, v = (randn(2, 3, 24, 37).to(dtype).transpose(-1, -2).requires_grad_(True)
+               for _ in range(3))
     assert q.stride(-1) != 1
-    check_backend("cpu", torch.float32, [q, k, v], True)
+    check_backend("cpu", dtype, [q, k, v], True)
 
 
-def test_cpu_fp32_views_are_not_copied():
-    """float32 q/k/v views and the transposed output gradient go into the C++ kernels without a
-    copy, and out, dq, dk, dv come back laid out (B, T, H, D), so the model's
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_cpu_views_are_not_copied(dtype):
+    """q/k/v views and the transposed output gradient go into the C++ kernels without a copy
+    (bf16/fp16 heads are widened per task, never as whole float32 tensors), and out, dq, dk,
+    dv come back laid out (B, T, H, D) in the inputs' dtype, so the model's
     y.transpose(1, 2).reshape(B, T, C) and the backward of its views copy nothing either."""
     require_backend(OP, "cpu", torch.device("cpu"))
     B, H, T, D = 2, 4, 20, 32
-    qkv, (q, k, v) = fused_qkv_views((B, H, H, T, D), torch.float32)
+    qkv, (q, k, v) = fused_qkv_views((B, H, H, T, D), dtype)
+    dy = randn(B, T, H * D).to(dtype)
     with torch.profiler.profile() as prof:
         out = ops.attention(q, k, v, True, backend="cpu")
         y = out.transpose(1, 2).reshape(B, T, H * D)  # (B, T, C): a view, no copy
-        (dqkv,) = torch.autograd.grad(y, qkv, randn(B, T, H * D))
-    copies = [e.key for e in prof.key_averages() if e.key in ("aten::copy_", "aten::clone",
-                                                               "aten::contiguous")]
+        (dqkv,) = torch.autograd.grad(y, qkv, dy)
+    copies = [e.key for e in prof.key_averages() if e.key in (
+        "aten::copy_", "aten::clone", "aten::contiguous", "aten::_to_copy")]
     assert y._base is not None, "out is not laid out (B, T, H, D): the reshape copied"
     # the one copy left: the split's backward concatenates dq, dk, dv into dqkv
-    assert "aten::clone" not in copies and "aten::contiguous" not in copies, copies
+    assert not {"aten::clone", "aten::contiguous", "aten::_to_copy"} & set(copies), copies
     assert dqkv.shape == qkv.shape

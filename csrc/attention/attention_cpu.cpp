@@ -1,8 +1,9 @@
 // C++ CPU attention (forward and backward) and its registration for CPU tensors.
 // q (B, H, Tq, D), k and v (B, H_kv, Tk, D), H % H_kv == 0, at any strides: float32 inputs with
-// unit feature stride are read in place; others are upcast to float32 (the kernels' only dtype)
-// once. Outputs come back in q's dtype laid out (B, T, H, D) (see heads_inner), lse (B, H, Tq)
-// in float32.
+// unit feature stride are read in place; bfloat16 and float16 heads are widened to float32 (the
+// kernels' only dtype) per task in a small scratch and their results narrowed straight into the
+// outputs (see LowpHeads). Outputs come back in q's dtype laid out (B, T, H, D) (see
+// heads_inner), lse (B, H, Tq) in float32.
 // Parallel over batch x query heads with at::parallel_for; each task runs the tiled kernels of
 // attention_tiles.h on one head, so memory stays linear in T (no T x T scores anywhere).
 #include <algorithm>
@@ -10,11 +11,14 @@
 #include <cstdint>
 #include <cstring>
 #include <limits>
+#include <optional>
 #include <tuple>
 #include <vector>
 
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
 #include <torch/library.h>
 
 #include "common/checks.h"
@@ -138,6 +142,65 @@ at::Tensor readable(const at::Tensor& t) {
   return t.to(at::kFloat).contiguous();
 }
 
+// A view whose rows have unit feature stride (what LowpHeads reads and writes), copied only when
+// they do not.
+at::Tensor unit_feature_stride(const at::Tensor& t) {
+  return t.stride(3) == 1 || t.size(3) == 1 ? t : t.contiguous();
+}
+
+// Rows of a bfloat16 or float16 head <-> a dense float32 block (row stride D). Compiled twice
+// (generic and AVX2) like cpu_math.h's row functions: a head's conversion is a few thousand
+// elements, next to kernels of ~10-50 us per head.
+template <typename T>
+FASTLM_CLONE_INLINE void widen_rows(const T* src, int64_t ld, int64_t rows, int64_t D,
+                                    float* dst) {
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t i = 0; i < D; ++i) dst[r * D + i] = static_cast<float>(src[r * ld + i]);
+}
+
+template <typename T>
+FASTLM_CLONE_INLINE void narrow_rows(const float* src, int64_t rows, int64_t D, T* dst,
+                                     int64_t ld) {
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t i = 0; i < D; ++i) dst[r * ld + i] = static_cast<T>(src[r * D + i]);
+}
+
+#ifdef FASTLM_HAVE_AVX2_CLONES
+template <typename T>
+FASTLM_TARGET_AVX2 void widen_rows_avx2(const T* src, int64_t ld, int64_t rows, int64_t D,
+                                        float* dst) {
+  widen_rows(src, ld, rows, D, dst);
+}
+
+template <typename T>
+FASTLM_TARGET_AVX2 void narrow_rows_avx2(const float* src, int64_t rows, int64_t D, T* dst,
+                                         int64_t ld) {
+  narrow_rows(src, rows, D, dst, ld);
+}
+#endif
+
+// Head (b, h) of a (B, H, T, D) bfloat16 or float16 tensor with unit feature stride, converted to
+// and from float32 blocks of rows x D.
+template <typename T>
+struct LowpHead {
+  const at::Tensor& t;
+  T* p;
+  explicit LowpHead(const at::Tensor& t) : t(t), p(t.data_ptr<T>()) {}
+  T* at(int64_t b, int64_t h) const { return p + b * t.stride(0) + h * t.stride(1); }
+  void widen(int64_t b, int64_t h, float* dst) const {
+#ifdef FASTLM_HAVE_AVX2_CLONES
+    if (cpu::cpu_has_avx2()) return widen_rows_avx2(at(b, h), t.stride(2), t.size(2), t.size(3), dst);
+#endif
+    widen_rows(at(b, h), t.stride(2), t.size(2), t.size(3), dst);
+  }
+  void narrow(const float* src, int64_t b, int64_t h) const {
+#ifdef FASTLM_HAVE_AVX2_CLONES
+    if (cpu::cpu_has_avx2()) return narrow_rows_avx2(src, t.size(2), t.size(3), at(b, h), t.stride(2));
+#endif
+    narrow_rows(src, t.size(2), t.size(3), at(b, h), t.stride(2));
+  }
+};
+
 // Head (b, h) of a (B, H, T, D) float32 tensor: its first element and its row (T) stride.
 struct Head {
   const at::Tensor& t;
@@ -154,26 +217,103 @@ at::Tensor heads_inner(int64_t B, int64_t H, int64_t T, int64_t D, const at::Ten
   return empty_output({B, T, H, D}, o).transpose(1, 2);
 }
 
-// A float32 buffer the kernel fills: the output itself when it is float32, else a scratch tensor
-// of the same layout (poisoned like outputs, so an unwritten element still shows) copied into it.
-at::Tensor float_target(const at::Tensor& out) {
-  if (out.scalar_type() == at::kFloat) return out;
-  return heads_inner(out.size(0), out.size(1), out.size(2), out.size(3),
-                     out.options().dtype(at::kFloat));
+// bfloat16 / float16 forward: each task widens its head's q, k and v into one float32 scratch,
+// runs the kernel there and narrows the result into `out`. No whole-tensor float32 copies of
+// q, k, v and out (under bf16 autocast those conversions cost about as much as the kernel).
+template <typename T>
+void attention_fwd_lowp(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                        const at::Tensor& out, float* lse, const Shape& s, float scale,
+                        const attention_generic::Mask& mask) {
+  const Kernels& kern = kernels();
+  const int64_t n_rep = s.H / s.Hkv, D = s.D;
+  const LowpHead<T> qh(q), kh(k), vh(v), oh(out);
+  at::parallel_for(0, s.B * s.H, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> scratch(static_cast<size_t>((2 * s.Tq + 2 * s.Tk) * D));
+    float* qf = scratch.data();
+    float* kf = qf + s.Tq * D;
+    float* vf = kf + s.Tk * D;
+    float* of = vf + s.Tk * D;
+    for (int64_t bh = begin; bh < end; ++bh) {
+      const int64_t b = bh / s.H, h = bh % s.H, hkv = h / n_rep;
+      qh.widen(b, h, qf);
+      kh.widen(b, hkv, kf);
+      vh.widen(b, hkv, vf);
+      kern.forward(qf, D, kf, D, vf, D, of, D, lse + bh * s.Tq, D, scale, mask);
+      oh.narrow(of, b, h);
+    }
+  });
+}
+
+// bfloat16 / float16 backward, per task as the forward: q, k, v, out and dout widened per head;
+// dq narrowed into its output; dk and dv too when each key/value head has one query head, else
+// written in float32 per query head (dk32, dv32) for the caller to sum over the group.
+template <typename T>
+void attention_bwd_lowp(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k,
+                        const at::Tensor& v, const at::Tensor& out, const float* lse,
+                        const at::Tensor& dq, const at::Tensor& dk, const at::Tensor& dv,
+                        bool float_dkv, const Shape& s, float scale,
+                        const attention_generic::Mask& mask) {
+  const Kernels& kern = kernels();
+  const int64_t n_rep = s.H / s.Hkv, D = s.D;
+  const LowpHead<T> qh(q), kh(k), vh(v), oh(out), gh(dout), dqh(dq);
+  std::optional<Head> dk32, dv32;
+  if (float_dkv) dk32.emplace(dk), dv32.emplace(dv);
+  at::parallel_for(0, s.B * s.H, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> scratch(static_cast<size_t>((4 * s.Tq + 4 * s.Tk) * D));
+    float* qf = scratch.data();
+    float* of = qf + s.Tq * D;
+    float* gf = of + s.Tq * D;
+    float* dqf = gf + s.Tq * D;
+    float* kf = dqf + s.Tq * D;
+    float* vf = kf + s.Tk * D;
+    float* dkf = vf + s.Tk * D;
+    float* dvf = dkf + s.Tk * D;
+    for (int64_t bh = begin; bh < end; ++bh) {
+      const int64_t b = bh / s.H, h = bh % s.H, hkv = h / n_rep;
+      qh.widen(b, h, qf);
+      oh.widen(b, h, of);
+      gh.widen(b, h, gf);
+      kh.widen(b, hkv, kf);
+      vh.widen(b, hkv, vf);
+      if (float_dkv) {  // per query head, float32, summed by the caller
+        kern.backward(qf, D, kf, D, vf, D, of, D, gf, D, lse + bh * s.Tq, dqf, D,
+                      dk32->at(b, h), dk32->ld(), dv32->at(b, h), dv32->ld(), D, scale, mask);
+      } else {
+        kern.backward(qf, D, kf, D, vf, D, of, D, gf, D, lse + bh * s.Tq, dqf, D, dkf, D, dvf,
+                      D, D, scale, mask);
+        LowpHead<T>(dk).narrow(dkf, b, hkv);
+        LowpHead<T>(dv).narrow(dvf, b, hkv);
+      }
+      dqh.narrow(dqf, b, h);
+    }
+  });
+}
+
+template <typename F>
+void dispatch_lowp(at::ScalarType t, F&& f) {
+  if (t == at::kBFloat16) return f(c10::BFloat16{});
+  return f(c10::Half{});
 }
 
 std::tuple<at::Tensor, at::Tensor> attention_fwd_cpu(const at::Tensor& q, const at::Tensor& k,
                                                      const at::Tensor& v, bool causal,
                                                      double scale, int64_t window) {
   const Shape s = check_inputs(q, k, v);
-  const at::Tensor qf = readable(q), kf = readable(k), vf = readable(v);
   at::Tensor out = heads_inner(s.B, s.H, s.Tq, s.D, q.options());
   at::Tensor lse = empty_output({s.B, s.H, s.Tq}, q.options().dtype(at::kFloat));
-  at::Tensor of = float_target(out);
   const attention_generic::Mask mask{s.Tq, s.Tk, causal, window};
+  if (q.scalar_type() != at::kFloat) {
+    dispatch_lowp(q.scalar_type(), [&](auto tag) {
+      attention_fwd_lowp<decltype(tag)>(unit_feature_stride(q), unit_feature_stride(k),
+                                        unit_feature_stride(v), out, lse.data_ptr<float>(), s,
+                                        static_cast<float>(scale), mask);
+    });
+    return {out, lse};
+  }
+  const at::Tensor qf = readable(q), kf = readable(k), vf = readable(v);
   const Kernels& kern = kernels();
   const int64_t n_rep = s.H / s.Hkv;
-  const Head qh(qf), kh(kf), vh(vf), oh(of);
+  const Head qh(qf), kh(kf), vh(vf), oh(out);
   float* lp = lse.data_ptr<float>();
   at::parallel_for(0, s.B * s.H, 1, [&](int64_t begin, int64_t end) {
     for (int64_t bh = begin; bh < end; ++bh) {
@@ -182,7 +322,6 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd_cpu(const at::Tensor& q, const 
                    oh.at(b, h), oh.ld(), lp + bh * s.Tq, s.D, static_cast<float>(scale), mask);
     }
   });
-  if (!of.is_same(out)) out.copy_(of);
   return {out, lse};
 }
 
@@ -197,21 +336,38 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd_cpu(
                   lse.size(1) == s.H && lse.size(2) == s.Tq,
               "fastlm::attention_bwd: lse must be the float32 (B, H, Tq) tensor the forward "
               "returned, got ", lse.scalar_type(), " ", lse.sizes());
-  const at::Tensor qf = readable(q), kf = readable(k), vf = readable(v), of = readable(out),
-                   dof = readable(dout), lf = lse.contiguous();
+  const at::Tensor lf = lse.contiguous();
   at::Tensor dq = heads_inner(s.B, s.H, s.Tq, s.D, q.options());
-  at::Tensor dqf = float_target(dq);
   const int64_t n_rep = s.H / s.Hkv;
-  // dk and dv: written straight into the result (float32, one query head per k/v head), else
-  // per query head in float32 and summed below over the heads sharing a key/value head.
-  const bool direct = n_rep == 1 && k.scalar_type() == at::kFloat;
+  // dk and dv: written straight into the result (one query head per k/v head), else per query
+  // head in float32 and summed below over the heads sharing a key/value head.
+  const bool direct = n_rep == 1;
   at::Tensor dk = direct ? heads_inner(s.B, s.Hkv, s.Tk, s.D, k.options())
                          : heads_inner(s.B, s.H, s.Tk, s.D, k.options().dtype(at::kFloat));
   at::Tensor dv = direct ? heads_inner(s.B, s.Hkv, s.Tk, s.D, v.options())
                          : heads_inner(s.B, s.H, s.Tk, s.D, v.options().dtype(at::kFloat));
   const attention_generic::Mask mask{s.Tq, s.Tk, causal, window};
+  auto per_kv_head = [&](const at::Tensor& g, const at::Tensor& like) {
+    // (B, H, Tk, D) viewed as its (B, Tk, H, D) storage; heads h = hkv * n_rep + r.
+    const at::Tensor bthd = g.transpose(1, 2);
+    const at::Tensor summed = bthd.view({s.B, s.Tk, s.Hkv, n_rep, s.D}).sum(3);
+    return summed.to(like.scalar_type()).contiguous().transpose(1, 2);
+  };
+  if (q.scalar_type() != at::kFloat) {
+    const at::ScalarType t = q.scalar_type();
+    dispatch_lowp(t, [&](auto tag) {
+      attention_bwd_lowp<decltype(tag)>(
+          unit_feature_stride(dout.to(t)), unit_feature_stride(q), unit_feature_stride(k),
+          unit_feature_stride(v), unit_feature_stride(out.to(t)), lf.data_ptr<float>(), dq, dk,
+          dv, !direct, s, static_cast<float>(scale), mask);
+    });
+    if (direct) return {dq, dk, dv};
+    return {dq, per_kv_head(dk, k), per_kv_head(dv, v)};
+  }
+  const at::Tensor qf = readable(q), kf = readable(k), vf = readable(v), of = readable(out),
+                   dof = readable(dout);
   const Kernels& kern = kernels();
-  const Head qh(qf), kh(kf), vh(vf), oh(of), gh(dof), dqh(dqf), dkh(dk), dvh(dv);
+  const Head qh(qf), kh(kf), vh(vf), oh(of), gh(dof), dqh(dq), dkh(dk), dvh(dv);
   const float* lp = lf.data_ptr<float>();
   at::parallel_for(0, s.B * s.H, 1, [&](int64_t begin, int64_t end) {
     for (int64_t bh = begin; bh < end; ++bh) {
@@ -222,15 +378,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd_cpu(
                     static_cast<float>(scale), mask);
     }
   });
-  if (!dqf.is_same(dq)) dq.copy_(dqf);
   if (direct) return {dq, dk, dv};
-  auto per_kv_head = [&](const at::Tensor& g, const at::Tensor& like) {
-    // (B, H, Tk, D) viewed as its (B, Tk, H, D) storage; heads h = hkv * n_rep + r.
-    const at::Tensor bthd = g.transpose(1, 2);
-    const at::Tensor summed =
-        n_rep == 1 ? bthd : bthd.view({s.B, s.Tk, s.Hkv, n_rep, s.D}).sum(3);
-    return summed.to(like.scalar_type()).contiguous().transpose(1, 2);
-  };
   return {dq, per_kv_head(dk, k), per_kv_head(dv, v)};
 }
 
