@@ -42,3 +42,18 @@ def test_every_avx2_clone_runs_avx2_instructions():
     assert len(clones) >= 10, sorted(clones)  # the kernels' clones were found at all
     scalar = [name for name, body in clones.items() if not any("ymm" in i for i in body)]
     assert not scalar, f"AVX2 clones without AVX2 code (a callee was not inlined): {scalar}"
+
+
+@pytest.mark.skipif(shutil.which("objdump") is None, reason="needs binutils' objdump")
+def test_the_avx512_bf16_decode_product_uses_its_dot_product_instruction():
+    """small_rows_linear's bf16 path for AVX512-BF16 CPUs is built on every machine (the CPUs
+    that run it are checked at run time): its row kernels must hold vdpbf16ps."""
+    require_backend("layer_norm", "cpu", torch.device("cpu"))
+    import fastlm._C
+
+    funcs = functions(fastlm._C.__file__)
+    kernels = {name: body for name, body in funcs.items()
+               if "rows_bf16dp" in name and "[clone .cold]" not in name}
+    assert kernels  # the row kernels (1 to 4 rows of x; gcc may inline some into the switch)
+    missing = [name for name, body in kernels.items() if not any("vdpbf16ps" in i for i in body)]
+    assert not missing, missing

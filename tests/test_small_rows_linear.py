@@ -30,13 +30,36 @@ def test_float32_equals_linear(M, K, N, bias):
                  "small_rows_linear (float32 vs float64)", dtype=torch.float32)
 
 
+def has_avx512_bf16() -> bool:
+    from fastlm.precision import cpu_flags
+
+    return {"avx512f", "avx512bw", "avx512_bf16"} <= (cpu_flags() or set())
+
+
+# "default": vdpbf16ps where the CPU has AVX512-BF16, else the widening path; "widening": the
+# widening path everywhere (FASTLM_NO_AVX512BF16=1), so an AVX512-BF16 machine tests both.
+@pytest.mark.parametrize("path", ["default", "widening"])
 @pytest.mark.parametrize("M,K,N", CASES, ids=str)
-def test_bfloat16_within_torchs_own_error(M, K, N):
+def test_bfloat16_within_torchs_own_error(M, K, N, path, monkeypatch):
+    if path == "widening":
+        monkeypatch.setenv("FASTLM_NO_AVX512BF16", "1")
     x, w, b = (torch.randn(*s).bfloat16() for s in ((M, K), (N, K), (N,)))
     got = torch.ops.fastlm.small_rows_linear(x, w, b)
     assert got.dtype == torch.bfloat16
     reference = F.linear(x.double(), w.double(), b.double())
     assert_lowp_close(got, reference, F.linear(x, w, b), "small_rows_linear (bfloat16)")
+
+
+@pytest.mark.skipif(not has_avx512_bf16(), reason="needs a CPU with AVX512-BF16")
+def test_bfloat16_runs_the_dot_product_instruction_where_the_cpu_has_it(monkeypatch):
+    """vdpbf16ps reads denormal inputs as zero (its documented DAZ), the widening path does not:
+    a denormal x tells which one ran, so the dispatch to the instruction cannot silently rot."""
+    x, w = torch.full((1, 40), 1e-39).bfloat16(), torch.ones(3, 40).bfloat16()
+    assert x.float().abs().min() > 0  # representable as a bf16 denormal
+    op = torch.ops.fastlm.small_rows_linear
+    assert torch.equal(op(x, w, None), torch.zeros(1, 3, dtype=torch.bfloat16))
+    monkeypatch.setenv("FASTLM_NO_AVX512BF16", "1")
+    assert (op(x, w, None).float() > 0).all()
 
 
 def test_strided_inputs_and_empty_k():
