@@ -96,7 +96,7 @@ def test_summary_medians_ratios_and_table(tmp_path):
     runs = {("nanogpt", 1): [run(1000.0, 10.0, 2.1), run(900.0, 11.0, 2.1)],
             ("fastlm-bf16", 1): [run(1500.0, 7.0, 2.0), run(1400.0, 7.5, 2.2)],
             ("fastlm-fp32", 2): [run(800.0, 12.0, 2.0)]}  # no nanoGPT row at 2 threads
-    args = type("Args", (), {"nanogpt": tmp_path, "iters": 10})
+    args = type("Args", (), {"nanogpt": tmp_path, "iters": 10, "val_tol": 0.01})
     interleaved = {1: {"nanogpt": 60.0, "fastlm-bf16": 40.0}}
     rows = {(r["provider"], r["threads"]): r for r in bt.summarize(runs, args, interleaved)}
     ours, base = rows[("fastlm-bf16", 1)], rows[("nanogpt", 1)]

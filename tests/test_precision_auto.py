@@ -211,6 +211,22 @@ def test_bench_train_times_each_run_to_the_fp32_runs_final_val_loss():
     assert rows[1]["interleaved_speedup_at_fp32_val"] == 2.0
 
 
+def test_bench_train_val_tol_counts_a_loss_within_it_as_reached():
+    from fastlm.bench import bench_train as bt
+
+    fp32 = {"val_curve": [(0, 1.0, 5.0), (50, 20.0, 2.004), (100, 40.0, 2.0)]}
+    auto = {"val_curve": [(0, 1.0, 5.0), (50, 10.0, 2.02), (100, 20.0, 2.00006)]}
+    runs = {("fastlm-fp32", 1): [fp32], ("fastlm-auto", 1): [auto]}
+    strict = [{"provider": "fastlm-fp32", "threads": 1}, {"provider": "fastlm-auto", "threads": 1}]
+    bt.add_time_to_fp32_loss(strict, runs)
+    assert strict[1]["time_to_fp32_val_s"] is None  # 6e-5 above fp32's final loss: never
+    loose = [{"provider": "fastlm-fp32", "threads": 1}, {"provider": "fastlm-auto", "threads": 1}]
+    bt.add_time_to_fp32_loss(loose, runs, tol=0.01)
+    assert loose[0]["fp32_target_val_loss"] == pytest.approx(2.01) and loose[0]["val_tol"] == 0.01
+    assert [r["time_to_fp32_val_s"] for r in loose] == [20.0, 20.0]  # fp32 gets there sooner too
+    assert loose[1]["speedup_at_fp32_val"] == 1.0
+
+
 def test_bench_train_needs_nanogpt_unless_vs_fp32(capsys, tmp_path):
     from fastlm.bench import bench_train as bt
 
