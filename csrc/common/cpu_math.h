@@ -5,6 +5,7 @@
 #pragma once
 
 #include <cstdint>
+#include <cstdlib>
 #include <type_traits>
 
 namespace fastlm {
@@ -32,8 +33,20 @@ inline bool cpu_has_avx2() {
   static const bool yes = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
   return yes;
 }
+// AVX512-BF16 (bf16 dot products in hardware: Zen 4, Cooper Lake, Sapphire Rapids): where it is
+// present, bf16 kernels multiply bf16 directly instead of widening to float32 first.
+// FASTLM_NO_AVX512BF16=1 in the environment turns those paths off (read on every call, so tests
+// can compare both paths in one process).
+inline bool use_avx512_bf16() {
+  static const bool has = __builtin_cpu_supports("avx512f") &&
+                          __builtin_cpu_supports("avx512bw") &&
+                          __builtin_cpu_supports("avx512bf16");
+  const char* off = std::getenv("FASTLM_NO_AVX512BF16");
+  return has && !(off != nullptr && off[0] != '\0' && off[0] != '0');
+}
 #else
 inline bool cpu_has_avx2() { return false; }
+inline bool use_avx512_bf16() { return false; }
 #endif
 
 // Pointer to row `src` as float32: the row itself when T is float, else converted into `buf`.

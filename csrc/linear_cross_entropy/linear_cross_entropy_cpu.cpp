@@ -5,6 +5,10 @@
 // The gradients are those of the returned loss = scale * sum_r loss_r (scale = 1 for "sum",
 // 1 / valid rows for "mean"), computed in the forward: autograd multiplies them by the upstream
 // scalar, so no (N, V) tensor is ever kept and no logits are recomputed.
+// bfloat16 hidden and weight on a CPU with bf16 arithmetic (AVX512-BF16) run the three GEMMs in
+// bfloat16, as torch's materialised path does (logits rounded to bf16, then float32 for the row
+// kernels; dweight summed over chunks in float32). Elsewhere the GEMMs run in float32: emulated
+// bf16 GEMMs are many times slower, and converting W once is cheap next to them.
 #include <tuple>
 
 #include <ATen/Parallel.h>
@@ -14,6 +18,7 @@
 #include <torch/library.h>
 
 #include "common/checks.h"
+#include "common/cpu_math.h"
 #include "cross_entropy/cross_entropy_rows.h"
 
 namespace fastlm {
@@ -57,7 +62,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_cross_entropy_fwd_cpu(
               chunk_rows);
   const int64_t N = hidden.size(0), D = hidden.size(1), V = weight.size(0);
   const at::Tensor h = hidden.contiguous();
-  const at::Tensor w = weight.to(at::kFloat).contiguous();  // (V, D); no copy when float32
+  const bool bf16_gemm = hidden.scalar_type() == at::kBFloat16 &&
+                         weight.scalar_type() == at::kBFloat16 && cpu::use_avx512_bf16();
+  // (V, D) in the GEMMs' dtype; no copy when it is already
+  const at::Tensor w = (bf16_gemm ? weight : weight.to(at::kFloat)).contiguous();
   const at::Tensor t = target.contiguous();
   const float s = scale.to(at::kFloat).item<float>();
   // (N, D) and (V, D) float32 gradients, or empty (0,) placeholders without with_grad.
@@ -70,8 +78,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_cross_entropy_fwd_cpu(
 
   for (int64_t start = 0; start < N; start += chunk_rows) {
     const int64_t n = std::min(chunk_rows, N - start);
-    const at::Tensor hc = h.narrow(0, start, n).to(at::kFloat);  // (n, D)
-    at::Tensor logits = at::mm(hc, w.t());                        // (n, V) fp32, contiguous
+    const at::Tensor hc = h.narrow(0, start, n).to(w.scalar_type());  // (n, D)
+    at::Tensor logits = at::mm(hc, w.t());                              // (n, V), contiguous
+    if (bf16_gemm) logits = logits.to(at::kFloat);  // the row kernels work in float32
     float* xp = logits.data_ptr<float>();
     at::parallel_for(0, n, std::max<int64_t>(1, 65536 / V), [&](int64_t begin, int64_t end) {
       for (int64_t r = begin; r < end; ++r) {
@@ -82,10 +91,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_cross_entropy_fwd_cpu(
       }
     });
     if (!with_grad) continue;
-    dh.narrow(0, start, n).copy_(at::mm(logits, w));  // (n, D)
+    const at::Tensor dlogits = bf16_gemm ? logits.to(at::kBFloat16) : logits;
+    dh.narrow(0, start, n).copy_(at::mm(dlogits, w));  // (n, D)
     // (V, D) += (V, n) @ (n, D); the first chunk writes dw outright: zeroing a (V, D) buffer
     // first cost as much as the product (155 MB of fresh pages for GPT-2's vocabulary)
-    if (start == 0) {
+    if (bf16_gemm) {  // each chunk's bf16 product summed in float32 (one chunk: kept as it is)
+      const at::Tensor part = at::mm(dlogits.t(), hc);
+      dw = start > 0 ? dw.add_(part) : n == N ? part : part.to(at::kFloat);
+    } else if (start == 0) {
       dw = at::mm(logits.t(), hc);
     } else {
       dw.addmm_(logits.t(), hc);

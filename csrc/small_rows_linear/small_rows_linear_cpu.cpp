@@ -15,7 +15,6 @@
 // and for comparing numerics).
 #include <algorithm>
 #include <cstdint>
-#include <cstdlib>
 #include <cstring>
 
 #include <immintrin.h>
@@ -110,14 +109,6 @@ FASTLM_TARGET_AVX2 void rows_avx2(int64_t rows, const T* w, const float* x, cons
 #if defined(__GNUC__) && defined(__x86_64__)
 #define FASTLM_HAVE_BF16DP 1
 #define FASTLM_TARGET_BF16DP __attribute__((target("avx512f,avx512bw,avx512bf16")))
-
-bool use_bf16dp() {
-  static const bool has = __builtin_cpu_supports("avx512f") &&
-                          __builtin_cpu_supports("avx512bw") &&
-                          __builtin_cpu_supports("avx512bf16");
-  const char* off = std::getenv("FASTLM_NO_AVX512BF16");  // read per call: tests toggle it
-  return has && !(off != nullptr && off[0] != '\0' && off[0] != '0');
-}
 
 // Rows [n0, n1) of y for R rows of bfloat16 x (row stride K): per row of W, two accumulators per
 // row of x over alternate 32-element chunks (two dot-product chains in flight), a masked load for
@@ -240,7 +231,7 @@ at::Tensor small_rows_linear_cpu(const at::Tensor& x, const at::Tensor& weight,
     return b.has_value() ? b->unsqueeze(0).expand_as(y).contiguous() : y.zero_();
   }
 #ifdef FASTLM_HAVE_BF16DP
-  if (w.scalar_type() == at::kBFloat16 && use_bf16dp()) {
+  if (w.scalar_type() == at::kBFloat16 && cpu::use_avx512_bf16()) {
     run_bf16dp(w, x.contiguous(), b, y);
     return y;
   }
