@@ -2,7 +2,7 @@
 // q (B, H, Tq, D), k and v (B, H_kv, Tk, D), H % H_kv == 0, at any strides: float32 inputs with
 // unit feature stride are read in place; bfloat16 and float16 heads are widened to float32 (the
 // kernels' only dtype) per task in a small scratch and their results narrowed straight into the
-// outputs (see LowpHeads). Outputs come back in q's dtype laid out (B, T, H, D) (see
+// outputs (see LowpHead). Outputs come back in q's dtype laid out (B, T, H, D) (see
 // heads_inner), lse (B, H, Tq) in float32.
 // Parallel over batch x query heads with at::parallel_for; each task runs the tiled kernels of
 // attention_tiles.h on one head, so memory stays linear in T (no T x T scores anywhere).
@@ -142,7 +142,7 @@ at::Tensor readable(const at::Tensor& t) {
   return t.to(at::kFloat).contiguous();
 }
 
-// A view whose rows have unit feature stride (what LowpHeads reads and writes), copied only when
+// A view whose rows have unit feature stride (what LowpHead reads and writes), copied only when
 // they do not.
 at::Tensor unit_feature_stride(const at::Tensor& t) {
   return t.stride(3) == 1 || t.size(3) == 1 ? t : t.contiguous();
@@ -188,16 +188,18 @@ struct LowpHead {
   explicit LowpHead(const at::Tensor& t) : t(t), p(t.data_ptr<T>()) {}
   T* at(int64_t b, int64_t h) const { return p + b * t.stride(0) + h * t.stride(1); }
   void widen(int64_t b, int64_t h, float* dst) const {
+    const int64_t ld = t.stride(2), rows = t.size(2), D = t.size(3);
 #ifdef FASTLM_HAVE_AVX2_CLONES
-    if (cpu::cpu_has_avx2()) return widen_rows_avx2(at(b, h), t.stride(2), t.size(2), t.size(3), dst);
+    if (cpu::cpu_has_avx2()) return widen_rows_avx2(at(b, h), ld, rows, D, dst);
 #endif
-    widen_rows(at(b, h), t.stride(2), t.size(2), t.size(3), dst);
+    widen_rows(at(b, h), ld, rows, D, dst);
   }
   void narrow(const float* src, int64_t b, int64_t h) const {
+    const int64_t ld = t.stride(2), rows = t.size(2), D = t.size(3);
 #ifdef FASTLM_HAVE_AVX2_CLONES
-    if (cpu::cpu_has_avx2()) return narrow_rows_avx2(src, t.size(2), t.size(3), at(b, h), t.stride(2));
+    if (cpu::cpu_has_avx2()) return narrow_rows_avx2(src, rows, D, at(b, h), ld);
 #endif
-    narrow_rows(src, t.size(2), t.size(3), at(b, h), t.stride(2));
+    narrow_rows(src, rows, D, at(b, h), ld);
   }
 };
 

@@ -17,7 +17,9 @@
 #include <cstdint>
 #include <cstring>
 
+#if defined(__GNUC__) && defined(__x86_64__)
 #include <immintrin.h>
+#endif
 
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
