@@ -7,6 +7,7 @@
 // Parallel over batch x query heads with at::parallel_for; each task runs the tiled kernels of
 // attention_tiles.h on one head, so memory stays linear in T (no T x T scores anywhere).
 #include <algorithm>
+#include <array>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -219,6 +220,23 @@ at::Tensor heads_inner(int64_t B, int64_t H, int64_t T, int64_t D, const at::Ten
   return empty_output({B, T, H, D}, o).transpose(1, 2);
 }
 
+// One per-task float32 buffer holding a block of rows[i] x D for each entry of rows, in order.
+template <size_t N>
+struct Scratch {
+  std::vector<float> buf;
+  std::array<float*, N> block;
+  Scratch(const std::array<int64_t, N>& rows, int64_t D) {
+    int64_t total = 0;
+    for (int64_t r : rows) total += r;
+    buf.resize(static_cast<size_t>(total * D));
+    float* p = buf.data();
+    for (size_t i = 0; i < N; ++i) {
+      block[i] = p;
+      p += rows[i] * D;
+    }
+  }
+};
+
 // bfloat16 / float16 forward: each task widens its head's q, k and v into one float32 scratch,
 // runs the kernel there and narrows the result into `out`. No whole-tensor float32 copies of
 // q, k, v and out (under bf16 autocast those conversions cost about as much as the kernel).
@@ -230,11 +248,8 @@ void attention_fwd_lowp(const at::Tensor& q, const at::Tensor& k, const at::Tens
   const int64_t n_rep = s.H / s.Hkv, D = s.D;
   const LowpHead<T> qh(q), kh(k), vh(v), oh(out);
   at::parallel_for(0, s.B * s.H, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> scratch(static_cast<size_t>((2 * s.Tq + 2 * s.Tk) * D));
-    float* qf = scratch.data();
-    float* kf = qf + s.Tq * D;
-    float* vf = kf + s.Tk * D;
-    float* of = vf + s.Tk * D;
+    Scratch<4> scratch({s.Tq, s.Tk, s.Tk, s.Tq}, D);
+    const auto [qf, kf, vf, of] = scratch.block;
     for (int64_t bh = begin; bh < end; ++bh) {
       const int64_t b = bh / s.H, h = bh % s.H, hkv = h / n_rep;
       qh.widen(b, h, qf);
@@ -258,18 +273,16 @@ void attention_bwd_lowp(const at::Tensor& dout, const at::Tensor& q, const at::T
   const Kernels& kern = kernels();
   const int64_t n_rep = s.H / s.Hkv, D = s.D;
   const LowpHead<T> qh(q), kh(k), vh(v), oh(out), gh(dout), dqh(dq);
-  std::optional<Head> dk32, dv32;
-  if (float_dkv) dk32.emplace(dk), dv32.emplace(dv);
+  std::optional<Head> dk32, dv32;  // float_dkv: float32 per query head
+  std::optional<LowpHead<T>> dkh, dvh;  // else: in T per key/value head
+  if (float_dkv) {
+    dk32.emplace(dk), dv32.emplace(dv);
+  } else {
+    dkh.emplace(dk), dvh.emplace(dv);
+  }
   at::parallel_for(0, s.B * s.H, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> scratch(static_cast<size_t>((4 * s.Tq + 4 * s.Tk) * D));
-    float* qf = scratch.data();
-    float* of = qf + s.Tq * D;
-    float* gf = of + s.Tq * D;
-    float* dqf = gf + s.Tq * D;
-    float* kf = dqf + s.Tq * D;
-    float* vf = kf + s.Tk * D;
-    float* dkf = vf + s.Tk * D;
-    float* dvf = dkf + s.Tk * D;
+    Scratch<8> scratch({s.Tq, s.Tq, s.Tq, s.Tq, s.Tk, s.Tk, s.Tk, s.Tk}, D);
+    const auto [qf, of, gf, dqf, kf, vf, dkf, dvf] = scratch.block;
     for (int64_t bh = begin; bh < end; ++bh) {
       const int64_t b = bh / s.H, h = bh % s.H, hkv = h / n_rep;
       qh.widen(b, h, qf);
@@ -283,8 +296,8 @@ void attention_bwd_lowp(const at::Tensor& dout, const at::Tensor& q, const at::T
       } else {
         kern.backward(qf, D, kf, D, vf, D, of, D, gf, D, lse + bh * s.Tq, dqf, D, dkf, D, dvf,
                       D, D, scale, mask);
-        LowpHead<T>(dk).narrow(dkf, b, hkv);
-        LowpHead<T>(dv).narrow(dvf, b, hkv);
+        dkh->narrow(dkf, b, hkv);
+        dvh->narrow(dvf, b, hkv);
       }
       dqh.narrow(dqf, b, h);
     }

@@ -108,6 +108,18 @@ FASTLM_TARGET_AVX2 void rows_avx2(int64_t rows, const T* w, const float* x, cons
 }
 #endif
 
+// The work split of every path: W's N rows over the cores (~64 KB of W per task at least: fewer
+// would spend more on scheduling than on streaming), x's M rows in groups of up to kMaxRows that
+// share one pass over W; rows_fn(rows, m0, n0, n1) computes one group on one slice.
+template <typename F>
+void for_row_groups(int64_t M, int64_t N, int64_t w_row_bytes, const F& rows_fn) {
+  const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 16) / w_row_bytes);
+  at::parallel_for(0, N, grain, [&](int64_t n0, int64_t n1) {
+    for (int64_t m0 = 0; m0 < M; m0 += kMaxRows)
+      rows_fn(std::min<int64_t>(kMaxRows, M - m0), m0, n0, n1);
+  });
+}
+
 #if defined(__GNUC__) && defined(__x86_64__)
 #define FASTLM_HAVE_BF16DP 1
 #define FASTLM_TARGET_BF16DP __attribute__((target("avx512f,avx512bw,avx512bf16")))
@@ -169,12 +181,8 @@ void run_bf16dp(const at::Tensor& w, const at::Tensor& xb, const c10::optional<a
   const auto* xp = reinterpret_cast<const uint16_t*>(xb.data_ptr<c10::BFloat16>());
   const c10::BFloat16* bp = bias.has_value() ? bias->data_ptr<c10::BFloat16>() : nullptr;
   c10::BFloat16* yp = y.data_ptr<c10::BFloat16>();
-  const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 16) / (K * 2));
-  at::parallel_for(0, N, grain, [&](int64_t n0, int64_t n1) {
-    for (int64_t m0 = 0; m0 < M; m0 += kMaxRows) {
-      const int64_t rows = std::min<int64_t>(kMaxRows, M - m0);
-      rows_bf16dp_any(rows, wp, xp + m0 * K, bp, yp + m0 * N, K, N, n0, n1);
-    }
+  for_row_groups(M, N, K * 2, [&](int64_t rows, int64_t m0, int64_t n0, int64_t n1) {
+    rows_bf16dp_any(rows, wp, xp + m0 * K, bp, yp + m0 * N, K, N, n0, n1);
   });
 }
 #endif
@@ -188,20 +196,12 @@ void run(const at::Tensor& w, const at::Tensor& xf, const c10::optional<at::Tens
   const float* xp = xf.data_ptr<float>();
   T* yp = y.data_ptr<T>();
   const bool avx2 = cpu::cpu_has_avx2();
-  // ~64 KB of W per task at least: fewer would spend more on scheduling than on streaming
-  const int64_t row_bytes = K * static_cast<int64_t>(sizeof(T));
-  const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 16) / row_bytes);
-  at::parallel_for(0, N, grain, [&](int64_t n0, int64_t n1) {
-    for (int64_t m0 = 0; m0 < M; m0 += kMaxRows) {
-      const int64_t rows = std::min<int64_t>(kMaxRows, M - m0);
+  const int64_t w_row_bytes = K * static_cast<int64_t>(sizeof(T));
+  for_row_groups(M, N, w_row_bytes, [&](int64_t rows, int64_t m0, int64_t n0, int64_t n1) {
 #ifdef FASTLM_HAVE_AVX2_CLONES
-      if (avx2) {
-        rows_avx2(rows, wp, xp + m0 * K, bp, yp + m0 * N, K, N, n0, n1);
-        continue;
-      }
+    if (avx2) return rows_avx2(rows, wp, xp + m0 * K, bp, yp + m0 * N, K, N, n0, n1);
 #endif
-      rows_generic(rows, wp, xp + m0 * K, bp, yp + m0 * N, K, N, n0, n1);
-    }
+    rows_generic(rows, wp, xp + m0 * K, bp, yp + m0 * N, K, N, n0, n1);
   });
 }
 
