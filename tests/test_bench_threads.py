@@ -62,7 +62,7 @@ def test_step_floor_replays_the_steps_matmuls(tmp_path):
     assert r["step_over_matmul"] == pytest.approx(r["step_cpu_ms"] / r["matmul_cpu_ms"])
 
 
-def test_step_floor_records_shapes_strides_and_dtypes():
+def test_step_floor_records_shapes_strides_and_dtypes(monkeypatch):
     """A bf16 step's products replay in bf16 and a transposed operand stays transposed: the
     floor of a bf16 step timed in float32 was twice its real matmul time."""
     from fastlm.bench import bench_step_floor
@@ -77,10 +77,7 @@ def test_step_floor_records_shapes_strides_and_dtypes():
                      ("aten::mm", [([5, 7], [7, 1], "c10::BFloat16"),
                                    ([7, 3], [1, 7], "c10::BFloat16")])]
     replayed = []
-    original_mm = torch.mm
-    try:
-        torch.mm = lambda x, y: replayed.append((x.dtype, x.stride(), y.dtype, y.stride()))
-        bench_step_floor.replayer([calls[2]])()
-    finally:
-        torch.mm = original_mm
+    monkeypatch.setattr(torch, "mm",
+                        lambda x, y: replayed.append((x.dtype, x.stride(), y.dtype, y.stride())))
+    bench_step_floor.replayer([calls[2]])()
     assert replayed == [(torch.bfloat16, (7, 1), torch.bfloat16, (1, 7))]

@@ -18,8 +18,8 @@ import torch.nn.functional as F
 
 import fastlm.ops as ops
 from fastlm.ops import reference
-from tests.utils import (compare_with_reference, forward_backward, fp32_copies, lowp_copies, randn,
-                         require_backend)
+from tests.utils import (compare_with_reference, cpu_has_avx512_bf16, forward_backward,
+                         fp32_copies, lowp_copies, randn, require_backend)
 
 OP = "linear_cross_entropy"
 BACKENDS = ["torch", "cpu", "triton"]
@@ -79,9 +79,8 @@ def test_cpu_bfloat16_gemms_where_the_cpu_has_bf16_arithmetic(monkeypatch):
     GEMM speed there, no float32 copy of W); elsewhere, and with FASTLM_NO_AVX512BF16=1, in
     float32. Both paths are checked against the reference by test_matches_reference."""
     require_backend(OP, "cpu", torch.device("cpu"))
-    from fastlm.precision import cpu_flags
-
-    native = {"avx512f", "avx512bw", "avx512_bf16"} <= (cpu_flags() or set())
+    native = cpu_has_avx512_bf16()
+    monkeypatch.delenv("FASTLM_NO_AVX512BF16", raising=False)  # the default path first
     hidden, weight, target = make_inputs(40, 32, 517, torch.bfloat16, torch.device("cpu"))
     assert _gemm_dtypes(hidden, weight, target) == {"c10::BFloat16" if native else "float"}
     monkeypatch.setenv("FASTLM_NO_AVX512BF16", "1")

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fastlm.models import packed_linear
-from tests.utils import assert_close, assert_lowp_close, require_backend
+from tests.utils import assert_close, assert_lowp_close, cpu_has_avx512_bf16, require_backend
 
 CASES = [(1, 1, 1), (1, 7, 5), (2, 8, 3), (3, 15, 33), (4, 16, 1031), (5, 17, 9), (9, 771, 257),
          (1, 768, 2304), (0, 8, 4)]  # (M rows of x, K, N)
@@ -30,12 +30,6 @@ def test_float32_equals_linear(M, K, N, bias):
                  "small_rows_linear (float32 vs float64)", dtype=torch.float32)
 
 
-def has_avx512_bf16() -> bool:
-    from fastlm.precision import cpu_flags
-
-    return {"avx512f", "avx512bw", "avx512_bf16"} <= (cpu_flags() or set())
-
-
 # "default": vdpbf16ps where the CPU has AVX512-BF16, else the widening path; "widening": the
 # widening path everywhere (FASTLM_NO_AVX512BF16=1), so an AVX512-BF16 machine tests both.
 @pytest.mark.parametrize("path", ["default", "widening"])
@@ -50,10 +44,11 @@ def test_bfloat16_within_torchs_own_error(M, K, N, path, monkeypatch):
     assert_lowp_close(got, reference, F.linear(x, w, b), "small_rows_linear (bfloat16)")
 
 
-@pytest.mark.skipif(not has_avx512_bf16(), reason="needs a CPU with AVX512-BF16")
+@pytest.mark.skipif(not cpu_has_avx512_bf16(), reason="needs a CPU with AVX512-BF16")
 def test_bfloat16_runs_the_dot_product_instruction_where_the_cpu_has_it(monkeypatch):
     """vdpbf16ps reads denormal inputs as zero (its documented DAZ), the widening path does not:
     a denormal x tells which one ran, so the dispatch to the instruction cannot silently rot."""
+    monkeypatch.delenv("FASTLM_NO_AVX512BF16", raising=False)  # the default path first
     x, w = torch.full((1, 40), 1e-39).bfloat16(), torch.ones(3, 40).bfloat16()
     assert x.float().abs().min() > 0  # representable as a bf16 denormal
     op = torch.ops.fastlm.small_rows_linear

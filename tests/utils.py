@@ -86,6 +86,14 @@ def assert_lowp_close(actual: torch.Tensor, reference: torch.Tensor, torch_lowp:
                              f"+ ulp floor {floor:.3e}")
 
 
+def cpu_has_avx512_bf16() -> bool:
+    """Whether this CPU reports the instructions of fastlm's AVX512-BF16 paths (the C++
+    kernels' use_avx512_bf16(), before its FASTLM_NO_AVX512BF16 switch)."""
+    from fastlm.precision import cpu_flags
+
+    return {"avx512f", "avx512bw", "avx512_bf16"} <= (cpu_flags() or set())
+
+
 def require_backend(op: str, backend: str, device: torch.device) -> None:
     """Skip (with the reason) when a backend cannot run here, failing instead where CI demands
     it: FASTLM_REQUIRE_BACKENDS=cpu,triton (set by .ci/run) turns a silent skip of a backend that
